@@ -1,0 +1,135 @@
+"""Test-only ComfyUI nodes: a tiny checkpoint, text encoder and VAE for workflows.
+
+They stand in for CheckpointLoaderSimple, CLIPTextEncode, VAEDecode and VAEEncode
+so that real workflows run end to end without downloading weights. Not shipped in
+the pack (see .comfyignore).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from . import tiny_models
+
+CATEGORY = "PatchLab/testing"
+VAE_FACTOR = 8
+
+
+class TinyClip:
+    """What TinyCheckpoint returns as CLIP: turns text into seeded embeddings."""
+
+    def __init__(self, layout_name: str):
+        self.layout_name = layout_name
+
+    def encode(self, text: str):
+        return tiny_models.conditioning(self.layout_name, seed=tiny_models.text_seed(text))
+
+
+class TinyVAE:
+    """What TinyCheckpoint returns as VAE: a fixed linear map between latent channels and RGB."""
+
+    def __init__(self, layout_name: str):
+        channels = tiny_models.layout(layout_name).latent_channels
+        self.to_rgb = torch.randn(channels, 3, generator=torch.Generator().manual_seed(channels)) / channels ** 0.5
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] latent -> [B, 8h, 8w, 3] image in [0, 1]."""
+        rgb = torch.einsum("bchw,cr->bhwr", samples.float(), self.to_rgb)
+        rgb = torch.sigmoid(rgb).permute(0, 3, 1, 2)
+        return F.interpolate(rgb, scale_factor=VAE_FACTOR, mode="nearest").permute(0, 2, 3, 1).contiguous()
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, H, W, 3] image -> [B, C, H/8, W/8] latent (a least-squares inverse of decode's map)."""
+        x = pixels[..., :3].float().permute(0, 3, 1, 2)
+        x = F.avg_pool2d(x, VAE_FACTOR, ceil_mode=True).clamp(1e-4, 1 - 1e-4)
+        logits = torch.logit(x)
+        return torch.einsum("brhw,rc->bchw", logits, torch.linalg.pinv(self.to_rgb))
+
+
+@functools.lru_cache(maxsize=8)
+def _checkpoint(layout_name: str, seed: int):
+    model = tiny_models.build_model(layout_name, seed=seed)
+    return model, TinyClip(layout_name), TinyVAE(layout_name)
+
+
+class TinyCheckpoint:
+    DESCRIPTION = "A tiny random-weight model of a real layout (test only), with its text encoder and VAE."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "layout": (list(tiny_models.LAYOUTS), {"tooltip": "Block layout: sd15, sdxl or flux."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of the random weights."}),
+        }}
+
+    def load(self, layout, seed):
+        return _checkpoint(layout, seed)
+
+
+class TinyTextEncode:
+    DESCRIPTION = "Seeded embeddings for a text (test only)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "Any text."}),
+            "clip": ("CLIP", {"tooltip": "A TinyCheckpoint's CLIP."}),
+        }}
+
+    def encode(self, text, clip):
+        return (clip.encode(text),)
+
+
+class TinyVAEDecode:
+    DESCRIPTION = "Latent to image with a fixed linear map (test only)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT", {"tooltip": "Latent."}),
+                             "vae": ("VAE", {"tooltip": "A TinyCheckpoint's VAE."})}}
+
+    def decode(self, samples, vae):
+        return (vae.decode(samples["samples"]),)
+
+
+class TinyVAEEncode:
+    DESCRIPTION = "Image to latent with a fixed linear map (test only)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"pixels": ("IMAGE", {"tooltip": "Image."}),
+                             "vae": ("VAE", {"tooltip": "A TinyCheckpoint's VAE."})}}
+
+    def encode(self, pixels, vae):
+        return ({"samples": vae.encode(pixels)},)
+
+
+# Core node -> the test node that replaces it (same inputs by name, same outputs).
+REPLACES = {
+    "CheckpointLoaderSimple": "PatchLabTest_TinyCheckpoint",
+    "CLIPTextEncode": "PatchLabTest_TinyTextEncode",
+    "VAEDecode": "PatchLabTest_TinyVAEDecode",
+    "VAEEncode": "PatchLabTest_TinyVAEEncode",
+}
+
+NODE_CLASS_MAPPINGS = {
+    "PatchLabTest_TinyCheckpoint": TinyCheckpoint,
+    "PatchLabTest_TinyTextEncode": TinyTextEncode,
+    "PatchLabTest_TinyVAEDecode": TinyVAEDecode,
+    "PatchLabTest_TinyVAEEncode": TinyVAEEncode,
+}

@@ -1,0 +1,167 @@
+"""Tiny diffusion models built from ComfyUI's own classes, with seeded random weights.
+
+The layouts keep the block structure of the real models (so every hook path runs:
+SD1.5's transformer at full resolution, SDXL's 2/10-deep transformer stacks and
+10-block middle, Flux's double and single stream blocks) and shrink the widths, so
+a sampling step takes milliseconds on a CPU. The result is a real
+``comfy.model_patcher.ModelPatcher`` around a real ``comfy.model_base`` model.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.supported_models
+import torch
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    config_class: type
+    unet_config: Dict
+    context_dim: int
+    pooled_dim: Optional[int] = None
+    latent_channels: int = 4
+    tokens: int = 16
+    extra_cond: Dict = field(default_factory=dict)
+
+
+class _TinySD15(comfy.supported_models.SD15):
+    unet_extra_config = {"num_heads": 4, "num_head_channels": -1}
+
+
+class _TinySDXL(comfy.supported_models.SDXL):
+    unet_extra_config = {"num_heads": -1, "num_head_channels": 16}
+
+
+class _TinyFlux(comfy.supported_models.Flux):
+    pass
+
+
+_UNET_COMMON = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
+    "use_spatial_transformer": True, "legacy": False, "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+SD15_POOLED = None
+SDXL_POOLED = 32
+
+LAYOUTS = {
+    # SD1.5: transformers at /1, /2, /4 (one each), none at /8; middle depth 1.
+    "sd15": Layout(
+        name="sd15", config_class=_TinySD15, context_dim=64,
+        unet_config={**_UNET_COMMON, "adm_in_channels": None, "model_channels": 32,
+                     "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+                     "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
+                     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+                     "use_linear_in_transformer": False, "context_dim": 64},
+    ),
+    # SDXL: no transformer at /1; 2-deep at /2, 10-deep at /4 and in the middle: the
+    # 70 cross-attention layers InstantID patches.
+    "sdxl": Layout(
+        name="sdxl", config_class=_TinySDXL, context_dim=64, pooled_dim=SDXL_POOLED,
+        unet_config={**_UNET_COMMON, "num_classes": "sequential", "adm_in_channels": SDXL_POOLED + 6 * 256,
+                     "model_channels": 32, "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
+                     "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
+                     "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+                     "use_linear_in_transformer": True, "context_dim": 64},
+    ),
+    # Flux: 16-channel latent, 2x2 patches, one double and two single stream blocks.
+    "flux": Layout(
+        name="flux", config_class=_TinyFlux, context_dim=32, pooled_dim=32, latent_channels=16,
+        unet_config={"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
+                     "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 4,
+                     "depth": 1, "depth_single_blocks": 2, "axes_dim": [4, 6, 6], "theta": 10000,
+                     "patch_size": 2, "qkv_bias": True, "guidance_embed": True},
+        extra_cond={"guidance": 3.5},
+    ),
+}
+
+
+def layout(name: str) -> Layout:
+    if name not in LAYOUTS:
+        raise ValueError(f"unknown tiny layout {name!r}; expected one of {', '.join(LAYOUTS)}")
+    return LAYOUTS[name]
+
+
+def _is_norm(module: torch.nn.Module) -> bool:
+    return isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) or type(module).__name__ == "RMSNorm"
+
+
+@torch.no_grad()
+def randomize(module: torch.nn.Module, seed: int, gain: float = 1.0) -> None:
+    """Seeded weights: N(0, gain^2 / fan_in) for matrices and kernels, 0 for biases, 1 for norm scales.
+
+    ComfyUI builds models with uninitialised storage (weights come from checkpoints), so
+    every parameter is written here. Fan-in scaling keeps activations O(1) through the
+    depth of the network, so patches have effects a test can see.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    norm_params = set()
+    for sub in module.modules():
+        if _is_norm(sub):
+            for name, param in sub.named_parameters(recurse=False):
+                norm_params.add(id(param))
+                param.fill_(1.0 if name in ("weight", "scale") else 0.0)
+    for name, param in module.named_parameters():
+        if id(param) in norm_params:
+            continue
+        if param.ndim >= 2:
+            std = gain / param[0].numel() ** 0.5
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+        elif name.endswith("scale"):
+            param.fill_(1.0)
+        else:
+            param.zero_()
+    for name, buffer in module.named_buffers():
+        if buffer.is_floating_point() and not torch.isfinite(buffer).all():
+            raise RuntimeError(f"tiny model buffer {name} is not finite")
+
+
+def build_model(layout_name: str = "sd15", seed: int = 0, dtype: torch.dtype = torch.float32,
+                gain: float = 1.0, model_type=None) -> comfy.model_patcher.ModelPatcher:
+    """A tiny model of the given layout wrapped in a real ModelPatcher.
+
+    ``model_type`` (a ``comfy.model_base.ModelType``) overrides the prediction type
+    the config would choose (EPS for SD layouts, FLUX for flux).
+    """
+    spec = layout(layout_name)
+    config = spec.config_class(dict(spec.unet_config))
+    config.set_inference_dtype(dtype, None)
+    if model_type is not None:
+        config.model_type = lambda state_dict, prefix="": model_type
+    device = comfy.model_management.get_torch_device()
+    offload = comfy.model_management.unet_offload_device()
+    model = config.get_model({})
+    randomize(model, seed, gain)
+    model.to(dtype)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=offload)
+
+
+def text_seed(text: str) -> int:
+    """A stable seed for a prompt text (the same in every process)."""
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def conditioning(layout_name: str, seed: int = 0, batch: int = 1, tokens: Optional[int] = None) -> List:
+    """A CONDITIONING list for the layout: seeded token embeddings (+ pooled output where the layout uses it)."""
+    spec = layout(layout_name)
+    generator = torch.Generator().manual_seed(seed)
+    n_tokens = spec.tokens if tokens is None else tokens
+    context = torch.randn(batch, n_tokens, spec.context_dim, generator=generator)
+    extras = dict(spec.extra_cond)
+    if spec.pooled_dim is not None:
+        extras["pooled_output"] = torch.randn(batch, spec.pooled_dim, generator=generator)
+    return [[context, extras]]
+
+
+def empty_latent(layout_name: str, height: int = 16, width: int = 16, batch: int = 1) -> torch.Tensor:
+    """Zeros [batch, C, height, width] in latent units (8x smaller than pixels)."""
+    return torch.zeros(batch, layout(layout_name).latent_channels, height, width)

@@ -1,0 +1,267 @@
+"""Workflow files: build the editor (UI) format, convert it to the API format, adapt it to the test kit.
+
+* :class:`Builder` writes UI-format workflows (what the graph editor saves and loads)
+  from a few lines of Python, laying the nodes out left to right.
+* :func:`ui_to_api` converts a UI workflow to the API prompt ``POST /prompt`` takes,
+  using ``/object_info`` (or the same information built in-process) to map widget
+  values onto input names, as the editor does.
+* :func:`use_testkit` swaps checkpoint, text-encoder and VAE nodes for the test kit's
+  tiny stand-ins and shrinks the image size and step count, so a workflow written for
+  real models runs in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from .testkit.nodes import REPLACES
+
+EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "example_workflows"
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+FRONTEND_ONLY = ("Note", "MarkdownNote")
+
+# Checkpoint names the example workflows use -> tiny layout standing in for them.
+CHECKPOINT_LAYOUTS = {
+    "v1-5-pruned-emaonly.safetensors": "sd15",
+    "sd_xl_base_1.0.safetensors": "sdxl",
+    "flux1-dev-fp8.safetensors": "flux",
+    "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors": "flux",
+}
+
+# Nodes whose tensor size or cost the test kit shrinks: class -> inputs to cap.
+SIZE_INPUTS = {"EmptyLatentImage": ("width", "height"), "EmptySD3LatentImage": ("width", "height")}
+STEP_INPUTS = {"KSampler": ("steps",), "KSamplerAdvanced": ("steps",)}
+
+
+# --- object info -------------------------------------------------------------
+
+def node_info(node_class: type) -> Dict[str, Any]:
+    """The ``/object_info`` entry of a node class (V1 or V3), built in-process."""
+    if hasattr(node_class, "GET_NODE_INFO_V1"):
+        return node_class.GET_NODE_INFO_V1()
+    inputs = node_class.INPUT_TYPES()
+    return {
+        "input": inputs,
+        "input_order": {key: list(value) for key, value in inputs.items()},
+        "output": list(node_class.RETURN_TYPES),
+        "output_name": list(getattr(node_class, "RETURN_NAMES", node_class.RETURN_TYPES)),
+    }
+
+
+def _input_spec(info: Dict, name: str) -> Tuple[Any, Dict]:
+    for group in ("required", "optional"):
+        spec = info["input"].get(group, {}).get(name)
+        if spec is not None:
+            return spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+    raise KeyError(name)
+
+
+def _ordered_inputs(info: Dict) -> List[str]:
+    order = info.get("input_order") or {k: list(v) for k, v in info["input"].items()}
+    return list(order.get("required", [])) + list(order.get("optional", []))
+
+
+def _is_widget(kind: Any, options: Dict) -> bool:
+    return (isinstance(kind, list) or kind in WIDGET_TYPES) and not options.get("forceInput", False)
+
+
+def _extra_widget_values(name: str, kind: Any, options: Dict) -> int:
+    """Widgets the editor adds after an input (seed's control_after_generate, image upload)."""
+    if kind == "INT" and (options.get("control_after_generate") or name in ("seed", "noise_seed")):
+        return 1
+    if options.get("image_upload"):
+        return 1
+    return 0
+
+
+# --- UI -> API ---------------------------------------------------------------
+
+def ui_to_api(workflow: Dict, object_info: Dict) -> Dict[str, Dict]:
+    """Convert an editor workflow to an API prompt ``{id: {"class_type", "inputs"}}``."""
+    links = {link[0]: (str(link[1]), link[2]) for link in workflow.get("links", [])}
+    prompt = {}
+    for node in workflow["nodes"]:
+        kind = node["type"]
+        if kind in FRONTEND_ONLY or node.get("mode", 0) == 2:
+            continue
+        if node.get("mode", 0) == 4:
+            raise ValueError(f"node {node['id']} ({kind}) is bypassed; bypass is not supported here")
+        if kind not in object_info:
+            raise ValueError(f"node {node['id']}: type {kind!r} is not known to this ComfyUI")
+        info = object_info[kind]
+        linked = {slot["name"]: slot.get("link") for slot in node.get("inputs", [])}
+        values = list(node.get("widgets_values") or [])
+        inputs: Dict[str, Any] = {}
+        for name in _ordered_inputs(info):
+            input_kind, options = _input_spec(info, name)
+            if _is_widget(input_kind, options):
+                if values:
+                    inputs[name] = values.pop(0)
+                del values[:_extra_widget_values(name, input_kind, options)]
+            link = linked.get(name)
+            if link is not None:
+                inputs[name] = list(links[link])
+        prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs}
+    return prompt
+
+
+def load(path: Path) -> Dict:
+    return json.loads(Path(path).read_text())
+
+
+def example_paths() -> List[Path]:
+    return sorted(EXAMPLE_DIR.glob("*.json"))
+
+
+# --- test kit ----------------------------------------------------------------
+
+def layout_for_checkpoint(name: str) -> str:
+    if name in CHECKPOINT_LAYOUTS:
+        return CHECKPOINT_LAYOUTS[name]
+    lowered = name.lower()
+    if any(key in lowered for key in ("flux", "sd3", "aura")):
+        return "flux"
+    return "sdxl" if "xl" in lowered else "sd15"
+
+
+def use_testkit(prompt: Dict, max_side: int = 128, max_steps: int = 3) -> Dict:
+    """A copy of an API prompt running on the test kit's tiny models.
+
+    Checkpoint, text-encoder and VAE nodes become their tiny stand-ins (the
+    checkpoint's layout chosen from its file name); image sizes are scaled down to at
+    most ``max_side`` pixels (multiples of 16) and KSampler steps capped at ``max_steps``.
+    """
+    prompt = copy.deepcopy(prompt)
+    for node in prompt.values():
+        kind = node["class_type"]
+        inputs = node["inputs"]
+        if kind == "CheckpointLoaderSimple":
+            node["inputs"] = {"layout": layout_for_checkpoint(inputs["ckpt_name"]), "seed": 0}
+        if kind in REPLACES:
+            node["class_type"] = REPLACES[kind]
+        if kind in SIZE_INPUTS and all(isinstance(inputs.get(k), int) for k in SIZE_INPUTS[kind]):
+            width, height = inputs["width"], inputs["height"]
+            scale = min(1.0, max_side / max(width, height))
+            inputs["width"] = max(16, int(width * scale) // 16 * 16)
+            inputs["height"] = max(16, int(height * scale) // 16 * 16)
+        for name in STEP_INPUTS.get(kind, ()):
+            if isinstance(inputs.get(name), int):
+                inputs[name] = min(inputs[name], max_steps)
+    return prompt
+
+
+# --- building UI workflows -------------------------------------------------------
+
+class Output(tuple):
+    """(node id, output slot): what a Builder node's output is wired with."""
+
+
+class Builder:
+    """Write UI-format workflows in Python.
+
+    >>> wf = Builder(info)
+    >>> ckpt = wf.add("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    >>> wf.add("PatchLab_ModelSamplingDiscrete", model=ckpt[0], sampling="eps", zsnr=False)
+
+    ``info`` maps node types to their object_info entries. Inputs given a value are
+    widgets (missing ones take their default); inputs given an :class:`Output` are links.
+    """
+
+    def __init__(self, object_info: Dict[str, Dict]):
+        self.info = object_info
+        self.nodes: List[Dict] = []
+        self.links: List[List] = []
+        self.notes: List[Tuple[str, str]] = []
+
+    def add(self, kind: str, **values: Any) -> NodeRef:
+        info = self.info[kind]
+        node_id = len(self.nodes) + 1
+        node = {"id": node_id, "type": kind, "inputs": [], "outputs": [], "widgets_values": [],
+                "properties": {"Node name for S&R": kind}, "flags": {}, "mode": 0, "_depth": 0}
+        unknown = set(values) - set(_ordered_inputs(info))
+        if unknown:
+            raise KeyError(f"{kind} has no input(s) {sorted(unknown)}")
+        for name in _ordered_inputs(info):
+            input_kind, options = _input_spec(info, name)
+            value = values.get(name)
+            if isinstance(value, Output):
+                self._link(value, node, name, input_kind)
+            elif _is_widget(input_kind, options):
+                node["widgets_values"].append(_widget_value(name, input_kind, options, value))
+                if _extra_widget_values(name, input_kind, options):
+                    node["widgets_values"].append("fixed" if input_kind == "INT" else "image")
+            elif value is not None:
+                raise TypeError(f"{kind}.{name} is a {input_kind} input; wire it to an output")
+        for slot, (out_kind, out_name) in enumerate(zip(info["output"], info.get("output_name", info["output"]))):
+            node["outputs"].append({"name": out_name, "type": out_kind, "links": [], "slot_index": slot})
+        self.nodes.append(node)
+        return NodeRef(node_id)
+
+    def note(self, title: str, text: str) -> None:
+        """A Note node (documentation shown in the editor; ignored when queued)."""
+        self.notes.append((title, text))
+
+    def _link(self, source: Output, node: Dict, name: str, kind: Any) -> None:
+        from_id, from_slot = source
+        link_id = len(self.links) + 1
+        origin = self.nodes[from_id - 1]
+        link_type = origin["outputs"][from_slot]["type"]
+        self.links.append([link_id, from_id, from_slot, node["id"], len(node["inputs"]), link_type])
+        origin["outputs"][from_slot]["links"].append(link_id)
+        node["inputs"].append({"name": name, "type": kind if isinstance(kind, str) else "COMBO", "link": link_id})
+        node["_depth"] = max(node["_depth"], origin["_depth"] + 1)
+
+    def to_ui(self) -> Dict:
+        """The workflow in the editor's format (version 0.4), nodes laid out by depth."""
+        columns: Dict[int, int] = {}
+        nodes = []
+        for order, node in enumerate(self.nodes):
+            node = dict(node)
+            depth = node.pop("_depth")
+            row = columns.get(depth, 0)
+            height = 46 + 26 * (len(node["widgets_values"]) + max(len(node["inputs"]), len(node["outputs"])))
+            node["pos"] = [40 + 360 * depth, 40 + row]
+            node["size"] = [320, height]
+            node["order"] = order
+            columns[depth] = row + height + 60
+            nodes.append(node)
+        for index, (title, text) in enumerate(self.notes):
+            nodes.append({"id": len(self.nodes) + index + 1, "type": "Note", "pos": [40 + 380 * index, -260],
+                          "size": [360, 220], "flags": {}, "order": len(nodes), "mode": 0, "inputs": [],
+                          "outputs": [], "properties": {}, "widgets_values": [text], "title": title,
+                          "color": "#432", "bgcolor": "#653"})
+        return {"last_node_id": len(nodes), "last_link_id": len(self.links), "nodes": nodes,
+                "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+class NodeRef(int):
+    """A node id; ``ref[i]`` is its i-th output."""
+
+    def __getitem__(self, slot: int) -> Output:
+        return Output((int(self), slot))
+
+
+def _widget_value(name: str, kind: Any, options: Dict, value: Any) -> Any:
+    if value is not None:
+        return value
+    if "default" in options:
+        return options["default"]
+    if isinstance(kind, list) and kind:
+        return kind[0]
+    if kind == "COMBO" and options.get("options"):
+        return options["options"][0]
+    raise ValueError(f"input {name!r} needs a value (it has no default)")
+
+
+def write(path: Path, workflow: Dict) -> None:
+    Path(path).write_text(json.dumps(workflow, indent=2) + "\n")
+
+
+def api_prompt_for(path: Path, object_info: Dict, testkit: bool = True) -> Optional[Dict]:
+    """The API prompt of an example workflow file, adapted to the test kit if asked."""
+    prompt = ui_to_api(load(path), object_info)
+    return use_testkit(prompt) if testkit else prompt

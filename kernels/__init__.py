@@ -1,0 +1,1 @@
+"""Pure torch math behind the patches: no ComfyUI import, device- and dtype-agnostic."""

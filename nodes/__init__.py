@@ -1,0 +1,10 @@
+"""PatchLab's ComfyUI nodes (V1 node API), collected from one module per family."""
+
+from __future__ import annotations
+
+from . import model_sampling, schedule_preview
+
+ALL_NODES = [*model_sampling.NODES, *schedule_preview.NODES]
+
+NODE_CLASS_MAPPINGS = {node.NODE_ID: node for node in ALL_NODES}
+NODE_DISPLAY_NAME_MAPPINGS = {node.NODE_ID: node.DISPLAY_NAME for node in ALL_NODES}

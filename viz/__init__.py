@@ -1,0 +1,1 @@
+"""Charts drawn for preview nodes (Pillow and torch only, no ComfyUI import)."""
