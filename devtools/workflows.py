@@ -17,12 +17,18 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .testkit.nodes import REPLACES
-
 EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "example_workflows"
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 FRONTEND_ONLY = ("Note", "MarkdownNote")
+
+# Core node -> the test-kit node that stands in for it (same input names, same outputs).
+TESTKIT_REPLACES = {
+    "CheckpointLoaderSimple": "PatchLabTest_TinyCheckpoint",
+    "CLIPTextEncode": "PatchLabTest_TinyTextEncode",
+    "VAEDecode": "PatchLabTest_TinyVAEDecode",
+    "VAEEncode": "PatchLabTest_TinyVAEEncode",
+}
 
 # Checkpoint names the example workflows use -> tiny layout standing in for them.
 CHECKPOINT_LAYOUTS = {
@@ -30,6 +36,7 @@ CHECKPOINT_LAYOUTS = {
     "sd_xl_base_1.0.safetensors": "sdxl",
     "flux1-dev-fp8.safetensors": "flux",
     "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors": "flux",
+    "playground-v2.5-1024px-aesthetic.fp16.safetensors": "sdxl",
 }
 
 # Nodes whose tensor size or cost the test kit shrinks: class -> inputs to cap.
@@ -141,8 +148,8 @@ def use_testkit(prompt: Dict, max_side: int = 128, max_steps: int = 3) -> Dict:
         inputs = node["inputs"]
         if kind == "CheckpointLoaderSimple":
             node["inputs"] = {"layout": layout_for_checkpoint(inputs["ckpt_name"]), "seed": 0}
-        if kind in REPLACES:
-            node["class_type"] = REPLACES[kind]
+        if kind in TESTKIT_REPLACES:
+            node["class_type"] = TESTKIT_REPLACES[kind]
         if kind in SIZE_INPUTS and all(isinstance(inputs.get(k), int) for k in SIZE_INPUTS[kind]):
             width, height = inputs["width"], inputs["height"]
             scale = min(1.0, max_side / max(width, height))
@@ -151,6 +158,15 @@ def use_testkit(prompt: Dict, max_side: int = 128, max_steps: int = 3) -> Dict:
         for name in STEP_INPUTS.get(kind, ()):
             if isinstance(inputs.get(name), int):
                 inputs[name] = min(inputs[name], max_steps)
+    return prompt
+
+
+def use_checkpoint(prompt: Dict, ckpt_name: str) -> Dict:
+    """A copy of an API prompt with every CheckpointLoaderSimple loading ``ckpt_name``."""
+    prompt = copy.deepcopy(prompt)
+    for node in prompt.values():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["inputs"]["ckpt_name"] = ckpt_name
     return prompt
 
 
@@ -265,3 +281,24 @@ def api_prompt_for(path: Path, object_info: Dict, testkit: bool = True) -> Optio
     """The API prompt of an example workflow file, adapted to the test kit if asked."""
     prompt = ui_to_api(load(path), object_info)
     return use_testkit(prompt) if testkit else prompt
+
+
+class LocalObjectInfo(dict):
+    """``/object_info`` built in-process on demand, from ComfyUI's registry and PatchLab's nodes.
+
+    Needs ``bootstrap.import_comfyui()``, ``load_core_nodes()`` and ``load_pack()`` first.
+    """
+
+    def __missing__(self, kind: str) -> Dict:
+        import sys
+
+        import nodes
+
+        from . import bootstrap
+
+        pack = sys.modules[bootstrap.PACK_NAME]
+        classes = {**nodes.NODE_CLASS_MAPPINGS, **pack.NODE_CLASS_MAPPINGS}
+        if kind not in classes:
+            raise KeyError(f"no node type {kind!r} in this ComfyUI or PatchLab")
+        self[kind] = node_info(classes[kind])
+        return self[kind]

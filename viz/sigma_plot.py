@@ -93,7 +93,7 @@ def render(curves: Sequence[Curve], title: str, log_scale: bool = False,
             draw.text((x, bottom + 7), f"{int(step)}", fill=(60, 60, 60), font=small, anchor="mt")
     draw.line([(left, top), (left, bottom), (right, bottom)], fill=(40, 40, 40), width=2)
     draw.text((width / 2, height - 6), "step", fill=(40, 40, 40), font=font, anchor="mb")
-    draw.text((8, top - 14), "log10 sigma" if log_scale else "sigma", fill=(40, 40, 40), font=font, anchor="lm")
+    draw.text((8, top - 14), "sigma (log scale)" if log_scale else "sigma", fill=(40, 40, 40), font=font, anchor="lm")
     draw.text((width / 2, 12), title, fill=(20, 20, 20), font=font, anchor="mt")
 
     # curves and legend

@@ -119,14 +119,6 @@ class TinyVAEEncode:
         return ({"samples": vae.encode(pixels)},)
 
 
-# Core node -> the test node that replaces it (same inputs by name, same outputs).
-REPLACES = {
-    "CheckpointLoaderSimple": "PatchLabTest_TinyCheckpoint",
-    "CLIPTextEncode": "PatchLabTest_TinyTextEncode",
-    "VAEDecode": "PatchLabTest_TinyVAEDecode",
-    "VAEEncode": "PatchLabTest_TinyVAEEncode",
-}
-
 NODE_CLASS_MAPPINGS = {
     "PatchLabTest_TinyCheckpoint": TinyCheckpoint,
     "PatchLabTest_TinyTextEncode": TinyTextEncode,

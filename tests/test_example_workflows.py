@@ -1,0 +1,64 @@
+"""example_workflows/: generated from devtools/examples.py, valid editor files, every node shown."""
+
+import json
+import sys
+
+import pytest
+
+from devtools import examples, workflows
+
+PACK_NODES = set(sys.modules["patchlab"].NODE_CLASS_MAPPINGS)
+
+
+@pytest.fixture(scope="module")
+def object_info(core_nodes):
+    return workflows.LocalObjectInfo()
+
+
+def test_example_files_are_generated_from_their_python_source(object_info):
+    built = dict(examples.build_all(object_info))
+    on_disk = {p.name: json.loads(p.read_text()) for p in workflows.example_paths()}
+    assert set(on_disk) == set(built), "run scripts/build_workflows.py"
+    for name, workflow in built.items():
+        assert on_disk[name] == json.loads(json.dumps(workflow)), f"{name} is stale: run scripts/build_workflows.py"
+
+
+def test_every_pack_node_appears_in_an_example():
+    used = {node["type"] for p in workflows.example_paths() for node in workflows.load(p)["nodes"]}
+    assert PACK_NODES <= used, sorted(PACK_NODES - used)
+
+
+def test_ui_to_api_maps_widget_values_by_input_name(object_info):
+    prompt = workflows.ui_to_api(workflows.load(workflows.EXAMPLE_DIR / "model_sampling_sd3.json"), object_info)
+    sampler = next(n for n in prompt.values() if n["class_type"] == "KSampler")
+    assert sampler["inputs"]["seed"] == 42 and sampler["inputs"]["steps"] == 28
+    assert sampler["inputs"]["sampler_name"] == "dpmpp_2m" and sampler["inputs"]["scheduler"] == "sgm_uniform"
+    assert sampler["inputs"]["cfg"] == 4.5 and sampler["inputs"]["denoise"] == 1.0
+    model_id, slot = sampler["inputs"]["model"]
+    assert prompt[model_id]["class_type"] == "PatchLab_ModelSamplingSD3" and slot == 0
+    assert not any(n["class_type"] == "Note" for n in prompt.values())
+
+
+def test_testkit_adaptation_swaps_loaders_and_shrinks_the_work(object_info):
+    prompt = workflows.api_prompt_for(workflows.EXAMPLE_DIR / "model_sampling_flux.json", object_info)
+    kinds = {n["class_type"] for n in prompt.values()}
+    assert "CheckpointLoaderSimple" not in kinds and "PatchLabTest_TinyCheckpoint" in kinds
+    loader = next(n for n in prompt.values() if n["class_type"] == "PatchLabTest_TinyCheckpoint")
+    assert loader["inputs"]["layout"] == "flux"
+    latent = next(n for n in prompt.values() if n["class_type"] == "EmptySD3LatentImage")
+    assert (latent["inputs"]["width"], latent["inputs"]["height"]) == (128, 64)
+    assert all(n["inputs"]["steps"] <= 3 for n in prompt.values() if n["class_type"] == "KSampler")
+
+
+def test_testkit_provides_every_stand_in():
+    from devtools.testkit.nodes import NODE_CLASS_MAPPINGS
+
+    assert set(workflows.TESTKIT_REPLACES.values()) <= set(NODE_CLASS_MAPPINGS)
+
+
+def test_use_checkpoint_points_every_loader_at_the_given_file(object_info):
+    prompt = workflows.ui_to_api(workflows.load(workflows.EXAMPLE_DIR / "model_sampling_sd3.json"), object_info)
+    mine = workflows.use_checkpoint(prompt, "my_model.safetensors")
+    loaders = [n for n in mine.values() if n["class_type"] == "CheckpointLoaderSimple"]
+    assert loaders and all(n["inputs"]["ckpt_name"] == "my_model.safetensors" for n in loaders)
+    assert prompt != mine
