@@ -9,6 +9,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# Served by ComfyUI under /extensions/<pack>/: docs/<node id>.md is each node's help page.
+WEB_DIRECTORY = "./web"
+
 _NODE_EXPORTS = ("NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS")
 
 

@@ -11,6 +11,28 @@ MODEL_INPUT = ("MODEL", {"tooltip": "The model to patch. It is cloned; the input
 MODEL_OUTPUT_TOOLTIP = "A patched clone of the input model."
 
 
+def percent_inputs(what: str) -> Dict[str, Any]:
+    """``start_percent`` / ``end_percent`` inputs: the part of the schedule where ``what`` acts."""
+    return {
+        "start_percent": ("FLOAT", {
+            "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+            "tooltip": f"Where in the schedule {what} starts: 0 is the first step, 1 the last. 0 (with end 1) "
+                       "keeps it on for the whole run.",
+        }),
+        "end_percent": ("FLOAT", {
+            "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
+            "tooltip": f"Where in the schedule {what} stops (must not be below start_percent). Outside the "
+                       "window the result is exactly what it would be without this node.",
+        }),
+    }
+
+
+def check_percents(start_percent: Any = None, end_percent: Any = None) -> Union[bool, str]:
+    if start_percent is not None and end_percent is not None and start_percent > end_percent:
+        return f"start_percent ({start_percent}) is after end_percent ({end_percent}); swap them"
+    return True
+
+
 def category(sub: str) -> str:
     return f"{ROOT_CATEGORY}/{sub}"
 

@@ -125,12 +125,19 @@ def randomize(module: torch.nn.Module, seed: int, gain: float = 1.0) -> None:
             raise RuntimeError(f"tiny model buffer {name} is not finite")
 
 
+# A memory_usage_factor so large that ComfyUI's sampler never fits two conds in one
+# model call: cond and uncond (and each batch chunk) then run as separate calls.
+CHUNKED = 1e12
+
+
 def build_model(layout_name: str = "sd15", seed: int = 0, dtype: torch.dtype = torch.float32,
-                gain: float = 1.0, model_type=None) -> comfy.model_patcher.ModelPatcher:
+                gain: float = 1.0, model_type=None, chunked: bool = False) -> comfy.model_patcher.ModelPatcher:
     """A tiny model of the given layout wrapped in a real ModelPatcher.
 
     ``model_type`` (a ``comfy.model_base.ModelType``) overrides the prediction type
-    the config would choose (EPS for SD layouts, FLUX for flux).
+    the config would choose (EPS for SD layouts, FLUX for flux). ``chunked`` makes the
+    model report a huge memory need, so ComfyUI runs cond and uncond in separate calls
+    (``transformer_options["cond_or_uncond"]`` is then ``[0]`` or ``[1]``).
     """
     spec = layout(layout_name)
     config = spec.config_class(dict(spec.unet_config))
@@ -142,6 +149,8 @@ def build_model(layout_name: str = "sd15", seed: int = 0, dtype: torch.dtype = t
     model = config.get_model({})
     randomize(model, seed, gain)
     model.to(dtype)
+    if chunked:
+        model.memory_usage_factor = CHUNKED
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=offload)
 
 

@@ -1,6 +1,7 @@
 """PatchLab inside a real ComfyUI server: registration, example workflows, bad input."""
 
 import sys
+import urllib.request
 
 import pytest
 from PIL import Image
@@ -27,6 +28,11 @@ def test_object_info_lists_the_node_with_tooltips(object_info, node_id):
         for name, spec in group.items():
             assert spec[1].get("tooltip"), f"{node_id}.{name}"
     assert len(info["output_tooltips"]) == len(info["output"])
+
+
+def test_help_pages_are_served(server):
+    with urllib.request.urlopen(f"{server.url}/extensions/PatchLab/docs/PatchLab_ModelSamplingFlux.md") as page:
+        assert page.read().decode().startswith("# ModelSampling Flux")
 
 
 @pytest.mark.parametrize("path", workflows.example_paths(), ids=lambda p: p.stem)

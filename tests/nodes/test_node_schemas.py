@@ -74,6 +74,13 @@ def test_node_info_is_json_as_the_server_sends_it(node_id):
     assert callable(getattr(NODES[node_id](), NODES[node_id].FUNCTION))
 
 
+@pytest.mark.parametrize("node_id", sorted(NODES))
+def test_every_node_has_a_help_page(node_id):
+    page = Path(pack.__file__).parent / pack.WEB_DIRECTORY / "docs" / f"{node_id}.md"
+    assert page.is_file(), f"write {page}"
+    assert page.read_text().startswith("# ")
+
+
 def test_no_id_shadows_a_core_node(core_nodes):
     assert not set(NODES) & {k for k in core_nodes if not k.startswith("PatchLab_")}
 

@@ -1,66 +1,24 @@
-"""The example workflows in example_workflows/, written as Python.
-
-``scripts/build_workflows.py`` turns each function here into an editor-format JSON
-file; a test checks the files are up to date. Checkpoint names are the usual file
-names of the models each workflow is meant for; the test kit maps them to tiny models.
-"""
+"""Example workflows of the ModelSampling family and the schedule preview."""
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Tuple
+from ..workflows import Builder
+from ._common import (
+    AURAFLOW,
+    CASCADE,
+    FLUX,
+    PLAYGROUND,
+    SD3,
+    SD15,
+    SD21_V,
+    SDXL_VPRED,
+    checkpoint,
+    example,
+    prompts,
+    sample_and_save,
+    schedule_preview,
+)
 
-from .workflows import Builder, NodeRef
-
-SD15 = "v1-5-pruned-emaonly.safetensors"
-SDXL = "sd_xl_base_1.0.safetensors"
-SDXL_VPRED = "noobaiXLNAIXL_vPred10Version.safetensors"
-SD3 = "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"
-FLUX = "flux1-dev-fp8.safetensors"
-AURAFLOW = "aura_flow_0.3.safetensors"
-PLAYGROUND = "playground-v2.5-1024px-aesthetic.fp16.safetensors"
-SD21_V = "v2-1_768-ema-pruned.safetensors"
-CASCADE = "stable_cascade_stage_c.safetensors"
-
-POSITIVE = "a lighthouse on a rocky coast at dusk, detailed, soft light"
-NEGATIVE = "blurry, low quality, watermark"
-
-EXAMPLES: Dict[str, Callable[[Builder], None]] = {}
-
-
-def example(name: str):
-    def register(fn):
-        EXAMPLES[name] = fn
-        return fn
-    return register
-
-
-def checkpoint(wf: Builder, name: str) -> NodeRef:
-    return wf.add("CheckpointLoaderSimple", ckpt_name=name)
-
-
-def prompts(wf: Builder, ckpt: NodeRef, positive: str = POSITIVE, negative: str = NEGATIVE) -> Tuple[NodeRef, NodeRef]:
-    return (wf.add("CLIPTextEncode", text=positive, clip=ckpt[1]),
-            wf.add("CLIPTextEncode", text=negative, clip=ckpt[1]))
-
-
-def sample_and_save(wf: Builder, model, ckpt: NodeRef, positive, negative, latent, prefix: str,
-                    steps: int = 20, cfg: float = 7.0, sampler: str = "euler", scheduler: str = "normal") -> NodeRef:
-    samples = wf.add("KSampler", model=model, seed=42, steps=steps, cfg=cfg, sampler_name=sampler,
-                     scheduler=scheduler, positive=positive, negative=negative, latent_image=latent, denoise=1.0)
-    image = wf.add("VAEDecode", samples=samples[0], vae=ckpt[2])
-    wf.add("SaveImage", images=image[0], filename_prefix=f"PatchLab/{prefix}")
-    return samples
-
-
-def schedule_preview(wf: Builder, model, compare, prefix: str, scheduler: str = "normal", steps: int = 20,
-                     log_scale: bool = False) -> NodeRef:
-    preview = wf.add("PatchLab_SigmaSchedulePreview", model=model, scheduler=scheduler, steps=steps, denoise=1.0,
-                     log_scale=log_scale, compare_model=compare)
-    wf.add("SaveImage", images=preview[0], filename_prefix=f"PatchLab/{prefix}_schedule")
-    return preview
-
-
-# --- the ModelSampling family --------------------------------------------------------
 
 @example("model_sampling_discrete")
 def model_sampling_discrete(wf: Builder) -> None:
@@ -165,13 +123,3 @@ def sigma_schedule_preview(wf: Builder) -> None:
     patched = wf.add("PatchLab_ModelSamplingDiscrete", model=ckpt[0], sampling="eps", zsnr=True)
     schedule_preview(wf, patched[0], ckpt[0], "sigma_schedule_preview", scheduler="karras", steps=20,
                      log_scale=True)
-
-
-def build_all(object_info: Dict) -> List[Tuple[str, Dict]]:
-    """(file name, UI workflow) for every example."""
-    out = []
-    for name, fn in EXAMPLES.items():
-        wf = Builder(object_info)
-        fn(wf)
-        out.append((f"{name}.json", wf.to_ui()))
-    return out
