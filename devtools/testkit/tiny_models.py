@@ -131,16 +131,19 @@ CHUNKED = 1e12
 
 
 def build_model(layout_name: str = "sd15", seed: int = 0, dtype: torch.dtype = torch.float32,
-                gain: float = 1.0, model_type=None, chunked: bool = False) -> comfy.model_patcher.ModelPatcher:
+                gain: float = 1.0, model_type=None, chunked: bool = False,
+                **unet_overrides) -> comfy.model_patcher.ModelPatcher:
     """A tiny model of the given layout wrapped in a real ModelPatcher.
 
     ``model_type`` (a ``comfy.model_base.ModelType``) overrides the prediction type
     the config would choose (EPS for SD layouts, FLUX for flux). ``chunked`` makes the
     model report a huge memory need, so ComfyUI runs cond and uncond in separate calls
     (``transformer_options["cond_or_uncond"]`` is then ``[0]`` or ``[1]``).
+    ``unet_overrides`` replace entries of the layout's unet config (e.g.
+    ``model_channels=64`` for the benchmark model).
     """
     spec = layout(layout_name)
-    config = spec.config_class(dict(spec.unet_config))
+    config = spec.config_class({**spec.unet_config, **unet_overrides})
     config.set_inference_dtype(dtype, None)
     if model_type is not None:
         config.model_type = lambda state_dict, prefix="": model_type
