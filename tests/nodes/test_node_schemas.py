@@ -29,7 +29,7 @@ def test_the_pack_registers_nodes():
 @pytest.mark.parametrize("node_id", sorted(NODES))
 def test_ids_and_categories_carry_the_pack_prefix(node_id):
     node = NODES[node_id]
-    assert re.fullmatch(r"PatchLab_[A-Za-z0-9]+", node_id)
+    assert re.fullmatch(r"PatchLab_[A-Za-z0-9_]+", node_id)
     assert node.NODE_ID == node_id
     assert node.CATEGORY.startswith("PatchLab/")
     assert pack.NODE_DISPLAY_NAME_MAPPINGS[node_id].endswith("(PatchLab)")
