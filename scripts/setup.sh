@@ -23,6 +23,11 @@ mkdir -p "$cache" "$comfy_home"
 
 say() { printf '[setup] %s\n' "$*"; }
 
+if [ -n "${COMFYUI_PATH:-}" ] && { [ ! -f "$COMFYUI_PATH/main.py" ] || [ ! -d "$COMFYUI_PATH/comfy" ]; }; then
+  echo "[setup] COMFYUI_PATH=$COMFYUI_PATH is not a ComfyUI checkout (no main.py and comfy/)." >&2
+  exit 1
+fi
+
 # 1. Virtual environment.
 if [ ! -x "$venv/bin/python" ]; then
   say "creating $venv"
@@ -30,15 +35,24 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 
-# 2. Python packages, re-installed only when a requirements file changes.
-req_files=(requirements/constraints.txt requirements/comfyui.txt requirements.txt requirements/dev.txt)
+# 2. Python packages, re-installed only when a requirements file changes. ComfyUI's own
+#    requirements are those of 0.3.75 (requirements/comfyui.txt), or with COMFYUI_PATH that
+#    checkout's requirements.txt minus torch/torchvision (pinned here) and torchaudio and
+#    spandrel (optional, and they pull other torch builds).
+comfy_reqs=requirements/comfyui.txt
+if [ -n "${COMFYUI_PATH:-}" ] && [ -f "$COMFYUI_PATH/requirements.txt" ]; then
+  comfy_reqs=$cache/comfyui-path-requirements.txt
+  grep -viE '^\s*(torch|torchvision|torchaudio|spandrel)\s*([<>=!~;#]|$)' "$COMFYUI_PATH/requirements.txt" \
+    >"$comfy_reqs" || true
+fi
+req_files=(requirements/constraints.txt "$comfy_reqs" requirements.txt requirements/dev.txt)
 stamp_value=$(cat "${req_files[@]}" | sha256sum | cut -c1-16)
 stamp_file=$venv/.patchlab-requirements
 if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp_value" ]; then
-  say "installing torch/torchvision (pinned) and ComfyUI's requirements"
+  say "installing torch/torchvision (pinned) and ComfyUI's requirements ($comfy_reqs)"
   "${pip[@]}" install -q -c requirements/constraints.txt torch torchvision
   "${pip[@]}" install -q -c requirements/constraints.txt \
-    -r requirements/comfyui.txt -r requirements.txt -r requirements/dev.txt
+    -r "$comfy_reqs" -r requirements.txt -r requirements/dev.txt
   echo "$stamp_value" >"$stamp_file"
 else
   say "python packages up to date"
@@ -46,10 +60,6 @@ fi
 
 # 3. ComfyUI.
 if [ -n "${COMFYUI_PATH:-}" ]; then
-  if [ ! -f "$COMFYUI_PATH/main.py" ] || [ ! -d "$COMFYUI_PATH/comfy" ]; then
-    echo "[setup] COMFYUI_PATH=$COMFYUI_PATH is not a ComfyUI checkout (no main.py and comfy/)." >&2
-    exit 1
-  fi
   say "using ComfyUI at COMFYUI_PATH=$COMFYUI_PATH"
 else
   target=$comfy_home/ComfyUI

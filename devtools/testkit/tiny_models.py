@@ -85,6 +85,23 @@ LAYOUTS = {
 }
 
 
+# Flux.1 values of FluxParams fields that newer ComfyUI releases added as required.
+FLUX1_NEWER_FIELDS = {"txt_ids_dims": []}
+
+
+def _unet_config(spec: Layout) -> Dict:
+    """The layout's unet config, completed with fields this ComfyUI's model class requires."""
+    config = dict(spec.unet_config)
+    if config.get("image_model") == "flux":
+        import dataclasses
+
+        import comfy.ldm.flux.model
+
+        known = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+        config.update({k: v for k, v in FLUX1_NEWER_FIELDS.items() if k in known and k not in config})
+    return config
+
+
 def layout(name: str) -> Layout:
     if name not in LAYOUTS:
         raise ValueError(f"unknown tiny layout {name!r}; expected one of {', '.join(LAYOUTS)}")
@@ -143,7 +160,7 @@ def build_model(layout_name: str = "sd15", seed: int = 0, dtype: torch.dtype = t
     ``model_channels=64`` for the benchmark model).
     """
     spec = layout(layout_name)
-    config = spec.config_class({**spec.unet_config, **unet_overrides})
+    config = spec.config_class({**_unet_config(spec), **unet_overrides})
     config.set_inference_dtype(dtype, None)
     if model_type is not None:
         config.model_type = lambda state_dict, prefix="": model_type
