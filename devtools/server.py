@@ -61,7 +61,27 @@ def prepare_base_directory(base: Path, with_testkit: bool = True, models: Option
         (base / "models").symlink_to(models, target_is_directory=True)
     for sub in ("input", "output", "temp", "user"):
         (base / sub).mkdir(exist_ok=True)
+    write_example_image(base / "input" / "example.png")
     return base
+
+
+def write_example_image(path: Path, size: int = 128) -> None:
+    """The picture example workflows load: a colour gradient whose alpha fades out to the right.
+
+    LoadImage turns transparency into the inpainting mask, so the mask is a soft ramp.
+    """
+    if path.exists():
+        return
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    rgba = np.zeros((size, size, 4), dtype=np.uint8)
+    rgba[..., 0] = ramp[None, :]
+    rgba[..., 1] = ramp[:, None]
+    rgba[..., 2] = 128
+    rgba[..., 3] = 255 - ramp[None, :]
+    Image.fromarray(rgba, "RGBA").save(path)
 
 
 class ComfyServer:

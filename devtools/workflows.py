@@ -170,6 +170,17 @@ def use_checkpoint(prompt: Dict, ckpt_name: str) -> Dict:
     return prompt
 
 
+def bypass(prompt: Dict, node_id: str, through: str = "model") -> Dict:
+    """A copy of an API prompt without ``node_id``: whatever used its first output gets its ``through`` input."""
+    prompt = copy.deepcopy(prompt)
+    source = prompt.pop(node_id)["inputs"][through]
+    for node in prompt.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and value[0] == node_id and value[1] == 0:
+                node["inputs"][name] = list(source)
+    return prompt
+
+
 # --- building UI workflows -------------------------------------------------------
 
 class Output(tuple):

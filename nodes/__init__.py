@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from . import model_sampling, schedule_preview
+from . import blocks, cfg, inpaint, model_sampling, schedule_preview
 
-ALL_NODES = [*model_sampling.NODES, *schedule_preview.NODES]
+ALL_NODES = [
+    *model_sampling.NODES,
+    *schedule_preview.NODES,
+    *cfg.NODES,
+    *blocks.NODES,
+    *inpaint.NODES,
+]
 
 NODE_CLASS_MAPPINGS = {node.NODE_ID: node for node in ALL_NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {node.NODE_ID: node.DISPLAY_NAME for node in ALL_NODES}

@@ -8,7 +8,8 @@ from devtools.server import ComfyServer, prepare_base_directory
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     base = prepare_base_directory(tmp_path_factory.mktemp("comfyui"), with_testkit=True)
-    with ComfyServer(base) as running:
+    # --cache-none: every queued prompt runs every node, so repeated runs really recompute.
+    with ComfyServer(base, extra_args=["--cache-none"]) as running:
         yield running
 
 

@@ -1,0 +1,149 @@
+"""Per-step overhead of PatchLab's CFG-space and UNet-block nodes against plain CFG.
+
+One sampling step of CFG evaluates the model once on the cond+uncond batch, then runs
+the pre-/post-CFG hooks. For each node this measures the hooks' time (CFG nodes) or
+the output-block patch's time over the (h, hsp) pairs one model evaluation hands it
+(FreeU), and reports it as a share of that step's model evaluation. Target: < 2 % for every node
+but TCFG's singular-direction projection (reported). With --sampling, whole 10-step
+samples are timed too (patched / plain ratio), as a cross-check.
+
+    .venv/bin/python bench/cfg_overhead.py [--size 64] [--repeats 20] [--sampling]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import _common
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=64, help="latent side (64 = a 512x512 image)")
+    parser.add_argument("--channels", type=int, default=64, help="UNet base width of the SD1.5-layout bench model")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--sampling", action="store_true", help="also time whole 10-step samples")
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    _common.boot()
+    import torch
+
+    from devtools import checks
+    from devtools.sampling import sample
+    from devtools.testkit import tiny_models
+    from patchlab.nodes import blocks, cfg
+
+    full = {"start_percent": 0.0, "end_percent": 1.0}
+    import nodes as comfy_nodes
+
+    core_ids = {"RescaleCFG": "RescaleCFG", "RenormCFG": "RenormCFG", "CFGNorm": "CFGNorm",
+                "AdaptiveProjectedGuidance": "APG", "TangentialDampingCFG": "TCFG", "Mahiro": "Mahiro",
+                "CFGZeroStar": "CFGZeroStar", "FreSca": "FreSca", "FreeU": "FreeU", "FreeU_V2": "FreeU_V2"}
+    core_inputs = {"AdaptiveProjectedGuidance": {"eta": 0.0, "norm_threshold": 15.0, "momentum": -0.5},
+                   "CFGZeroStar": {}}
+    nodes = {
+        "RescaleCFG": (cfg.RescaleCFG, {"multiplier": 0.7}),
+        "RenormCFG": (cfg.RenormCFG, {"cfg_trunc": 100.0, "renorm_cfg": 1.0}),
+        "CFGNorm": (cfg.CFGNorm, {"strength": 1.0}),
+        "AdaptiveProjectedGuidance": (cfg.AdaptiveProjectedGuidance,
+                                      {"eta": 0.0, "norm_threshold": 15.0, "momentum": -0.5, "mode": "paper"}),
+        "TangentialDampingCFG": (cfg.TangentialDampingCFG, {}),
+        "Mahiro": (cfg.Mahiro, {}),
+        "CFGZeroStar": (cfg.CFGZeroStar, {"mode": "paper", "zero_init_steps": 1}),
+        "FreSca": (cfg.FreSca, {"scale_low": 1.0, "scale_high": 1.25, "freq_cutoff": 20}),
+        "FreeU": (blocks.FreeU, {"b1": 1.5, "b2": 1.6, "s1": 0.9, "s2": 0.2}),
+        "FreeU_V2": (blocks.FreeU_V2, {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}),
+    }
+
+    model = tiny_models.build_model("sd15", model_channels=args.channels)
+    device = model.load_device
+    model.model.to(device)
+    generator = torch.Generator().manual_seed(0)
+    shape = (1, 4, args.size, args.size)
+    x = (torch.randn(shape, generator=generator) * 3).to(device)
+    cond = torch.randn(shape, generator=generator).to(device)
+    uncond = torch.randn(shape, generator=generator).to(device)
+    sigma = torch.tensor([3.0], device=device)
+    context = torch.randn(2, 16, 64, generator=generator).to(device)
+    schedule = torch.linspace(14.6, 0, 11, device=device)
+
+    def evaluate(patched):
+        options = patched.model_options.get("transformer_options", {})
+        with torch.no_grad():
+            return patched.model.apply_model(torch.cat([x, x]), sigma.repeat(2), c_crossattn=context,
+                                             transformer_options=dict(options))
+
+    def run_hooks(patched):
+        options = {"transformer_options": {"sample_sigmas": schedule}}
+        out = [cond, uncond]
+        slot = patched.model_options.get("sampler_cfg_function")
+        if slot is not None:  # core RescaleCFG / RenormCFG take the single CFG-function slot
+            slot({"cond": x - cond, "uncond": x - uncond, "cond_scale": 7.0, "timestep": sigma, "input": x,
+                  "sigma": sigma, "cond_denoised": cond, "uncond_denoised": uncond, "model": patched.model,
+                  "model_options": options})
+        for fn in patched.model_options.get("sampler_pre_cfg_function", []):
+            out = fn({"conds": [[], []], "conds_out": out, "cond_scale": 7.0, "timestep": sigma, "input": x,
+                      "sigma": sigma, "model": patched.model, "model_options": options})
+        denoised = out[1] + (out[0] - out[1]) * 7.0
+        for fn in patched.model_options.get("sampler_post_cfg_function", []):
+            denoised = fn({"denoised": denoised, "cond": [], "uncond": [], "cond_scale": 7.0, "model": patched.model,
+                           "uncond_denoised": out[1], "cond_denoised": out[0], "sigma": sigma,
+                           "model_options": options, "input": x})
+        return denoised
+
+    def record_block_inputs():
+        pairs = []
+
+        def record(h, hsp, transformer_options):
+            pairs.append((h.clone(), hsp.clone(), dict(transformer_options)))
+            return h, hsp
+
+        recorder = model.clone()
+        recorder.set_model_output_block_patch(record)
+        evaluate(recorder)
+        return pairs
+
+    block_inputs = record_block_inputs()
+
+    def run_block_patch(patched):
+        (fn,) = patched.model_options["transformer_options"]["patches"]["output_block_patch"]
+        for h, hsp, options in block_inputs:
+            fn(h, hsp, options)
+
+    plain_eval = _common.time_call(lambda: evaluate(model), repeats=max(3, args.repeats // 4))
+    plain_hooks = _common.time_call(lambda: run_hooks(model), repeats=args.repeats * 10)
+    def overhead_of(patched, block_patch):
+        if block_patch:
+            return _common.time_call(lambda: run_block_patch(patched), repeats=args.repeats * 10)["min_s"]
+        return _common.time_call(lambda: run_hooks(patched), repeats=args.repeats * 10)["min_s"] - plain_hooks["min_s"]
+
+    results = {}
+    for name, (node, inputs) in nodes.items():
+        (patched,) = checks.run_node(node, model=model, **inputs, **full)
+        overhead = overhead_of(patched, name.startswith("FreeU"))
+        share = 100.0 * overhead / plain_eval["min_s"]
+        results[name] = {"overhead_ms": round(overhead * 1e3, 4), "share_of_model_eval_pct": round(share, 3),
+                         "under_2pct": share < 2.0}
+        core_class = comfy_nodes.NODE_CLASS_MAPPINGS[core_ids[name]]
+        (core,) = checks.run_node(core_class, model=model, **core_inputs.get(name, inputs))
+        results[name]["core_overhead_ms"] = round(overhead_of(core, name.startswith("FreeU")) * 1e3, 4)
+        if args.sampling:
+            plain_sample = _common.time_call(lambda: sample(model, "sd15", steps=10, height=args.size,
+                                                            width=args.size), repeats=3)
+            patched_sample = _common.time_call(lambda p=patched: sample(p, "sd15", steps=10, height=args.size,
+                                                                        width=args.size), repeats=3)
+            results[name]["sampling_ratio"] = round(patched_sample["min_s"] / plain_sample["min_s"], 4)
+
+    _common.write_results("cfg_overhead", {
+        "model": f"tiny SD1.5 layout, model_channels {args.channels}",
+        "latent": list(shape),
+        "model_eval_cond_uncond_ms": round(plain_eval["min_s"] * 1e3, 3),
+        "nodes": results,
+    })
+
+
+if __name__ == "__main__":
+    main()

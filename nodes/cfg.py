@@ -1,0 +1,269 @@
+"""CFG-space guidance nodes: RescaleCFG, RenormCFG, CFGNorm, APG, TCFG, Mahiro, CFG-Zero*, FreSca."""
+
+from __future__ import annotations
+
+from ..patches import cfg
+from ..patches.window import SigmaWindow
+from ._common import (
+    MODEL_INPUT,
+    MODEL_OUTPUT_TOOLTIP,
+    category,
+    check_percents,
+    check_ranges,
+    first_error,
+    percent_inputs,
+)
+
+CATEGORY = category("guidance")
+
+
+class _GuidanceNode:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = (MODEL_OUTPUT_TOOLTIP,)
+    FUNCTION = "patch"
+    WHAT = "the guidance change"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": MODEL_INPUT, **cls.OPTIONS(), **percent_inputs(cls.WHAT)}}
+
+    @classmethod
+    def OPTIONS(cls):
+        return {}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None):
+        return first_error(check_ranges(cls, start_percent=start_percent, end_percent=end_percent),
+                           check_percents(start_percent, end_percent))
+
+    @staticmethod
+    def window(model, start_percent, end_percent):
+        return SigmaWindow.from_percents(model, start_percent, end_percent)
+
+
+class RescaleCFG(_GuidanceNode):
+    NODE_ID = "PatchLab_RescaleCFG"
+    DISPLAY_NAME = "RescaleCFG (PatchLab)"
+    DESCRIPTION = (
+        "Rescales the CFG result toward the standard deviation of the positive prediction (Lin et al. 2023, "
+        "arXiv 2305.08891), which tames the over-saturation of high CFG, especially on v-prediction and "
+        "zero-terminal-SNR models. Works in each model's own output space: v-prediction for SD-style models "
+        "(identical to ComfyUI's RescaleCFG there) and the velocity for flow models (SD3, Flux, AuraFlow), where "
+        "ComfyUI's conversion assumes the wrong family. Runs as a post-CFG step, so it stacks with other "
+        "guidance nodes instead of taking the single CFG-function slot."
+    )
+    WHAT = "the rescale"
+
+    @classmethod
+    def OPTIONS(cls):
+        return {"multiplier": ("FLOAT", {
+            "default": 0.7, "min": 0.0, "max": 1.0, "step": 0.01,
+            "tooltip": "Share of the rescaled result in the mix (phi in the paper). 0 disables it; the paper "
+                       "uses 0.7; 1 uses only the rescaled result.",
+        })}
+
+    def patch(self, model, multiplier, start_percent, end_percent):
+        return (cfg.with_post_cfg(model, cfg.rescale_cfg(multiplier, self.window(model, start_percent, end_percent))),)
+
+
+class RenormCFG(_GuidanceNode):
+    NODE_ID = "PatchLab_RenormCFG"
+    DISPLAY_NAME = "RenormCFG (PatchLab)"
+    DESCRIPTION = (
+        "CFG renormalisation and truncation from Lumina-Image 2.0 (arXiv 2503.21758): caps the norm of the "
+        "guided prediction at renorm_cfg times the positive prediction's norm, and turns guidance off while "
+        "sigma is at or above cfg_trunc. Per sample, so batches work (ComfyUI's RenormCFG fails at batch > 1). "
+        "Runs as a post-CFG step and stacks with other guidance nodes."
+    )
+    WHAT = "renormalisation"
+
+    @classmethod
+    def OPTIONS(cls):
+        return {
+            "cfg_trunc": ("FLOAT", {
+                "default": 100.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                "tooltip": "Guidance is off (the positive prediction is used) while sigma >= this value. Flow "
+                           "models' sigmas lie in 0-1, so the default 100 never truncates.",
+            }),
+            "renorm_cfg": ("FLOAT", {
+                "default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                "tooltip": "Cap on ||guided|| as a multiple of ||positive||. 0 disables the cap; below 1 washes the "
+                           "image out quickly; larger values renormalise less often.",
+            }),
+        }
+
+    def patch(self, model, cfg_trunc, renorm_cfg, start_percent, end_percent):
+        channels = cfg.unet_in_channels(model, default=model.get_model_object("latent_format").latent_channels)
+        fn = cfg.renorm_cfg(cfg_trunc, renorm_cfg, channels, self.window(model, start_percent, end_percent))
+        return (cfg.with_post_cfg(model, fn),)
+
+
+class CFGNorm(_GuidanceNode):
+    NODE_ID = "PatchLab_CFGNorm"
+    DISPLAY_NAME = "CFGNorm (PatchLab)"
+    DESCRIPTION = (
+        "Shrinks the CFG result wherever its per-pixel channel norm exceeds the positive prediction's (from "
+        "HiDream-E1), which keeps strong guidance from overshooting. strength blends the effect in: 1 is "
+        "ComfyUI's CFGNorm, 0 disables it (ComfyUI's node multiplies the whole image by strength instead)."
+    )
+    WHAT = "the norm cap"
+
+    @classmethod
+    def OPTIONS(cls):
+        return {"strength": ("FLOAT", {
+            "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+            "tooltip": "How much of the norm cap to apply: 0 disables it, 1 applies it fully.",
+        })}
+
+    def patch(self, model, strength, start_percent, end_percent):
+        return (cfg.with_post_cfg(model, cfg.cfg_norm(strength, self.window(model, start_percent, end_percent))),)
+
+
+class AdaptiveProjectedGuidance(_GuidanceNode):
+    NODE_ID = "PatchLab_AdaptiveProjectedGuidance"
+    DISPLAY_NAME = "Adaptive Projected Guidance (PatchLab)"
+    DESCRIPTION = (
+        "APG (Sadat et al. 2024, arXiv 2410.02416): splits the guidance into parts parallel and orthogonal to the "
+        "positive prediction and damps the parallel part, which causes over-saturation; adds a norm cap and "
+        "reverse momentum, so high CFG scales stay clean. mode 'paper' follows the paper and diffusers (eta 1, "
+        "no cap, no momentum is plain CFG); 'comfyui' reproduces ComfyUI's APG, which acts like CFG at scale+1. "
+        "The momentum restarts with every run."
+    )
+    WHAT = "APG"
+
+    @classmethod
+    def OPTIONS(cls):
+        return {
+            "eta": ("FLOAT", {
+                "default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                "tooltip": "Weight of the guidance component parallel to the positive prediction. 1 keeps it "
+                           "(with no cap and no momentum: plain CFG in paper mode); 0 removes it (the paper's "
+                           "choice); values above 1 saturate.",
+            }),
+            "norm_threshold": ("FLOAT", {
+                "default": 5.0, "min": 0.0, "max": 50.0, "step": 0.1,
+                "tooltip": "Cap on the L2 norm of the guidance vector. 0 disables the cap; lower values rein in "
+                           "strong guidance more (the paper tunes it per model, e.g. 5-20).",
+            }),
+            "momentum": ("FLOAT", {
+                "default": 0.0, "min": -5.0, "max": 1.0, "step": 0.01,
+                "tooltip": "Running average of past guidance. 0 disables it; negative values (the paper uses "
+                           "-0.5) push away from directions already taken.",
+            }),
+            "mode": (["paper", "comfyui"], {
+                "default": "paper",
+                "tooltip": "paper: cond + (cfg - 1) * update (paper, diffusers). comfyui: cond + cfg * update "
+                           "(ComfyUI's APG, one CFG step stronger).",
+            }),
+        }
+
+    def patch(self, model, eta, norm_threshold, momentum, mode, start_percent, end_percent):
+        if mode not in ("paper", "comfyui"):
+            raise ValueError(f"{self.NODE_ID}: mode must be 'paper' or 'comfyui', got {mode!r}")
+        fn = cfg.adaptive_projected_guidance(eta, norm_threshold, momentum, mode,
+                                             self.window(model, start_percent, end_percent))
+        return (cfg.with_pre_cfg(model, fn),)
+
+
+class TangentialDampingCFG(_GuidanceNode):
+    NODE_ID = "PatchLab_TangentialDampingCFG"
+    DISPLAY_NAME = "Tangential Damping CFG (PatchLab)"
+    DESCRIPTION = (
+        "TCFG (arXiv 2503.18137): keeps only the part of the negative prediction that lies along the dominant "
+        "direction shared with the positive one, so guidance pushes away from what the negative prompt adds "
+        "without pushing away from natural images in general. Per sample; the singular direction comes from a "
+        "2x2 Gram matrix in closed form (float64), the same answer as ComfyUI's SVD at a fraction of the cost."
+    )
+    WHAT = "tangential damping"
+
+    def patch(self, model, start_percent, end_percent):
+        fn = cfg.tangential_damping_cfg(self.window(model, start_percent, end_percent))
+        return (cfg.with_pre_cfg(model, fn),)
+
+
+class Mahiro(_GuidanceNode):
+    NODE_ID = "PatchLab_Mahiro"
+    DISPLAY_NAME = "Mahiro Guidance (PatchLab)"
+    DESCRIPTION = (
+        "Mahiro guidance (blue-arxiv 2024-1208.1): blends CFG with the positive prediction's own 'leap' by how "
+        "similar their average is to the negative leap, so guidance follows the direction of the positive prompt "
+        "rather than the opposite of the negative. Similarity is measured per image (ComfyUI's Mahiro averages it "
+        "over the whole batch, so images in a batch change each other)."
+    )
+    WHAT = "Mahiro guidance"
+
+    def patch(self, model, start_percent, end_percent):
+        return (cfg.with_post_cfg(model, cfg.mahiro(self.window(model, start_percent, end_percent))),)
+
+
+class CFGZeroStar(_GuidanceNode):
+    NODE_ID = "PatchLab_CFGZeroStar"
+    DISPLAY_NAME = "CFG-Zero* (PatchLab)"
+    DESCRIPTION = (
+        "CFG-Zero* (Fan et al. 2025, arXiv 2503.18886): scales the negative prediction by the optimal alpha = "
+        "<cond, uncond> / ||uncond||^2 before guiding, which corrects early-step errors of flow models, and can "
+        "zero the first steps (zero-init). mode 'paper' applies the rule to the scores as in the paper; "
+        "'comfyui' reproduces ComfyUI's CFGZeroStar, which applies it to denoised predictions and differs by "
+        "x(1-alpha)(1-cfg)."
+    )
+    WHAT = "CFG-Zero*"
+
+    @classmethod
+    def OPTIONS(cls):
+        return {
+            "mode": (["paper", "comfyui"], {
+                "default": "paper",
+                "tooltip": "paper: the paper's rule on scores (x - denoised). comfyui: ComfyUI's CFGZeroStar.",
+            }),
+            "zero_init_steps": ("INT", {
+                "default": 0, "min": 0, "max": 1000,
+                "tooltip": "Number of first steps of the run that output zero velocity (the sample does not move). "
+                           "0 disables zero-init; the paper zeroes about the first 4% of steps (1 of 25).",
+            }),
+        }
+
+    def patch(self, model, mode, zero_init_steps, start_percent, end_percent):
+        if mode not in ("paper", "comfyui"):
+            raise ValueError(f"{self.NODE_ID}: mode must be 'paper' or 'comfyui', got {mode!r}")
+        fn = cfg.cfg_zero_star(mode, zero_init_steps, self.window(model, start_percent, end_percent))
+        return (cfg.with_post_cfg(model, fn),)
+
+
+class FreSca(_GuidanceNode):
+    NODE_ID = "PatchLab_FreSca"
+    DISPLAY_NAME = "FreSca (PatchLab)"
+    DESCRIPTION = (
+        "FreSca (Huang et al. 2025, arXiv 2504.02154): scales the low and high spatial frequencies of the guidance "
+        "separately: scale_high above 1 enhances fine detail, scale_low above 1 with scale_high below 1 smooths. "
+        "Filters only the two spatial axes, so video latents keep their time axis intact (ComfyUI's FreSca also "
+        "narrows time)."
+    )
+    WHAT = "frequency scaling"
+
+    @classmethod
+    def OPTIONS(cls):
+        return {
+            "scale_low": ("FLOAT", {
+                "default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
+                "tooltip": "Factor for low frequencies (structure). 1 leaves them; with scale_high 1 the node does "
+                           "nothing.",
+            }),
+            "scale_high": ("FLOAT", {
+                "default": 1.25, "min": 0.0, "max": 10.0, "step": 0.01,
+                "tooltip": "Factor for high frequencies (detail). Above 1 enhances detail (1.1-1.5 typical); 1 "
+                           "leaves them.",
+            }),
+            "freq_cutoff": ("INT", {
+                "default": 20, "min": 1, "max": 10000, "step": 1,
+                "tooltip": "Half-size, in frequency indices around the centre, of the band counted as low "
+                           "frequency. Larger values treat more of the spectrum as structure.",
+            }),
+        }
+
+    def patch(self, model, scale_low, scale_high, freq_cutoff, start_percent, end_percent):
+        fn = cfg.fresca(scale_low, scale_high, freq_cutoff, self.window(model, start_percent, end_percent))
+        return (cfg.with_pre_cfg(model, fn),)
+
+
+NODES = [RescaleCFG, RenormCFG, CFGNorm, AdaptiveProjectedGuidance, TangentialDampingCFG, Mahiro, CFGZeroStar, FreSca]
