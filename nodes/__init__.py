@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import blocks, cfg, inpaint, model_sampling, schedule_preview
+from . import attention_guidance, blocks, cfg, inpaint, model_sampling, schedule_preview
 
 ALL_NODES = [
     *model_sampling.NODES,
@@ -10,6 +10,7 @@ ALL_NODES = [
     *cfg.NODES,
     *blocks.NODES,
     *inpaint.NODES,
+    *attention_guidance.NODES,
 ]
 
 NODE_CLASS_MAPPINGS = {node.NODE_ID: node for node in ALL_NODES}

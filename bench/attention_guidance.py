@@ -1,0 +1,135 @@
+"""Cost of SAG, PAG and SEG per sampling step, and the size of SAG's attention record, against core.
+
+Per step: whole samples of a few steps are timed and divided by the step count, for
+plain CFG, ComfyUI's SelfAttentionGuidance and PerturbedAttentionGuidance, and
+PatchLab's SAG, PAG, SEG and PAG+SEG (whose extra passes share one batched call;
+compared with the cost PAG and SEG add separately). Memory: the bytes SAG keeps
+between the model call and the guidance step (core: the uncond softmax matrix;
+PatchLab: one value per token) and the process's peak while one model call records.
+
+    .venv/bin/python bench/attention_guidance.py [--sizes 64 128] [--steps 3] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import _common
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="latent sides")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--record-block", default="input.1",
+                        help="block whose attention the memory comparison records (full resolution by default)")
+    return parser.parse_args()
+
+
+def tensors_in_closure(fn):
+    return [c.cell_contents for c in (fn.__closure__ or ()) if hasattr(c.cell_contents, "element_size")]
+
+
+def nbytes(tensor) -> int:
+    return tensor.element_size() * tensor.nelement()
+
+
+def sag_memory(model, core_node, ours_node, size: int, block: str, sag: dict) -> dict:
+    """Bytes SAG keeps per step at ``block`` (core vs PatchLab) and the process peak of a one-step sample."""
+    from devtools import checks
+    from devtools.sampling import sample
+    from devtools.testkit import tiny_models
+    from patchlab.patches import attention_guidance as ag
+
+    stage, block_id, index = (block.split(".") + ["0", "0"])[:3]
+    (core,) = checks.run_node(core_node, model=model, scale=0.5, blur_sigma=2.0)
+    replaces = core.model_options["transformer_options"]["patches_replace"]["attn1"]
+    recorder = replaces.pop(("middle", 0, 0))
+    core.set_model_attn1_replace(recorder, stage, int(block_id), int(index))
+    (ours,) = checks.run_node(ours_node, model=model, **{**sag, "block": block}, start_percent=0.0, end_percent=1.0)
+    (spec,) = ours.model_options["transformer_options"][ag.SPECS_KEY]
+    recorded = []
+
+    class Recording(ag.RecordStore):
+        def add(self, run_key, mass, grid):
+            recorded.append(nbytes(mass))
+            super().add(run_key, mass, grid)
+
+    object.__setattr__(spec, "store", Recording())
+    latent = tiny_models.empty_latent("sd15", size, size)
+    peaks = {name: _common.peak_memory(functools.partial(sample, patched, "sd15", steps=1, latent=latent))
+             for name, patched in (("core", core), ("patchlab", ours))}
+    (core_post_cfg,) = core.model_options["sampler_post_cfg_function"]
+    core_kept = sum(nbytes(t) for t in tensors_in_closure(core_post_cfg))
+    return {
+        "record_block": block,
+        "bytes_kept_per_step": {"core": core_kept, "patchlab": max(recorded, default=0)},
+        "bytes_still_held_after_sampling": {"core": core_kept, "patchlab": len(spec.store) * max(recorded, default=0)},
+        "process_peak_bytes_one_step": peaks,
+    }
+
+
+def main():
+    args = parse_args()
+    _common.boot()
+    import nodes as comfy_nodes
+    from devtools import checks
+    from devtools.sampling import sample
+    from devtools.testkit import tiny_models
+    from patchlab.nodes import attention_guidance as ag_nodes
+
+    full = {"start_percent": 0.0, "end_percent": 1.0}
+    model = tiny_models.build_model("sd15")
+    core = comfy_nodes.NODE_CLASS_MAPPINGS
+
+    def ours(node, model_in, **inputs):
+        return checks.run_node(node, model=model_in, **inputs, **full)[0]
+
+    sag = {"scale": 0.5, "blur_sigma": 2.0, "threshold": 1.0, "block": "middle.0.0"}
+    pag = {"scale": 3.0, "blocks": "middle", "rescale": 0.0}
+    seg = {"scale": 3.0, "blur_sigma": 10.0, "blocks": "middle"}
+    variants = {
+        "plain_cfg": model,
+        "core_sag": checks.run_node(core["SelfAttentionGuidance"], model=model, scale=0.5, blur_sigma=2.0)[0],
+        "patchlab_sag": ours(ag_nodes.SelfAttentionGuidance, model, **sag),
+        "core_pag": checks.run_node(core["PerturbedAttentionGuidance"], model=model, scale=3.0)[0],
+        "patchlab_pag": ours(ag_nodes.PerturbedAttentionGuidance, model, **pag),
+        "patchlab_seg": ours(ag_nodes.SmoothedEnergyGuidance, model, **seg),
+        "patchlab_pag_seg_shared": ours(ag_nodes.SmoothedEnergyGuidance,
+                                        ours(ag_nodes.PerturbedAttentionGuidance, model, **pag), **seg),
+    }
+
+    sizes = {}
+    for size in args.sizes:
+        per_step = {}
+        for name, patched in variants.items():
+            run = functools.partial(sample, patched, "sd15", steps=args.steps, height=size, width=size)
+            timing = _common.time_call(run, repeats=args.repeats)
+            per_step[name] = timing["min_s"] / args.steps
+        plain = per_step["plain_cfg"]
+        separate = per_step["patchlab_pag"] + per_step["patchlab_seg"] - plain
+        sizes[f"{size}x{size}"] = {
+            "seconds_per_step": {k: round(v, 4) for k, v in per_step.items()},
+            "ratio_to_plain_cfg": {k: round(v / plain, 3) for k, v in per_step.items()},
+            "patchlab_vs_core": {
+                "sag": round(per_step["patchlab_sag"] / per_step["core_sag"], 3),
+                "pag": round(per_step["patchlab_pag"] / per_step["core_pag"], 3),
+            },
+            "pag_seg_shared_vs_separate": round(per_step["patchlab_pag_seg_shared"] / separate, 3),
+        }
+
+    memory = {f"{size}x{size}": sag_memory(model, core["SelfAttentionGuidance"], ag_nodes.SelfAttentionGuidance,
+                                           size, args.record_block, sag) for size in args.sizes}
+
+    _common.write_results("attention_guidance", {
+        "model": "tiny SD1.5 layout (model_channels 32)",
+        "steps_per_sample": args.steps,
+        "timing": sizes,
+        "sag_memory": memory,
+    })
+
+
+if __name__ == "__main__":
+    main()

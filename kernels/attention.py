@@ -1,0 +1,131 @@
+"""Attention-guidance math: Gaussian blurs, token grids, attention mass, query smoothing.
+
+Pure torch, device- and dtype-agnostic. Token tensors are ``[B, N, C]`` with the
+``N = h * w`` tokens of an image laid out row-major on an ``h x w`` grid.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+# Above this sigma (in tokens) a query blur is "infinite": every query becomes the mean query.
+INFINITE_BLUR = 9999.0
+
+
+def gaussian_kernel1d(sigma: float, size: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Normalised 1-D Gaussian taps [size] on the integer grid centred at 0 (sigma 0: a delta)."""
+    half = (size - 1) / 2
+    positions = torch.linspace(-half, half, size, device=device, dtype=torch.float32)
+    if sigma <= 0:
+        taps = (positions.abs() < 0.5).float()
+    else:
+        taps = torch.exp(-0.5 * (positions / sigma) ** 2)
+    return (taps / taps.sum()).to(dtype)
+
+
+def reflect_indices(length: int, pad: int, device=None) -> torch.Tensor:
+    """Indices [length + 2 * pad] reading a signal of ``length`` with reflect padding (edge not repeated).
+
+    Works for any length, also when ``pad >= length`` (the reflection folds again);
+    a length-1 signal repeats its only value.
+    """
+    index = torch.arange(-pad, length + pad, device=device)
+    if length == 1:
+        return torch.zeros_like(index)
+    period = 2 * (length - 1)
+    index = index.remainder(period)
+    return torch.where(index >= length, period - index, index)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float, kernel_size: Optional[int] = None) -> torch.Tensor:
+    """Separable Gaussian blur over the last two dims of x [..., H, W], reflect padding, any size.
+
+    ``kernel_size`` defaults to ``2 * ceil(3 * sigma) + 1``; sigma 0 returns x. The
+    result has x's shape and dtype (computed in float32 for half inputs).
+    """
+    if sigma <= 0:
+        return x
+    size = kernel_size or 2 * math.ceil(3 * sigma) + 1
+    taps = gaussian_kernel1d(sigma, size, device=x.device)
+    pad = size // 2
+    height, width = x.shape[-2:]
+    work = x.float().reshape(-1, 1, height, width)
+    work = work.index_select(2, reflect_indices(height, pad, x.device))
+    work = F.conv2d(work, taps.view(1, 1, size, 1))
+    work = work.index_select(3, reflect_indices(width, pad, x.device))
+    work = F.conv2d(work, taps.view(1, 1, 1, size))
+    return work.reshape(x.shape).to(x.dtype)
+
+
+def token_grid(height: int, width: int, tokens: int) -> Tuple[int, int]:
+    """The ``h x w`` grid of ``tokens`` image tokens at some UNet level of a ``height x width`` latent.
+
+    Each UNet downsample halves the grid rounding up (stride-2 conv with padding), so
+    the level-k grid is ``ceil(height / 2^k) x ceil(width / 2^k)``; any aspect ratio,
+    odd sizes included. Raises ValueError when no level has that many tokens.
+    """
+    h, w = height, width
+    while True:
+        if h * w == tokens:
+            return h, w
+        if h * w < tokens or (h == 1 and w == 1):
+            raise ValueError(f"{tokens} tokens do not form a downsampled grid of a {height}x{width} latent")
+        h, w = (h + 1) // 2, (w + 1) // 2
+
+
+def attention_column_mass(q: torch.Tensor, k: torch.Tensor, heads: int, query_chunk: int = 1024) -> torch.Tensor:
+    """How much attention each key receives, summed over queries and averaged over heads.
+
+    q [B, Nq, H*D], k [B, Nk, H*D] -> [B, Nk] float32:
+    ``mass[b, j] = mean_h sum_i softmax_j(q_bhi . k_bhj / sqrt(D))``. Queries are
+    processed in chunks, so memory is O(H * chunk * Nk), never the whole Nq x Nk map.
+    For self-attention the mean over keys is 1 (each softmax row sums to 1).
+    """
+    batch, n_queries, width = q.shape
+    dim = width // heads
+    qh = q.float().reshape(batch, n_queries, heads, dim).transpose(1, 2)
+    kh = k.float().reshape(batch, -1, heads, dim).transpose(1, 2)
+    mass = torch.zeros(batch, heads, kh.shape[2], device=q.device, dtype=torch.float32)
+    scale = dim ** -0.5
+    for start in range(0, n_queries, query_chunk):
+        logits = qh[:, :, start:start + query_chunk] @ kh.transpose(-1, -2) * scale
+        mass += logits.softmax(dim=-1).sum(dim=2)
+    return mass.mean(dim=1)
+
+
+def attention_mask_on_latent(mass: torch.Tensor, grid: Tuple[int, int], threshold: float,
+                             latent_hw: Tuple[int, int]) -> torch.Tensor:
+    """SAG's mask: tokens receiving more than ``threshold`` attention, upsampled to the latent.
+
+    mass [B, h*w] -> [B, 1, H, W] float32 of 0/1 (nearest-neighbour upsampling).
+    """
+    mask = (mass > threshold).float().reshape(mass.shape[0], 1, *grid)
+    return F.interpolate(mask, size=latent_hw, mode="nearest")
+
+
+def degrade(x0: torch.Tensor, mask: torch.Tensor, blur_sigma: float, kernel_size: int = 9) -> torch.Tensor:
+    """Self-attention guidance's adversarial blur (Hong et al. 2023, arXiv 2210.00939, eq. 11).
+
+    Blur the prediction x0 [B, C, H, W] where mask [B, 1, H, W] is 1, keep it elsewhere.
+    """
+    blurred = gaussian_blur(x0, blur_sigma, kernel_size)
+    mask = mask.to(x0.dtype)
+    return blurred * mask + x0 * (1 - mask)
+
+
+def blur_queries(q: torch.Tensor, grid: Tuple[int, int], sigma: float) -> torch.Tensor:
+    """Smoothed Energy Guidance's query blur (Hong 2024, arXiv 2408.00760).
+
+    Blurring the queries on the token grid blurs the attention energy landscape.
+    q [B, N, C] with N = h * w -> same shape and dtype. ``sigma >= INFINITE_BLUR``
+    replaces every query by the mean query (uniform attention weights' limit).
+    """
+    if sigma >= INFINITE_BLUR:
+        return q.mean(dim=1, keepdim=True).expand_as(q).contiguous()
+    batch, tokens, width = q.shape
+    image = q.transpose(1, 2).reshape(batch, width, *grid)
+    return gaussian_blur(image, sigma).reshape(batch, width, tokens).transpose(1, 2).contiguous()

@@ -1,0 +1,161 @@
+"""Attention-guidance nodes: Self-Attention Guidance, Perturbed-Attention Guidance, Smoothed Energy Guidance."""
+
+from __future__ import annotations
+
+from ..kernels.attention import INFINITE_BLUR
+from ..patches import attention_guidance as ag
+from ..patches.window import SigmaWindow
+from ._common import (
+    MODEL_INPUT,
+    MODEL_OUTPUT_TOOLTIP,
+    category,
+    check_percents,
+    check_ranges,
+    first_error,
+    percent_inputs,
+)
+
+BLOCK_SYNTAX = ("Comma-separated UNet blocks: stage[.block[.transformer]] with stage input, middle or output, e.g. "
+                "'middle', 'input.4', 'output.1.0', or 'all'.")
+
+
+class _AttentionGuidanceNode:
+    CATEGORY = category("guidance")
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = (MODEL_OUTPUT_TOOLTIP,)
+    FUNCTION = "patch"
+    BLOCK_INPUT = "blocks"
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None, **blocks):
+        text = blocks.get(cls.BLOCK_INPUT)
+        syntax = True
+        if text is not None:
+            try:
+                ag.parse_blocks(text)
+            except ValueError as error:
+                syntax = str(error)
+        return first_error(check_ranges(cls, start_percent=start_percent, end_percent=end_percent),
+                           check_percents(start_percent, end_percent), syntax)
+
+    def _patch(self, model, text, start_percent, end_percent, **spec):
+        blocks = ag.resolve_blocks(model, text, self.NODE_ID)
+        window = SigmaWindow.from_percents(model, start_percent, end_percent)
+        return (ag.with_guidance(model, ag.GuidanceSpec(blocks=blocks, window=window, **spec)),)
+
+
+class SelfAttentionGuidance(_AttentionGuidanceNode):
+    NODE_ID = "PatchLab_SelfAttentionGuidance"
+    DISPLAY_NAME = "Self-Attention Guidance (PatchLab)"
+    DESCRIPTION = (
+        "Self-Attention Guidance (Hong et al. 2023, arXiv 2210.00939): finds the regions the model attends to most "
+        "in the negative prediction, blurs them, runs the model on that degraded input and guides away from its "
+        "prediction, which sharpens uncertain areas. Unlike ComfyUI's SAG it keeps the attention of every model "
+        "call and chunk (batches and split cond/uncond work), stores only a per-token mask, evaluates its extra "
+        "pass as negative, and composes with PAG/SEG. UNet models (SD1.x, SD2.x, SDXL). Lower the CFG a little."
+    )
+    BLOCK_INPUT = "block"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": MODEL_INPUT,
+            "scale": ("FLOAT", {
+                "default": 0.5, "min": -2.0, "max": 5.0, "step": 0.01,
+                "tooltip": "Strength of the guidance. 0 disables it; the paper uses 0.1-1 (0.5-0.75 common).",
+            }),
+            "blur_sigma": ("FLOAT", {
+                "default": 2.0, "min": 0.0, "max": 10.0, "step": 0.1,
+                "tooltip": "Std of the Gaussian blur of the attended regions (9-tap kernel, as SAG). 0 means no "
+                           "blur (and no effect).",
+            }),
+            "threshold": ("FLOAT", {
+                "default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
+                "tooltip": "A region is blurred when the attention it receives exceeds this; 1 is the average "
+                           "(ComfyUI's fixed value). Lower blurs more of the image.",
+            }),
+            "block": ("STRING", {
+                "default": "middle.0.0",
+                "tooltip": "Where to read the self-attention (as ComfyUI: the middle block's first transformer). "
+                           + BLOCK_SYNTAX + " Several transformers: their attention is averaged.",
+            }),
+            **percent_inputs("SAG"),
+        }}
+
+    def patch(self, model, scale, blur_sigma, threshold, block, start_percent, end_percent):
+        return self._patch(model, block, start_percent, end_percent, kind="sag", scale=scale,
+                           blur_sigma=blur_sigma, threshold=threshold, store=ag.RecordStore())
+
+
+class PerturbedAttentionGuidance(_AttentionGuidanceNode):
+    NODE_ID = "PatchLab_PerturbedAttentionGuidance"
+    DISPLAY_NAME = "Perturbed-Attention Guidance (PatchLab)"
+    DESCRIPTION = (
+        "Perturbed-Attention Guidance (Ahn et al. 2024, arXiv 2403.17377): runs the model with the self-attention "
+        "of chosen blocks replaced by the identity and guides away from that degraded prediction, which improves "
+        "structure without a negative prompt. Any input, middle or output blocks (ComfyUI's node: middle only), a "
+        "schedule window and an optional rescale; composes with SAG and shares its extra model call with SEG. "
+        "UNet models (SD1.x, SD2.x, SDXL). Rule of thumb: PAG scale + CFG = your usual CFG."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": MODEL_INPUT,
+            "scale": ("FLOAT", {
+                "default": 3.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                "tooltip": "Strength of the guidance. 0 disables it; the paper uses 2-5 (3 typical).",
+            }),
+            "blocks": ("STRING", {
+                "default": "middle",
+                "tooltip": "Self-attention to perturb. " + BLOCK_SYNTAX + " The paper perturbs the middle block.",
+            }),
+            "rescale": ("FLOAT", {
+                "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                "tooltip": "Pull the guided result's std back toward the positive prediction's (as CFG rescale), "
+                           "against over-saturation at high scales. 0 disables it; 0.5-0.7 typical.",
+            }),
+            **percent_inputs("PAG"),
+        }}
+
+    def patch(self, model, scale, blocks, rescale, start_percent, end_percent):
+        return self._patch(model, blocks, start_percent, end_percent, kind="pag", scale=scale, rescale=rescale)
+
+
+class SmoothedEnergyGuidance(_AttentionGuidanceNode):
+    NODE_ID = "PatchLab_SmoothedEnergyGuidance"
+    DISPLAY_NAME = "Smoothed Energy Guidance (PatchLab)"
+    DESCRIPTION = (
+        "Smoothed Energy Guidance (Hong 2024, arXiv 2408.00760): runs the model with the queries of chosen "
+        "self-attention blocks blurred by a Gaussian on the token grid (a smoothed attention energy landscape) "
+        "and guides away from that prediction, improving quality without a negative prompt and with fewer side "
+        "effects than PAG at high scales. blur_sigma 9999 or more is the 'infinite blur' limit (uniform "
+        "attention). Shares its extra model call with PAG. UNet models (SD1.x, SD2.x, SDXL)."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": MODEL_INPUT,
+            "scale": ("FLOAT", {
+                "default": 3.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                "tooltip": "Strength of the guidance. 0 disables it; the paper uses 3.",
+            }),
+            "blur_sigma": ("FLOAT", {
+                "default": 10.0, "min": 0.0, "max": INFINITE_BLUR, "step": 0.01,
+                "tooltip": f"Std (in tokens) of the query blur. 0 means no blur (no effect); the paper uses 10 for "
+                           f"SDXL; {INFINITE_BLUR:g} is infinite blur (every query the mean query).",
+            }),
+            "blocks": ("STRING", {
+                "default": "middle",
+                "tooltip": "Self-attention to smooth. " + BLOCK_SYNTAX + " The paper smooths the middle block.",
+            }),
+            **percent_inputs("SEG"),
+        }}
+
+    def patch(self, model, scale, blur_sigma, blocks, start_percent, end_percent):
+        return self._patch(model, blocks, start_percent, end_percent, kind="seg", scale=scale,
+                           blur_sigma=blur_sigma)
+
+
+NODES = [SelfAttentionGuidance, PerturbedAttentionGuidance, SmoothedEnergyGuidance]

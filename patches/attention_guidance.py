@@ -1,0 +1,330 @@
+"""Attention guidance on UNets: Self-Attention Guidance, Perturbed-Attention Guidance, Smoothed Energy Guidance.
+
+Each node adds a :class:`GuidanceSpec` to a tuple kept in the model's
+``transformer_options`` (a new tuple on the clone; nothing registered is mutated) and
+makes sure two hooks are installed:
+
+* one **attn1 replace** per touched transformer, registered under the most specific
+  key ``(stage, block id, transformer index)``. It computes attention as usual (through
+  any replace another pack put at that key, or at the less specific ``(stage, id)``
+  key it would shadow, which it chains to) and, reading the specs at call time,
+  records SAG's attention mass in normal passes or perturbs the rows of PatchLab's
+  own extra passes;
+* one **post-CFG runner** that, once per step, runs the extra passes of every active
+  spec and adds the guidance terms in the order the nodes were applied.
+
+Extra passes: PAG and SEG perturb the positive prediction on the same input, so their
+rows share one batched model call (``x`` repeated once per spec). SAG's pass uses the
+negative conditioning on a blurred input and runs on its own, tagged as uncond.
+
+SAG's record is keyed by the sampling run (its ``sample_sigmas`` tensor) and holds only
+the attention mass per token of the uncond rows ([B, tokens]); the runner pops it each
+step, and what a cancelled run leaves is dropped when that run's tensors are freed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Dict, FrozenSet, List, Optional, Tuple
+
+import comfy.samplers
+import torch
+from comfy.ldm.modules.attention import optimized_attention
+
+from ..kernels import attention as ka
+from ..kernels import guidance
+from .window import SigmaWindow
+
+log = logging.getLogger(__name__)
+
+SPECS_KEY = "patchlab_attention_guidance"
+PASS_KEY = "patchlab_guidance_pass"
+Key = Tuple[str, int, int]
+STAGES = ("input", "middle", "output")
+
+
+# --- which transformers ---------------------------------------------------------------
+
+def transformer_keys(model) -> List[Key]:
+    """Every UNet transformer as ComfyUI addresses it: (stage, block id, transformer index)."""
+    unet = model.model.diffusion_model
+    if not hasattr(unet, "input_blocks"):
+        return []
+    keys = []
+    stages = (("input", unet.input_blocks), ("middle", [unet.middle_block]), ("output", unet.output_blocks))
+    for stage, blocks in stages:
+        for block_id, block in enumerate(blocks):
+            for layer in block:
+                count = len(getattr(layer, "transformer_blocks", ()))
+                keys.extend((stage, block_id, index) for index in range(count))
+    return keys
+
+
+BLOCK_ENTRY = re.compile(r"^(input|middle|output|all)(?:\.(\d+))?(?:\.(\d+))?$")
+
+
+def parse_blocks(text: str) -> List[Tuple[str, Optional[int], Optional[int]]]:
+    """``"middle, input.4, output.1.0"`` -> [(stage, id or None, index or None), ...]; ValueError if malformed."""
+    entries = [e for e in re.split(r"[,\s]+", text.strip().lower()) if e]
+    if not entries:
+        raise ValueError("no block given; write e.g. 'middle' or 'input.4, output.1'")
+    parsed = []
+    for entry in entries:
+        match = BLOCK_ENTRY.match(entry)
+        if match is None:
+            raise ValueError(f"cannot read block {entry!r}; write stage[.block[.transformer]] with stage input, "
+                             "middle or output (e.g. 'middle', 'input.4', 'output.1.0'), or 'all'")
+        stage, block_id, index = match.groups()
+        parsed.append((stage, None if block_id is None else int(block_id), None if index is None else int(index)))
+    return parsed
+
+
+def describe_keys(keys: List[Key]) -> str:
+    blocks = sorted({(STAGES.index(s), b) for s, b, _ in keys})
+    return ", ".join(f"{STAGES[s]}.{b}" if STAGES[s] != "middle" else "middle" for s, b in blocks)
+
+
+def resolve_blocks(model, text: str, node_id: str) -> FrozenSet[Key]:
+    """The transformer keys a block description selects in this model; clear errors otherwise."""
+    available = transformer_keys(model)
+    if not available:
+        raise RuntimeError(
+            f"{node_id} supports UNet models (SD1.x, SD2.x, SDXL and their fine-tunes); this model is "
+            f"{type(model.model).__name__} with a {type(model.model.diffusion_model).__name__} network, which has "
+            "no UNet self-attention blocks to guide with. Remove the node for this model."
+        )
+    chosen = set()
+    for stage, block_id, index in parse_blocks(text):
+        found = [k for k in available if (stage == "all" or k[0] == stage)
+                 and (block_id is None or k[1] == block_id) and (index is None or k[2] == index)]
+        if not found:
+            name = ".".join(str(p) for p in (stage, block_id, index) if p is not None)
+            raise ValueError(f"{node_id}: block {name!r} has no self-attention in this model; blocks with "
+                             f"transformers: {describe_keys(available)}")
+        chosen.update(found)
+    return frozenset(chosen)
+
+
+# --- the specs -------------------------------------------------------------------------
+
+class RecordStore:
+    """SAG's attention mass per sampling run, summed over the uncond chunks of a step. Thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._records: Dict[int, list] = {}
+
+    def add(self, run_key: Optional[torch.Tensor], mass: torch.Tensor, grid: Tuple[int, int]) -> None:
+        ident = id(run_key)
+        with self._lock:
+            record = self._records.get(ident)
+            if record is None:
+                self._records[ident] = [mass, 1, grid]
+                if run_key is not None:
+                    weakref.finalize(run_key, self._drop, ident)
+            else:
+                record[0] = record[0] + mass.to(record[0].device)
+                record[1] += 1
+
+    def pop(self, run_key: Optional[torch.Tensor]):
+        """(mean mass [B, tokens], token grid) recorded this step for the run, or None."""
+        with self._lock:
+            record = self._records.pop(id(run_key), None)
+        return None if record is None else (record[0] / record[1], record[2])
+
+    def _drop(self, ident: int) -> None:
+        with self._lock:
+            self._records.pop(ident, None)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+@dataclass(frozen=True, eq=False)
+class GuidanceSpec:
+    """One node's guidance: what it perturbs or records, where, and how strongly. Immutable, shared by clones."""
+
+    kind: str  # "sag", "pag" or "seg"
+    scale: float
+    blocks: FrozenSet[Key]
+    window: SigmaWindow
+    blur_sigma: float = 0.0
+    threshold: float = 1.0
+    rescale: float = 0.0
+    store: Optional[RecordStore] = field(default=None)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+# --- the attn1 replace -------------------------------------------------------------------
+
+def _attend(q, k, v, extra, previous):
+    if previous is not None:
+        return previous(q, k, v, extra)
+    return optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"))
+
+
+def _grid(extra, tokens: int) -> Tuple[int, int]:
+    shape = extra["original_shape"]
+    return ka.token_grid(shape[-2], shape[-1], tokens)
+
+
+def _perturb(out, q, k, v, extra, key, groups) -> torch.Tensor:
+    """Overwrite the rows of each group whose spec perturbs this transformer (one of PatchLab's extra passes)."""
+    chunks = len(extra["cond_or_uncond"])
+    per_chunk = q.shape[0] // chunks
+    rows = per_chunk // len(groups)
+    heads = extra["n_heads"]
+    for chunk in range(chunks):
+        for g, spec in enumerate(groups):
+            if key not in spec.blocks:
+                continue
+            part = slice(chunk * per_chunk + g * rows, chunk * per_chunk + (g + 1) * rows)
+            if spec.kind == "pag":  # identity attention: every token attends to itself only
+                out[part] = v[part]
+            elif spec.kind == "seg":
+                blurred = ka.blur_queries(q[part], _grid(extra, q.shape[1]), spec.blur_sigma)
+                out[part] = optimized_attention(blurred, k[part], v[part], heads,
+                                                attn_precision=extra.get("attn_precision"))
+    return out
+
+
+def _record(q, k, extra, key, specs) -> None:
+    """In a normal pass, add SAG's attention mass of the uncond chunks to each SAG spec reading this transformer."""
+    readers = [s for s in specs if s.kind == "sag" and key in s.blocks]
+    cond_or_uncond = extra.get("cond_or_uncond", [])
+    if not readers or 1 not in cond_or_uncond:
+        return
+    per_chunk = q.shape[0] // len(cond_or_uncond)
+    grid = _grid(extra, k.shape[1])
+    run_key = extra.get("sample_sigmas")
+    for chunk, tag in enumerate(cond_or_uncond):
+        if tag != 1:
+            continue
+        part = slice(chunk * per_chunk, (chunk + 1) * per_chunk)
+        mass = ka.attention_column_mass(q[part], k[part], extra["n_heads"])
+        for spec in readers:
+            spec.store.add(run_key, mass, grid)
+
+
+def make_replace(previous=None):
+    """The attn1 replace PatchLab puts at a transformer key, chaining ``previous`` (another pack's, or None)."""
+    def attn1_replace(q, k, v, extra_options):
+        key = (extra_options["block"][0], extra_options["block"][1], extra_options.get("block_index", 0))
+        out = _attend(q, k, v, extra_options, previous)
+        groups = extra_options.get(PASS_KEY)
+        if groups is not None:
+            return _perturb(out.clone(), q, k, v, extra_options, key, groups) if groups else out
+        _record(q, k, extra_options, key, extra_options.get(SPECS_KEY, ()))
+        return out
+
+    attn1_replace.patchlab_attention = True
+    return attn1_replace
+
+
+# --- the post-CFG runner --------------------------------------------------------------------
+
+def extra_pass_options(model_options: Dict, groups: Tuple[GuidanceSpec, ...]) -> Dict:
+    options = dict(model_options)
+    transformer_options = dict(options.get("transformer_options", {}))
+    transformer_options[PASS_KEY] = tuple(groups)
+    options["transformer_options"] = transformer_options
+    return options
+
+
+def perturbed_predictions(args, specs: List[GuidanceSpec]) -> List[torch.Tensor]:
+    """The positive prediction under each spec's perturbation, all specs in one batched model call."""
+    x, sigma, n = args["input"], args["sigma"], len(specs)
+    repeated = x.repeat((n,) + (1,) * (x.ndim - 1))
+    options = extra_pass_options(args["model_options"], tuple(specs))
+    (out,) = comfy.samplers.calc_cond_batch(args["model"], [args["cond"]], repeated, sigma.repeat(n), options)
+    return list(out.chunk(n))
+
+
+_warned = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+def sag_term(spec: GuidanceSpec, record, args) -> Optional[torch.Tensor]:
+    """``(degraded - prediction on degraded) * scale`` for SAG, or None when it has to skip this step."""
+    x, uncond_pred = args["input"], args["uncond_denoised"]
+    if uncond_pred is None or x.ndim != 4:
+        return None
+    if min(x.shape[-2:]) <= 4:
+        _warn_once("Self-Attention Guidance skips latents of 4 or fewer rows/columns (nothing to blur)")
+        return None
+    if record is None:
+        _warn_once("Self-Attention Guidance recorded no attention at its block this step; check the block setting")
+        return None
+    mass, grid = record
+    if mass.shape[0] != x.shape[0]:
+        return None
+    mask = ka.attention_mask_on_latent(mass.to(x.device), grid, spec.threshold, tuple(x.shape[-2:]))
+    degraded = ka.degrade(uncond_pred, mask, spec.blur_sigma)
+    options = extra_pass_options(args["model_options"], ())
+    _, prediction = comfy.samplers.calc_cond_batch(args["model"], [None, args["uncond"]],
+                                                   degraded + x - uncond_pred, args["sigma"], options)
+    return (degraded - prediction) * spec.scale
+
+
+def guidance_runner(args) -> torch.Tensor:
+    """Post-CFG: add the guidance of every attention-guidance spec active at this step."""
+    transformer_options = args["model_options"].get("transformer_options", {})
+    specs = transformer_options.get(SPECS_KEY, ())
+    run_key = transformer_options.get("sample_sigmas")
+    records = {id(s): s.store.pop(run_key) for s in specs if s.kind == "sag"}
+    result = args["denoised"]
+    active = [s for s in specs if s.scale != 0 and s.window.contains(args["sigma"])]
+    perturbed = [s for s in active if s.kind in ("pag", "seg")]
+    predictions = dict(zip(map(id, perturbed), perturbed_predictions(args, perturbed))) if perturbed else {}
+    for spec in active:
+        if spec.kind == "sag":
+            term = sag_term(spec, records[id(spec)], args)
+            result = result if term is None else result + term
+        else:
+            cond_pred = args["cond_denoised"]
+            result = result + (cond_pred - predictions[id(spec)]) * spec.scale
+            if spec.rescale > 0:
+                result = guidance.rescale(result, cond_pred, spec.rescale)
+    return result
+
+
+guidance_runner.patchlab_attention_runner = True
+
+
+# --- installing --------------------------------------------------------------------------------
+
+def _existing_replace(model_options: Dict, key: Key):
+    replaces = model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    return replaces.get(key, replaces.get(key[:2]))
+
+
+def with_guidance(model, spec: GuidanceSpec):
+    """A clone with ``spec`` added: replaces at its blocks (chained where needed), the runner once."""
+    patched = model.clone()
+    options = patched.model_options
+    for key in sorted(spec.blocks):
+        existing = _existing_replace(options, key)
+        if existing is None or not getattr(existing, "patchlab_attention", False):
+            patched.set_model_attn1_replace(make_replace(existing), key[0], key[1], key[2])
+    transformer_options = options.setdefault("transformer_options", {})
+    transformer_options[SPECS_KEY] = tuple(transformer_options.get(SPECS_KEY, ())) + (spec,)
+    runners = [f for f in options.get("sampler_post_cfg_function", []) if getattr(f, "patchlab_attention_runner", 0)]
+    if not runners:
+        patched.set_model_sampler_post_cfg_function(guidance_runner, disable_cfg1_optimization=spec.kind == "sag")
+    elif spec.kind == "sag":
+        options["disable_cfg1_optimization"] = True
+    return patched
