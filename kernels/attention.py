@@ -61,20 +61,27 @@ def gaussian_blur(x: torch.Tensor, sigma: float, kernel_size: Optional[int] = No
     return work.reshape(x.shape).to(x.dtype)
 
 
-def token_grid(height: int, width: int, tokens: int) -> Tuple[int, int]:
-    """The ``h x w`` grid of ``tokens`` image tokens at some UNet level of a ``height x width`` latent.
+def grid_level(height: int, width: int, tokens: int) -> Tuple[int, int, int]:
+    """(h, w, level): the grid of ``tokens`` image tokens at UNet level ``level`` of a ``height x width`` latent.
 
     Each UNet downsample halves the grid rounding up (stride-2 conv with padding), so
     the level-k grid is ``ceil(height / 2^k) x ceil(width / 2^k)``; any aspect ratio,
-    odd sizes included. Raises ValueError when no level has that many tokens.
+    odd sizes included. Raises ValueError when no level has that many tokens (e.g.
+    tokens already merged).
     """
-    h, w = height, width
+    h, w, level = height, width, 0
     while True:
         if h * w == tokens:
-            return h, w
+            return h, w, level
         if h * w < tokens or (h == 1 and w == 1):
             raise ValueError(f"{tokens} tokens do not form a downsampled grid of a {height}x{width} latent")
-        h, w = (h + 1) // 2, (w + 1) // 2
+        h, w, level = (h + 1) // 2, (w + 1) // 2, level + 1
+
+
+def token_grid(height: int, width: int, tokens: int) -> Tuple[int, int]:
+    """The ``h x w`` grid of :func:`grid_level`."""
+    h, w, _ = grid_level(height, width, tokens)
+    return h, w
 
 
 def attention_column_mass(q: torch.Tensor, k: torch.Tensor, heads: int, query_chunk: int = 1024) -> torch.Tensor:

@@ -164,6 +164,15 @@ class GuidanceSpec:
         return self
 
 
+_warned = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
 # --- the attn1 replace -------------------------------------------------------------------
 
 def _attend(q, k, v, extra, previous):
@@ -172,9 +181,15 @@ def _attend(q, k, v, extra, previous):
     return optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"))
 
 
-def _grid(extra, tokens: int) -> Tuple[int, int]:
+def _grid(extra, tokens: int) -> Optional[Tuple[int, int]]:
+    """The token grid of this attention call, or None when the tokens are not a grid (merged by ToMe, say)."""
     shape = extra["original_shape"]
-    return ka.token_grid(shape[-2], shape[-1], tokens)
+    try:
+        return ka.token_grid(shape[-2], shape[-1], tokens)
+    except ValueError:
+        _warn_once("attention guidance met self-attention tokens that are not an image grid (token merging?); "
+                   "SAG records and SEG blurs only grid-shaped layers")
+        return None
 
 
 def _perturb(out, q, k, v, extra, key, groups) -> torch.Tensor:
@@ -190,7 +205,7 @@ def _perturb(out, q, k, v, extra, key, groups) -> torch.Tensor:
             part = slice(chunk * per_chunk + g * rows, chunk * per_chunk + (g + 1) * rows)
             if spec.kind == "pag":  # identity attention: every token attends to itself only
                 out[part] = v[part]
-            elif spec.kind == "seg":
+            elif spec.kind == "seg" and _grid(extra, q.shape[1]) is not None:
                 blurred = ka.blur_queries(q[part], _grid(extra, q.shape[1]), spec.blur_sigma)
                 out[part] = optimized_attention(blurred, k[part], v[part], heads,
                                                 attn_precision=extra.get("attn_precision"))
@@ -205,6 +220,8 @@ def _record(q, k, extra, key, specs) -> None:
         return
     per_chunk = q.shape[0] // len(cond_or_uncond)
     grid = _grid(extra, k.shape[1])
+    if grid is None:
+        return
     run_key = extra.get("sample_sigmas")
     for chunk, tag in enumerate(cond_or_uncond):
         if tag != 1:
@@ -247,15 +264,6 @@ def perturbed_predictions(args, specs: List[GuidanceSpec]) -> List[torch.Tensor]
     options = extra_pass_options(args["model_options"], tuple(specs))
     (out,) = comfy.samplers.calc_cond_batch(args["model"], [args["cond"]], repeated, sigma.repeat(n), options)
     return list(out.chunk(n))
-
-
-_warned = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        log.warning(message)
 
 
 def sag_term(spec: GuidanceSpec, record, args) -> Optional[torch.Tensor]:

@@ -1,0 +1,143 @@
+"""Speed-up nodes: token merging (ToMe) and token downsampling (ToDo) for UNet models."""
+
+from __future__ import annotations
+
+from ..kernels.token_merging import DOWNSAMPLE_METHODS
+from ..patches import token_merging as tm
+from ..patches.window import SigmaWindow
+from ._common import (
+    MODEL_INPUT,
+    MODEL_OUTPUT_TOOLTIP,
+    category,
+    check_percents,
+    check_ranges,
+    first_error,
+    percent_inputs,
+)
+
+DOWNSAMPLES = [1, 2, 4, 8]
+
+
+class _SpeedNode:
+    CATEGORY = category("speed")
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = (MODEL_OUTPUT_TOOLTIP,)
+    FUNCTION = "patch"
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None):
+        return first_error(check_ranges(cls, start_percent=start_percent, end_percent=end_percent),
+                           check_percents(start_percent, end_percent))
+
+
+def max_downsample_input(default: int):
+    return ("INT", {
+        "default": default, "min": 1, "max": 8, "step": 1,
+        "tooltip": "Touch self-attention whose token grid is at most this many times smaller than the latent (1, 2, "
+                   "4 or 8). 1: only full resolution (SD1.5's largest, slowest layers; SDXL has none there, so use 2 "
+                   "or 4 for SDXL). Higher reaches more layers for a little more speed and some quality.",
+    })
+
+
+def check_power_of_two(node_id: str, value: int) -> None:
+    if value not in DOWNSAMPLES:
+        raise ValueError(f"{node_id}: max_downsample must be 1, 2, 4 or 8, got {value}")
+
+
+class TokenMerging(_SpeedNode):
+    NODE_ID = "PatchLab_TokenMerging"
+    DISPLAY_NAME = "Token Merging (PatchLab)"
+    DESCRIPTION = (
+        "Token Merging for Stable Diffusion (Bolya & Hoffman 2023, arXiv 2303.17604): before each high-resolution "
+        "self-attention, the most similar tokens are averaged together and copied back afterwards, so attention "
+        "runs on fewer tokens. Reaches SDXL's layers (max_downsample 2 or 4; ComfyUI's TomePatchModel touches no "
+        "SDXL layer), merges keys and values too, takes its random choices from a seeded generator (the sampler's "
+        "noise is never disturbed), and keeps cond and uncond merged alike. UNet models (SD1.x, SD2.x, SDXL)."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": MODEL_INPUT,
+            "ratio": ("FLOAT", {
+                "default": 0.3, "min": 0.0, "max": 0.9, "step": 0.01,
+                "tooltip": "Share of the tokens merged away in each touched layer. 0 disables it; 0.3-0.5 keeps "
+                           "quality well (see the help page for measured speed-ups); above 0.6 details blur.",
+            }),
+            "max_downsample": max_downsample_input(1),
+            "stride_x": ("INT", {
+                "default": 2, "min": 1, "max": 8,
+                "tooltip": "Width of the cells that each keep one destination token. 2 (with stride_y 2) keeps one "
+                           "in four tokens as a destination; larger strides allow more merging.",
+            }),
+            "stride_y": ("INT", {
+                "default": 2, "min": 1, "max": 8,
+                "tooltip": "Height of the cells that each keep one destination token.",
+            }),
+            "destinations": (["random", "deterministic"], {
+                "default": "random",
+                "tooltip": "random: a seeded random token of each cell is the destination (varies per layer and step, "
+                           "better quality); deterministic: the top-left token (ComfyUI's with no randomness).",
+            }),
+            "seed": ("INT", {
+                "default": 0, "min": 0, "max": 2**31 - 1,
+                "tooltip": "Seed of the random destinations. Independent of the sampler's seed and noise.",
+            }),
+            "metric": (["input", "query"], {
+                "default": "input",
+                "tooltip": "What similarity is measured on: input, the normalised block input (ComfyUI's choice); "
+                           "query, the attention's query projection (one extra projection per layer).",
+            }),
+            "merge": (["queries, keys and values", "queries only"], {
+                "default": "queries, keys and values",
+                "tooltip": "queries, keys and values: attention runs on the merged tokens only (tomesd, fastest). "
+                           "queries only: merged queries attend to all tokens (ComfyUI's TomePatchModel).",
+            }),
+            **percent_inputs("token merging"),
+        }}
+
+    def patch(self, model, ratio, max_downsample, stride_x, stride_y, destinations, seed, metric, merge,
+              start_percent, end_percent):
+        check_power_of_two(self.NODE_ID, max_downsample)
+        window = SigmaWindow.from_percents(model, start_percent, end_percent)
+        return (tm.with_tome(model, self.NODE_ID, ratio, max_downsample, stride_x, stride_y,
+                             destinations == "random", seed, metric, merge != "queries only", window),)
+
+
+class TokenDownsampling(_SpeedNode):
+    NODE_ID = "PatchLab_TokenDownsampling"
+    DISPLAY_NAME = "Token Downsampling (PatchLab)"
+    DESCRIPTION = (
+        "Token Downsampling (ToDo, Smith et al. 2024, arXiv 2402.13573): every query of a high-resolution "
+        "self-attention is kept, but keys and values come from a grid downsampled by downsample_factor, so the "
+        "attention shrinks by about factor^2 with no similarity search. Faster than ToMe at the same quality on "
+        "large images. Handles any latent size and aspect ratio. UNet models (SD1.x, SD2.x, SDXL)."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": MODEL_INPUT,
+            "downsample_factor": ("FLOAT", {
+                "default": 2.0, "min": 1.0, "max": 8.0, "step": 0.25,
+                "tooltip": "How much coarser the key/value grid is. 1 disables it; 2 is the paper's default (4x fewer "
+                           "keys); 3-4 for very large images.",
+            }),
+            "max_downsample": max_downsample_input(1),
+            "method": (list(DOWNSAMPLE_METHODS), {
+                "default": "nearest-exact",
+                "tooltip": "How keys/values are downsampled: nearest-exact (the paper's, fastest), area (average), "
+                           "bilinear, max.",
+            }),
+            **percent_inputs("token downsampling"),
+        }}
+
+    def patch(self, model, downsample_factor, max_downsample, method, start_percent, end_percent):
+        check_power_of_two(self.NODE_ID, max_downsample)
+        if method not in DOWNSAMPLE_METHODS:
+            raise ValueError(f"{self.NODE_ID}: method must be one of {', '.join(DOWNSAMPLE_METHODS)}, got {method!r}")
+        window = SigmaWindow.from_percents(model, start_percent, end_percent)
+        return (tm.with_todo(model, self.NODE_ID, downsample_factor, max_downsample, method, window),)
+
+
+NODES = [TokenMerging, TokenDownsampling]
