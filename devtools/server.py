@@ -62,7 +62,17 @@ def prepare_base_directory(base: Path, with_testkit: bool = True, models: Option
     for sub in ("input", "output", "temp", "user"):
         (base / sub).mkdir(exist_ok=True)
     write_example_image(base / "input" / "example.png")
+    if with_testkit:
+        provision_testkit_assets(base)
     return base
+
+
+def provision_testkit_assets(base: Path) -> None:
+    """The test kit's tiny InstantID files in ``base`` (models/instantid, models/insightface, input/face.png)."""
+    result = subprocess.run([sys.executable, "-m", "devtools.testkit.assets", str(base / "models"),
+                             str(base / "input")], cwd=bootstrap.REPO_ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ServerError(f"writing the test kit's InstantID assets failed:\n{result.stderr[-3000:]}")
 
 
 def write_example_image(path: Path, size: int = 128) -> None:

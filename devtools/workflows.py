@@ -28,6 +28,7 @@ TESTKIT_REPLACES = {
     "CLIPTextEncode": "PatchLabTest_TinyTextEncode",
     "VAEDecode": "PatchLabTest_TinyVAEDecode",
     "VAEEncode": "PatchLabTest_TinyVAEEncode",
+    "ControlNetLoader": "PatchLabTest_TinyControlNet",
 }
 
 # Checkpoint names the example workflows use -> tiny layout standing in for them.
@@ -168,6 +169,24 @@ def use_checkpoint(prompt: Dict, ckpt_name: str) -> Dict:
         if node["class_type"] == "CheckpointLoaderSimple":
             node["inputs"]["ckpt_name"] = ckpt_name
     return prompt
+
+
+def missing_choices(prompt: Dict, object_info: Dict) -> List[str]:
+    """Combo values of an API prompt the server does not offer (a model file or input image that is not there)."""
+    missing = []
+    for node in prompt.values():
+        info = object_info.get(node["class_type"])
+        if info is None:
+            continue
+        for name, value in node["inputs"].items():
+            try:
+                kind, options = _input_spec(info, name)
+            except KeyError:
+                continue
+            choices = kind if isinstance(kind, list) else options.get("options") if kind == "COMBO" else None
+            if choices is not None and isinstance(value, str) and value not in choices:
+                missing.append(f"{node['class_type']}.{name} = {value!r}")
+    return missing
 
 
 def bypass(prompt: Dict, node_id: str, through: str = "model") -> Dict:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import attention_guidance, blocks, cfg, inpaint, model_sampling, schedule_preview, token_merging
+from . import attention_guidance, blocks, cfg, inpaint, instantid, model_sampling, schedule_preview, token_merging
 
 ALL_NODES = [
     *model_sampling.NODES,
@@ -12,6 +12,7 @@ ALL_NODES = [
     *inpaint.NODES,
     *attention_guidance.NODES,
     *token_merging.NODES,
+    *instantid.NODES,
 ]
 
 NODE_CLASS_MAPPINGS = {node.NODE_ID: node for node in ALL_NODES}

@@ -62,6 +62,11 @@ def main() -> int:
                 prompt = workflows.ui_to_api(workflows.load(path), object_info)
                 prompt = workflows.use_checkpoint(prompt, args.checkpoint) if args.checkpoint \
                     else workflows.use_testkit(prompt)
+                missing = workflows.missing_choices(prompt, object_info)
+                if args.checkpoint and missing:
+                    summary[path.stem] = {"skipped": missing}
+                    print(f"  skipped {path.stem}: this ComfyUI lacks {', '.join(missing)}")
+                    continue
                 start = time.monotonic()
                 try:
                     entry = server.run(prompt, timeout=3600)

@@ -53,6 +53,12 @@ if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp_value" ]; then
   "${pip[@]}" install -q -c requirements/constraints.txt torch torchvision
   "${pip[@]}" install -q -c requirements/constraints.txt \
     -r "$comfy_reqs" -r requirements.txt -r requirements/dev.txt
+  # InstantID's face analysis on CUDA needs onnxruntime's GPU build (the two share one module name).
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    say "NVIDIA GPU found: onnxruntime-gpu instead of onnxruntime"
+    "${pip[@]}" uninstall -q -y onnxruntime
+    "${pip[@]}" install -q -c requirements/constraints.txt onnxruntime-gpu
+  fi
   echo "$stamp_value" >"$stamp_file"
 else
   say "python packages up to date"

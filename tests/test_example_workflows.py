@@ -62,3 +62,10 @@ def test_use_checkpoint_points_every_loader_at_the_given_file(object_info):
     loaders = [n for n in mine.values() if n["class_type"] == "CheckpointLoaderSimple"]
     assert loaders and all(n["inputs"]["ckpt_name"] == "my_model.safetensors" for n in loaders)
     assert prompt != mine
+
+
+def test_missing_choices_names_the_model_files_a_comfyui_lacks(object_info):
+    prompt = workflows.ui_to_api(workflows.load(workflows.EXAMPLE_DIR / "instantid.json"), object_info)
+    missing = workflows.missing_choices(prompt, object_info)
+    assert "PatchLab_InstantIDModelLoader.instantid_file = 'ip-adapter.bin'" in missing
+    assert not any(entry.startswith("KSampler.") for entry in missing)

@@ -15,7 +15,7 @@ from typing import Dict, List, Tuple
 from ..workflows import Builder
 from ._common import EXAMPLES
 
-FAMILIES = ["model_sampling", "cfg", "attention_guidance", "token_merging"]
+FAMILIES = ["model_sampling", "cfg", "attention_guidance", "token_merging", "instantid"]
 
 
 def build_all(object_info: Dict) -> List[Tuple[str, Dict]]:

@@ -119,7 +119,27 @@ class TinyVAEEncode:
         return ({"samples": vae.encode(pixels)},)
 
 
+@functools.lru_cache(maxsize=2)
+def _controlnet(layout_name: str):
+    return tiny_models.build_controlnet(layout_name)
+
+
+class TinyControlNet:
+    DESCRIPTION = "A tiny random-weight SDXL-layout ControlNet (test only)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CONTROL_NET",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"control_net_name": ("STRING", {"default": "", "tooltip": "Ignored: any name."})}}
+
+    def load(self, control_net_name):
+        return (_controlnet("sdxl"),)
+
+
 NODE_CLASS_MAPPINGS = {
+    "PatchLabTest_TinyControlNet": TinyControlNet,
     "PatchLabTest_TinyCheckpoint": TinyCheckpoint,
     "PatchLabTest_TinyTextEncode": TinyTextEncode,
     "PatchLabTest_TinyVAEDecode": TinyVAEDecode,

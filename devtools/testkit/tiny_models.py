@@ -194,3 +194,19 @@ def conditioning(layout_name: str, seed: int = 0, batch: int = 1, tokens: Option
 def empty_latent(layout_name: str, height: int = 16, width: int = 16, batch: int = 1) -> torch.Tensor:
     """Zeros [batch, C, height, width] in latent units (8x smaller than pixels)."""
     return torch.zeros(batch, layout(layout_name).latent_channels, height, width)
+
+
+def build_controlnet(layout_name: str = "sdxl", seed: int = 1, hint_channels: int = 3):
+    """A tiny ControlNet of the layout's UNet, as ComfyUI's ControlNet object (CONTROL_NET), random weights."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+
+    spec = layout(layout_name)
+    config = spec.config_class(_unet_config(spec)).unet_config
+    config = {k: v for k, v in config.items() if k not in ("out_channels", "transformer_depth_output")}
+    config.update(hint_channels=hint_channels, dtype=torch.float32, operations=comfy.ops.disable_weight_init,
+                  device=comfy.model_management.unet_offload_device())
+    control_model = comfy.cldm.cldm.ControlNet(**config)
+    randomize(control_model, seed, gain=0.5)
+    return comfy.controlnet.ControlNet(control_model, load_device=comfy.model_management.get_torch_device())
