@@ -16,6 +16,9 @@ from types import ModuleType
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_NAME = "patchlab"
+# The ComfyUI scripts/setup.sh provisions: the oldest the pack supports, and the one the
+# example workflow files are generated against (core nodes' schemas change between releases).
+BASELINE_VERSION = "0.3.75"
 
 
 def comfyui_root() -> Path:

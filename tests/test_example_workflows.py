@@ -1,11 +1,11 @@
-"""example_workflows/: generated from devtools/examples.py, valid editor files, every node shown."""
+"""example_workflows/: generated from devtools/examples/, valid editor files, every node shown."""
 
 import json
 import sys
 
 import pytest
 
-from devtools import examples, workflows
+from devtools import bootstrap, examples, workflows
 
 PACK_NODES = set(sys.modules["patchlab"].NODE_CLASS_MAPPINGS)
 
@@ -15,6 +15,9 @@ def object_info(core_nodes):
     return workflows.LocalObjectInfo()
 
 
+@pytest.mark.skipif(bootstrap.comfyui_version(bootstrap.comfyui_root()) != bootstrap.BASELINE_VERSION,
+                    reason=f"the files are generated against ComfyUI {bootstrap.BASELINE_VERSION}, whose core-node "
+                           "schemas differ from this one's")
 def test_example_files_are_generated_from_their_python_source(object_info):
     built = dict(examples.build_all(object_info))
     on_disk = {p.name: json.loads(p.read_text()) for p in workflows.example_paths()}
