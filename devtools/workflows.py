@@ -332,3 +332,13 @@ class LocalObjectInfo(dict):
             raise KeyError(f"no node type {kind!r} in this ComfyUI or PatchLab")
         self[kind] = node_info(classes[kind])
         return self[kind]
+
+    def __contains__(self, kind) -> bool:
+        try:
+            self[kind]
+        except KeyError:
+            return False
+        return True
+
+    def get(self, kind, default=None):
+        return self[kind] if kind in self else default
