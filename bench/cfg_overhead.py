@@ -3,7 +3,8 @@
 One sampling step of CFG evaluates the model once on the cond+uncond batch, then runs
 the pre-/post-CFG hooks. For each node this measures the hooks' time (CFG nodes) or
 the output-block patch's time over the (h, hsp) pairs one model evaluation hands it
-(FreeU), and reports it as a share of that step's model evaluation. Target: < 2 % for every node
+(FreeU) or the denoise-mask function's time on a latent-sized mask (DifferentialDiffusion),
+and reports it as a share of that step's model evaluation. Target: < 2 % for every node
 but TCFG's singular-direction projection (reported). With --sampling, whole 10-step
 samples are timed too (patched / plain ratio), as a cross-check.
 
@@ -13,6 +14,7 @@ samples are timed too (patched / plain ratio), as a cross-check.
 from __future__ import annotations
 
 import argparse
+import types
 
 import _common
 
@@ -34,16 +36,17 @@ def main():
     from devtools import checks
     from devtools.sampling import sample
     from devtools.testkit import tiny_models
-    from patchlab.nodes import blocks, cfg
+    from patchlab.nodes import blocks, cfg, inpaint
 
     full = {"start_percent": 0.0, "end_percent": 1.0}
     import nodes as comfy_nodes
 
     core_ids = {"RescaleCFG": "RescaleCFG", "RenormCFG": "RenormCFG", "CFGNorm": "CFGNorm",
                 "AdaptiveProjectedGuidance": "APG", "TangentialDampingCFG": "TCFG", "Mahiro": "Mahiro",
-                "CFGZeroStar": "CFGZeroStar", "FreSca": "FreSca", "FreeU": "FreeU", "FreeU_V2": "FreeU_V2"}
+                "CFGZeroStar": "CFGZeroStar", "FreSca": "FreSca", "FreeU": "FreeU", "FreeU_V2": "FreeU_V2",
+                "DifferentialDiffusion": "DifferentialDiffusion"}
     core_inputs = {"AdaptiveProjectedGuidance": {"eta": 0.0, "norm_threshold": 15.0, "momentum": -0.5},
-                   "CFGZeroStar": {}}
+                   "CFGZeroStar": {}, "DifferentialDiffusion": {}}
     nodes = {
         "RescaleCFG": (cfg.RescaleCFG, {"multiplier": 0.7}),
         "RenormCFG": (cfg.RenormCFG, {"cfg_trunc": 100.0, "renorm_cfg": 1.0}),
@@ -56,7 +59,9 @@ def main():
         "FreSca": (cfg.FreSca, {"scale_low": 1.0, "scale_high": 1.25, "freq_cutoff": 20}),
         "FreeU": (blocks.FreeU, {"b1": 1.5, "b2": 1.6, "s1": 0.9, "s2": 0.2}),
         "FreeU_V2": (blocks.FreeU_V2, {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}),
+        "DifferentialDiffusion": (inpaint.DifferentialDiffusion, {"strength": 1.0}),
     }
+    no_window = {"DifferentialDiffusion"}
 
     model = tiny_models.build_model("sd15", model_channels=args.channels)
     device = model.load_device
@@ -113,23 +118,33 @@ def main():
         for h, hsp, options in block_inputs:
             fn(h, hsp, options)
 
+    mask = torch.rand((1, 1, args.size, args.size), generator=generator).to(device)
+
+    def run_mask_function(patched):
+        # The sampler hands the hook its model wrapper; the hook reads only .inner_model.
+        wrapper = types.SimpleNamespace(inner_model=patched.model)
+        patched.model_options["denoise_mask_function"](sigma, mask, {"model": wrapper, "sigmas": schedule})
+
     plain_eval = _common.time_call(lambda: evaluate(model), repeats=max(3, args.repeats // 4))
     plain_hooks = _common.time_call(lambda: run_hooks(model), repeats=args.repeats * 10)
-    def overhead_of(patched, block_patch):
-        if block_patch:
+
+    def overhead_of(patched, name):
+        if name == "DifferentialDiffusion":
+            return _common.time_call(lambda: run_mask_function(patched), repeats=args.repeats * 10)["min_s"]
+        if name.startswith("FreeU"):
             return _common.time_call(lambda: run_block_patch(patched), repeats=args.repeats * 10)["min_s"]
         return _common.time_call(lambda: run_hooks(patched), repeats=args.repeats * 10)["min_s"] - plain_hooks["min_s"]
 
     results = {}
     for name, (node, inputs) in nodes.items():
-        (patched,) = checks.run_node(node, model=model, **inputs, **full)
-        overhead = overhead_of(patched, name.startswith("FreeU"))
+        (patched,) = checks.run_node(node, model=model, **inputs, **({} if name in no_window else full))
+        overhead = overhead_of(patched, name)
         share = 100.0 * overhead / plain_eval["min_s"]
         results[name] = {"overhead_ms": round(overhead * 1e3, 4), "share_of_model_eval_pct": round(share, 3),
                          "under_2pct": share < 2.0}
         core_class = comfy_nodes.NODE_CLASS_MAPPINGS[core_ids[name]]
         (core,) = checks.run_node(core_class, model=model, **core_inputs.get(name, inputs))
-        results[name]["core_overhead_ms"] = round(overhead_of(core, name.startswith("FreeU")) * 1e3, 4)
+        results[name]["core_overhead_ms"] = round(overhead_of(core, name) * 1e3, 4)
         if args.sampling:
             plain_sample = _common.time_call(lambda: sample(model, "sd15", steps=10, height=args.size,
                                                             width=args.size), repeats=3)
