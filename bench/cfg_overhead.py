@@ -47,21 +47,21 @@ def main():
                 "DifferentialDiffusion": "DifferentialDiffusion"}
     core_inputs = {"AdaptiveProjectedGuidance": {"eta": 0.0, "norm_threshold": 15.0, "momentum": -0.5},
                    "CFGZeroStar": {}, "DifferentialDiffusion": {}}
+    # name: (node, inputs, the hook it installs: "cfg" pre/post-CFG, "block" output-block patch, "mask" denoise mask)
     nodes = {
-        "RescaleCFG": (cfg.RescaleCFG, {"multiplier": 0.7}),
-        "RenormCFG": (cfg.RenormCFG, {"cfg_trunc": 100.0, "renorm_cfg": 1.0}),
-        "CFGNorm": (cfg.CFGNorm, {"strength": 1.0}),
+        "RescaleCFG": (cfg.RescaleCFG, {"multiplier": 0.7}, "cfg"),
+        "RenormCFG": (cfg.RenormCFG, {"cfg_trunc": 100.0, "renorm_cfg": 1.0}, "cfg"),
+        "CFGNorm": (cfg.CFGNorm, {"strength": 1.0}, "cfg"),
         "AdaptiveProjectedGuidance": (cfg.AdaptiveProjectedGuidance,
-                                      {"eta": 0.0, "norm_threshold": 15.0, "momentum": -0.5, "mode": "paper"}),
-        "TangentialDampingCFG": (cfg.TangentialDampingCFG, {}),
-        "Mahiro": (cfg.Mahiro, {}),
-        "CFGZeroStar": (cfg.CFGZeroStar, {"mode": "paper", "zero_init_steps": 1}),
-        "FreSca": (cfg.FreSca, {"scale_low": 1.0, "scale_high": 1.25, "freq_cutoff": 20}),
-        "FreeU": (blocks.FreeU, {"b1": 1.5, "b2": 1.6, "s1": 0.9, "s2": 0.2}),
-        "FreeU_V2": (blocks.FreeU_V2, {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}),
-        "DifferentialDiffusion": (inpaint.DifferentialDiffusion, {"strength": 1.0}),
+                                      {"eta": 0.0, "norm_threshold": 15.0, "momentum": -0.5, "mode": "paper"}, "cfg"),
+        "TangentialDampingCFG": (cfg.TangentialDampingCFG, {}, "cfg"),
+        "Mahiro": (cfg.Mahiro, {}, "cfg"),
+        "CFGZeroStar": (cfg.CFGZeroStar, {"mode": "paper", "zero_init_steps": 1}, "cfg"),
+        "FreSca": (cfg.FreSca, {"scale_low": 1.0, "scale_high": 1.25, "freq_cutoff": 20}, "cfg"),
+        "FreeU": (blocks.FreeU, {"b1": 1.5, "b2": 1.6, "s1": 0.9, "s2": 0.2}, "block"),
+        "FreeU_V2": (blocks.FreeU_V2, {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}, "block"),
+        "DifferentialDiffusion": (inpaint.DifferentialDiffusion, {"strength": 1.0}, "mask"),
     }
-    no_window = {"DifferentialDiffusion"}
 
     model = tiny_models.build_model("sd15", model_channels=args.channels)
     device = model.load_device
@@ -128,23 +128,24 @@ def main():
     plain_eval = _common.time_call(lambda: evaluate(model), repeats=max(3, args.repeats // 4))
     plain_hooks = _common.time_call(lambda: run_hooks(model), repeats=args.repeats * 10)
 
-    def overhead_of(patched, name):
-        if name == "DifferentialDiffusion":
+    def overhead_of(patched, hook):
+        if hook == "mask":
             return _common.time_call(lambda: run_mask_function(patched), repeats=args.repeats * 10)["min_s"]
-        if name.startswith("FreeU"):
+        if hook == "block":
             return _common.time_call(lambda: run_block_patch(patched), repeats=args.repeats * 10)["min_s"]
         return _common.time_call(lambda: run_hooks(patched), repeats=args.repeats * 10)["min_s"] - plain_hooks["min_s"]
 
     results = {}
-    for name, (node, inputs) in nodes.items():
-        (patched,) = checks.run_node(node, model=model, **inputs, **({} if name in no_window else full))
-        overhead = overhead_of(patched, name)
+    for name, (node, inputs, hook) in nodes.items():
+        window = full if "start_percent" in node.INPUT_TYPES()["required"] else {}
+        (patched,) = checks.run_node(node, model=model, **inputs, **window)
+        overhead = overhead_of(patched, hook)
         share = 100.0 * overhead / plain_eval["min_s"]
         results[name] = {"overhead_ms": round(overhead * 1e3, 4), "share_of_model_eval_pct": round(share, 3),
                          "under_2pct": share < 2.0}
         core_class = comfy_nodes.NODE_CLASS_MAPPINGS[core_ids[name]]
         (core,) = checks.run_node(core_class, model=model, **core_inputs.get(name, inputs))
-        results[name]["core_overhead_ms"] = round(overhead_of(core, name) * 1e3, 4)
+        results[name]["core_overhead_ms"] = round(overhead_of(core, hook) * 1e3, 4)
         if args.sampling:
             plain_sample = _common.time_call(lambda: sample(model, "sd15", steps=10, height=args.size,
                                                             width=args.size), repeats=3)
