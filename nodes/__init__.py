@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
-from . import attention_guidance, blocks, cfg, inpaint, instantid, model_sampling, schedule_preview, token_merging
+from . import (
+    attention_guidance,
+    blocks,
+    cfg,
+    deep_cache,
+    guidance_skip,
+    inpaint,
+    instantid,
+    model_sampling,
+    schedule_preview,
+    step_cache,
+    token_merging,
+)
 
 ALL_NODES = [
     *model_sampling.NODES,
     *schedule_preview.NODES,
     *cfg.NODES,
+    *guidance_skip.NODES,
     *blocks.NODES,
     *inpaint.NODES,
     *attention_guidance.NODES,
     *token_merging.NODES,
+    *step_cache.NODES,
+    *deep_cache.NODES,
     *instantid.NODES,
 ]
 
