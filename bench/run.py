@@ -1,0 +1,243 @@
+"""Speed of every speed node on real-size models, through ComfyUI's sampler, side by side with core.
+
+For each case (architecture and image size) every variant runs the way KSampler runs it
+(``comfy.sample.sample``: ComfyUI decides how cond and uncond are batched), with
+variants interleaved round by round after a warm-up, best of the rounds:
+
+* ``one step``: one CFG sampling step (one model evaluation of cond and uncond);
+* ``sample``: a whole run of ``--steps`` steps (20 in the full run);
+
+plus the peak memory of one step (CUDA allocator peak, or the process's resident-set
+high-water mark on the CPU) and each variant's speed-up over unpatched. Results:
+``bench/results/run.json``, ``run.md`` (a Markdown table) and ``run.png`` (speed-up per
+node and case, core beside ours); ``--publish`` copies the table and chart to
+``bench/figures/`` for the README.
+
+    .venv/bin/python bench/run.py --quick          # SD1.5 at 512 and 768 px, one step each (CPU: ~15 min)
+    .venv/bin/python bench/run.py                  # every case, 20-step samples (hours on a CPU)
+    .venv/bin/python bench/run.py --device cuda    # fp16 on the GPU, ComfyUI's default attention
+    .venv/bin/python bench/run.py --cases sdxl:1024 --variants unpatched patchlab_todo
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Tuple
+
+import _common
+import models
+
+FULL_CASES = ["sd15:512", "sd15:768", "sdxl:1024", "flux:1024"]
+QUICK_CASES = ["sd15:512", "sd15:768"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to run a model: a label, the families it applies to, and the patch (None = unpatched)."""
+
+    name: str
+    label: str
+    families: Tuple[str, ...]
+    core: bool
+    patch: Callable  # (model, family) -> patched model
+
+
+def _core(node_id: str, **inputs):
+    def patch(model, family):
+        import nodes as comfy_nodes
+        from devtools import checks
+
+        return checks.run_node(comfy_nodes.NODE_CLASS_MAPPINGS[node_id], model=model, **inputs)[0]
+    return patch
+
+
+def _ours(node_name: str, **inputs):
+    def patch(model, family):
+        from devtools import checks
+        from patchlab.nodes import NODE_CLASS_MAPPINGS
+
+        values = {k: (v(family) if callable(v) else v) for k, v in inputs.items()}
+        return checks.run_node(NODE_CLASS_MAPPINGS[node_name], model=model, **values)[0]
+    return patch
+
+
+def _reach(family: str) -> int:
+    """The token-merging depth that reaches a model's first attention: SD1.5 full resolution, SDXL 1/2."""
+    return 1 if family == "sd15" else 2
+
+
+UNETS = ("sd15", "sdxl")
+VARIANTS = [
+    Variant("unpatched", "unpatched", ("sd15", "sdxl", "flux"), False, lambda model, family: model),
+    Variant("core_tome", "ToMe 0.5 (core TomePatchModel)", UNETS, True, _core("TomePatchModel", ratio=0.5)),
+    Variant("patchlab_tome", "ToMe 0.5 (PatchLab)", UNETS, False,
+            _ours("PatchLab_TokenMerging", ratio=0.5, max_downsample=_reach, stride_x=2, stride_y=2,
+                  destinations="random", seed=0, metric="input", merge="queries, keys and values",
+                  start_percent=0.0, end_percent=1.0)),
+    Variant("patchlab_todo", "ToDo 2x (PatchLab, defaults)", UNETS, False,
+            _ours("PatchLab_TokenDownsampling", downsample_factor=2.0, max_downsample=_reach,
+                  method="nearest-exact", start_percent=0.0, end_percent=1.0)),
+]
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"cases {' '.join(QUICK_CASES)}, one step only")
+    parser.add_argument("--cases", nargs="+", help=f"model:pixels pairs (default {' '.join(FULL_CASES)})")
+    parser.add_argument("--variants", nargs="+", choices=[v.name for v in VARIANTS])
+    parser.add_argument("--steps", type=int, help="steps of the whole-sample timing (default 20; --quick: 0 = "
+                        "skip); 0 skips it")
+    parser.add_argument("--rounds", type=int, help="timed rounds after the warm-up (default 3; --quick: 2)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    parser.add_argument("--publish", action="store_true", help="copy run.md and run.png to bench/figures/")
+    args = parser.parse_args()
+    args.cases = args.cases or (QUICK_CASES if args.quick else FULL_CASES)
+    args.steps = args.steps if args.steps is not None else (0 if args.quick else 20)
+    args.rounds = args.rounds or (2 if args.quick else 3)
+    return args
+
+
+def sampler_run(model, family: str, pixels: int, steps: int):
+    """A KSampler-equivalent run: seeded noise, euler, normal schedule, cfg 7 (Flux: 1, guidance 3.5)."""
+    import comfy.sample
+
+    latent = models.empty_latent(family, pixels)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    cfg = 1.0 if family == "flux" else 7.0
+    positive, negative = models.conditioning(family, 1), models.conditioning(family, 2)
+
+    def run():
+        return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                                   disable_pbar=True, seed=0)
+    return run
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    _common.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved(runs: Dict[str, Callable], rounds: int) -> Dict[str, List[float]]:
+    """Every run once as warm-up, then ``rounds`` round-robin passes; seconds per pass."""
+    for fn in runs.values():
+        fn()
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            times[name].append(timed(fn))
+    return times
+
+
+def measure_case(family: str, pixels: int, variants: List[Variant], args) -> Dict:
+    import comfy.model_management
+    import torch
+
+    dtype = torch.float16 if comfy.model_management.get_torch_device().type == "cuda" else torch.float32
+    base = models.build(family, dtype=dtype)
+    patched = {v.name: v.patch(base, family) for v in variants}
+    row = {name: {} for name in patched}
+    kinds = [("one_step", 1)] + ([("sample", args.steps)] if args.steps else [])
+    for kind, steps in kinds:
+        runs = {name: sampler_run(model, family, pixels, steps) for name, model in patched.items()}
+        for name, seconds in interleaved(runs, args.rounds).items():
+            row[name][kind] = {"seconds": round(min(seconds), 3), "all_seconds": [round(s, 3) for s in seconds],
+                               "steps": steps}
+    for name, model in patched.items():
+        row[name]["peak_bytes_one_step"] = _common.peak_memory(sampler_run(model, family, pixels, 1))["peak_bytes"]
+    for name in row:
+        for kind, _ in kinds:
+            row[name][kind]["speedup"] = round(row["unpatched"][kind]["seconds"] / row[name][kind]["seconds"], 3)
+    del patched, base
+    comfy.model_management.soft_empty_cache()
+    return row
+
+
+def markdown(results: Dict, variants: List[Variant], meta: Dict) -> str:
+    lines = [f"Machine: {meta['device']}; dtype {meta['dtype']}; through ComfyUI's sampler (euler, normal, cfg 7; "
+             f"Flux cfg 1), best of {meta['rounds']} interleaved rounds after a warm-up.", "",
+             "| case | node | one step (s) | speed-up | " + (f"{meta['steps']}-step sample (s) | speed-up | "
+                                                         if meta["steps"] else "") + "peak memory (MB) |",
+             "|---|---|---|---|" + ("---|---|" if meta["steps"] else "") + "---|"]
+    labels = {v.name: v.label for v in variants}
+    for case, row in results.items():
+        for name, values in row.items():
+            step = values["one_step"]
+            cells = [case, labels[name], f"{step['seconds']:.2f}", f"{step['speedup']:.2f}x"]
+            if "sample" in values:
+                cells += [f"{values['sample']['seconds']:.1f}", f"{values['sample']['speedup']:.2f}x"]
+            cells.append(f"{values['peak_bytes_one_step'] / 2**20:.0f}")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: Dict, variants: List[Variant], path) -> None:
+    """Grouped bars: speed-up of one step per case, one bar per variant (core hatched grey)."""
+    from PIL import Image, ImageDraw
+
+    shown = [v for v in variants if v.name != "unpatched"]
+    cases = list(results)
+    width, height, margin, bar = 160 + 150 * len(cases), 420, 60, 26
+    image = Image.new("RGB", (width, height), "white")
+    pen = ImageDraw.Draw(image)
+    top = max([1.0] + [row[v.name]["one_step"]["speedup"] for row in results.values() for v in shown if v.name in row])
+    scale = (height - 2 * margin) / (top * 1.15)
+    base_y = height - margin
+    colours = [(66, 133, 244), (52, 168, 83), (251, 188, 5), (234, 67, 53), (171, 71, 188)]
+    pen.line([(margin, base_y), (width - 20, base_y)], fill="black")
+    one_y = base_y - scale
+    pen.line([(margin, one_y), (width - 20, one_y)], fill=(180, 180, 180))
+    pen.text((8, one_y - 6), "1.0x", fill="black")
+    for c, case in enumerate(cases):
+        x0 = margin + 20 + c * 150
+        pen.text((x0, base_y + 8), case, fill="black")
+        for i, variant in enumerate(v for v in shown if v.name in results[case]):
+            value = results[case][variant.name]["one_step"]["speedup"]
+            colour = (150, 150, 150) if variant.core else colours[i % len(colours)]
+            x = x0 + i * (bar + 4)
+            pen.rectangle([x, base_y - value * scale, x + bar, base_y], fill=colour)
+            pen.text((x, base_y - value * scale - 14), f"{value:.2f}", fill="black")
+    for i, variant in enumerate(shown):
+        colour = (150, 150, 150) if variant.core else colours[i % len(colours)]
+        pen.rectangle([margin + 10, 10 + i * 16, margin + 22, 22 + i * 16], fill=colour)
+        pen.text((margin + 28, 10 + i * 16), variant.label, fill="black")
+    image.save(path)
+
+
+def main():
+    args = parse_args()
+    _common.boot(cpu=None if args.device is None else args.device == "cpu")
+    import comfy.model_management
+    import torch
+
+    chosen = [v for v in VARIANTS if args.variants is None or v.name in args.variants or v.name == "unpatched"]
+    results = {}
+    for case in args.cases:
+        family, pixels = case.split(":")
+        variants = [v for v in chosen if family in v.families]
+        start = time.perf_counter()
+        results[f"{family} {pixels}px"] = measure_case(family, int(pixels), variants, args)
+        print(f"{case}: " + ", ".join(f"{n} {r['one_step']['speedup']}x" for n, r in
+                                      results[f"{family} {pixels}px"].items())
+              + f" ({time.perf_counter() - start:.0f} s)", flush=True)
+    device = comfy.model_management.get_torch_device()
+    meta = {"device": _common.device_name(), "dtype": "float16" if device.type == "cuda" else "float32",
+            "rounds": args.rounds, "steps": args.steps, "torch": torch.__version__}
+    models_info = {name: f"{name} real-size config, random weights" for name in models.CONFIGS}
+    models_info["flux"] += f" (Flux.1 width; {models.FLUX_DEPTH} double + {models.FLUX_SINGLE} single blocks)"
+    path = _common.write_results("run", {**meta, "models": models_info, "cases": args.cases, "results": results})
+    (path.parent / "run.md").write_text(markdown(results, chosen, meta))
+    chart(results, chosen, path.parent / "run.png")
+    if args.publish:
+        figures = path.parent.parent / "figures"
+        figures.mkdir(exist_ok=True)
+        for name in ("run.md", "run.png"):
+            shutil.copy(path.parent / name, figures / name)
+
+
+if __name__ == "__main__":
+    main()
