@@ -36,7 +36,7 @@ CHECKPOINT_LAYOUTS = {
     "v1-5-pruned-emaonly.safetensors": "sd15",
     "sd_xl_base_1.0.safetensors": "sdxl",
     "flux1-dev-fp8.safetensors": "flux",
-    "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors": "flux",
+    "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors": "sd3",
     "playground-v2.5-1024px-aesthetic.fp16.safetensors": "sdxl",
 }
 
@@ -131,7 +131,11 @@ def layout_for_checkpoint(name: str) -> str:
     if name in CHECKPOINT_LAYOUTS:
         return CHECKPOINT_LAYOUTS[name]
     lowered = name.lower()
-    if any(key in lowered for key in ("flux", "sd3", "aura")):
+    if "sd3" in lowered:
+        return "sd3"
+    if "lumina" in lowered:
+        return "lumina2"
+    if any(key in lowered for key in ("flux", "aura")):
         return "flux"
     return "sdxl" if "xl" in lowered else "sd15"
 

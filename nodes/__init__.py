@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import (
+    _common,
     attention_guidance,
     blocks,
     cfg,
@@ -29,6 +30,10 @@ ALL_NODES = [
     *deep_cache.NODES,
     *instantid.NODES,
 ]
+
+# Every node's FLOAT inputs reject NaN and infinities before a run (see _common.guard_inputs).
+for _node in ALL_NODES:
+    _common.guard_inputs(_node)
 
 NODE_CLASS_MAPPINGS = {node.NODE_ID: node for node in ALL_NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {node.NODE_ID: node.DISPLAY_NAME for node in ALL_NODES}

@@ -64,7 +64,8 @@ class TinyCheckpoint:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "layout": (list(tiny_models.LAYOUTS), {"tooltip": "Block layout: sd15, sdxl or flux."}),
+            "layout": (list(tiny_models.LAYOUTS),
+                       {"tooltip": "Block layout: sd15, sdxl, flux, sd3 (MMDiT) or lumina2 (NextDiT)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of the random weights."}),
         }}
 

@@ -2,7 +2,8 @@
 
 The layouts keep the block structure of the real models (so every hook path runs:
 SD1.5's transformer at full resolution, SDXL's 2/10-deep transformer stacks and
-10-block middle, Flux's double and single stream blocks) and shrink the widths, so
+10-block middle, Flux's double and single stream blocks, SD3's MMDiT joint blocks,
+Lumina 2's context/noise refiners before its single-stream layers) and shrink the widths, so
 a sampling step takes milliseconds on a CPU. The result is a real
 ``comfy.model_patcher.ModelPatcher`` around a real ``comfy.model_base`` model.
 """
@@ -44,6 +45,14 @@ class _TinyFlux(comfy.supported_models.Flux):
     pass
 
 
+class _TinySD3(comfy.supported_models.SD3):
+    pass
+
+
+class _TinyLumina2(comfy.supported_models.Lumina2):
+    pass
+
+
 _UNET_COMMON = {
     "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
     "use_spatial_transformer": True, "legacy": False, "use_temporal_attention": False,
@@ -81,6 +90,29 @@ LAYOUTS = {
                      "depth": 1, "depth_single_blocks": 2, "axes_dim": [4, 6, 6], "theta": 10000,
                      "patch_size": 2, "qkv_bias": True, "guidance_embed": True},
         extra_cond={"guidance": 3.5},
+    ),
+    # SD3.5 Medium style MMDiT: 16-channel latent, 2x2 patches, three joint blocks (the
+    # first with SD3.5's extra x-block self-attention, the last "pre_only" on the text
+    # side), RMS qk-norm, pooled output through y_embedder, context through a Linear
+    # context_embedder. depth=2 gives 2 heads of 64 (MMDiT's width is 64 * depth).
+    # No pos_embed buffer: positions are computed for every latent size.
+    "sd3": Layout(
+        name="sd3", config_class=_TinySD3, context_dim=48, pooled_dim=32, latent_channels=16,
+        unet_config={"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "num_blocks": 3,
+                     "input_size": None, "adm_in_channels": 32, "pos_embed_scaling_factor": None,
+                     "context_embedder_config": {"target": "torch.nn.Linear",
+                                                 "params": {"in_features": 48, "out_features": 128}},
+                     "qk_norm": "rms", "x_block_self_attn_layers": [0]},
+    ),
+    # Lumina 2 (NextDiT): 16-channel latent, 2x2 patches, one context refiner and one
+    # noise refiner block, then two single-stream layers over [text; image] tokens;
+    # grouped-query attention (4 query heads, 2 key/value heads), no pooled output.
+    "lumina2": Layout(
+        name="lumina2", config_class=_TinyLumina2, context_dim=32, latent_channels=16,
+        unet_config={"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64,
+                     "cap_feat_dim": 32, "n_layers": 2, "n_refiner_layers": 1, "n_heads": 4, "n_kv_heads": 2,
+                     "multiple_of": 16, "ffn_dim_multiplier": 4.0, "qk_norm": True, "axes_dims": [4, 6, 6],
+                     "axes_lens": [300, 512, 512], "rope_theta": 10000.0},
     ),
 }
 
@@ -153,8 +185,9 @@ def build_model(layout_name: str = "sd15", seed: int = 0, dtype: torch.dtype = t
     """A tiny model of the given layout wrapped in a real ModelPatcher.
 
     ``model_type`` (a ``comfy.model_base.ModelType``) overrides the prediction type
-    the config would choose (EPS for SD layouts, FLUX for flux). ``chunked`` makes the
-    model report a huge memory need, so ComfyUI runs cond and uncond in separate calls
+    the config would choose (EPS for SD layouts, FLUX for flux, FLOW for sd3 and
+    lumina2). ``chunked`` makes the model report a huge memory need, so ComfyUI runs
+    cond and uncond in separate calls
     (``transformer_options["cond_or_uncond"]`` is then ``[0]`` or ``[1]``).
     ``unet_overrides`` replace entries of the layout's unet config (e.g.
     ``model_channels=64`` for the benchmark model).
