@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Union
+
 from ..kernels.token_merging import DOWNSAMPLE_METHODS
 from ..patches import token_merging as tm
 from ..patches.window import SigmaWindow
@@ -25,9 +27,10 @@ class _SpeedNode:
     FUNCTION = "patch"
 
     @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None):
-        return first_error(check_ranges(cls, start_percent=start_percent, end_percent=end_percent),
-                           check_percents(start_percent, end_percent))
+    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None, max_downsample=None):
+        return first_error(check_ranges(cls, start_percent=start_percent, end_percent=end_percent,
+                                        max_downsample=max_downsample),
+                           check_percents(start_percent, end_percent), power_of_two_error(max_downsample))
 
 
 def max_downsample_input(default: int):
@@ -39,9 +42,17 @@ def max_downsample_input(default: int):
     })
 
 
+def power_of_two_error(value) -> Union[bool, str]:
+    """True, or the message for a max_downsample that is not 1, 2, 4 or 8 (None: linked, unknown yet)."""
+    if value is None or value in DOWNSAMPLES:
+        return True
+    return f"max_downsample must be 1, 2, 4 or 8, got {value}"
+
+
 def check_power_of_two(node_id: str, value: int) -> None:
-    if value not in DOWNSAMPLES:
-        raise ValueError(f"{node_id}: max_downsample must be 1, 2, 4 or 8, got {value}")
+    error = power_of_two_error(value)
+    if error is not True:
+        raise ValueError(f"{node_id}: {error}")
 
 
 class TokenMerging(_SpeedNode):
