@@ -1,4 +1,4 @@
-"""Cost of SAG, PAG and SEG per sampling step, and the size of SAG's attention record, against core.
+"""Cost of SAG, PAG, SEG and SLG per sampling step, and the size of SAG's attention record, against core.
 
 Per step: whole samples of a few steps are timed and divided by the step count, for
 plain CFG, ComfyUI's SelfAttentionGuidance and PerturbedAttentionGuidance, and
@@ -7,7 +7,13 @@ compared with the cost PAG and SEG add separately). Memory: the bytes SAG keeps
 between the model call and the guidance step (core: the uncond softmax matrix;
 PatchLab: one value per token) and the process's peak while one model call records.
 
+DiT part: a Flux-layout model with Flux's head size (128) and two double + two single
+blocks at ``--dit-hidden`` width, CFG 1 (guidance-distilled: no negative pass): the cost of
+a PAG step, and PAG+SEG+SLG in one batched extra call against the three run as separate
+calls (as core SLG next to another pack's PAG/SEG would), as ratios; core SLG for reference.
+
     .venv/bin/python bench/attention_guidance.py [--sizes 64 128] [--steps 3] [--repeats 3]
+    .venv/bin/python bench/attention_guidance.py --only dit --dit-hidden 3072 --dit-size 128   # on a GPU
 """
 
 from __future__ import annotations
@@ -25,7 +31,61 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--record-block", default="input.1",
                         help="block whose attention the memory comparison records (full resolution by default)")
+    parser.add_argument("--only", choices=["unet", "dit"], help="run one part only")
+    parser.add_argument("--dit-hidden", type=int, default=768,
+                        help="DiT width, a multiple of 128 (Flux.1: 3072 with 24 heads)")
+    parser.add_argument("--dit-size", type=int, default=32, help="DiT latent side (Flux 1024 px: 128)")
+    parser.add_argument("--dit-steps", type=int, default=2)
+    parser.add_argument("--dit-repeats", type=int, default=1)
     return parser.parse_args()
+
+
+def dit_timing(args) -> dict:
+    """Seconds per step on a Flux-layout model at CFG 1, and the ratios of the issue."""
+    import nodes as comfy_nodes
+    from devtools import checks
+    from devtools.sampling import sample
+    from devtools.testkit import tiny_models
+    from patchlab.nodes import attention_guidance as ag_nodes
+
+    heads = args.dit_hidden // 128
+    model = tiny_models.build_model("flux", hidden_size=args.dit_hidden, num_heads=heads, depth=2,
+                                    depth_single_blocks=2, axes_dim=[16, 56, 56], mlp_ratio=4.0)
+    full = {"start_percent": 0.0, "end_percent": 1.0}
+
+    def ours(node, model_in, **inputs):
+        return checks.run_node(node, model=model_in, **inputs, **full)[0]
+
+    pag = {"scale": 2.0, "blocks": "double.1", "rescale": 0.0}
+    seg = {"scale": 2.0, "blur_sigma": 10.0, "blocks": "double.1"}
+    slg = {"scale": 3.0, "blocks": "double.1", "rescaling_scale": 0.0}
+    variants = {
+        "plain": model,
+        "patchlab_pag": ours(ag_nodes.PerturbedAttentionGuidance, model, **pag),
+        "patchlab_seg": ours(ag_nodes.SmoothedEnergyGuidance, model, **seg),
+        "patchlab_slg": ours(ag_nodes.SkipLayerGuidance, model, **slg),
+        "core_slg": checks.run_node(comfy_nodes.NODE_CLASS_MAPPINGS["SkipLayerGuidanceDiT"], model=model,
+                                    double_layers="1", single_layers="", scale=3.0, rescaling_scale=0.0, **full)[0],
+        "patchlab_pag_seg_slg_shared": ours(ag_nodes.SkipLayerGuidance, ours(
+            ag_nodes.SmoothedEnergyGuidance, ours(ag_nodes.PerturbedAttentionGuidance, model, **pag), **seg), **slg),
+    }
+    per_step = {}
+    for name, patched in variants.items():
+        run = functools.partial(sample, patched, "flux", steps=args.dit_steps, cfg=1.0,
+                                height=args.dit_size, width=args.dit_size)
+        per_step[name] = _common.time_call(run, repeats=args.dit_repeats)["min_s"] / args.dit_steps
+    plain = per_step["plain"]
+    separate = per_step["patchlab_pag"] + per_step["patchlab_seg"] + per_step["patchlab_slg"] - 2 * plain
+    return {
+        "model": f"Flux layout, hidden {args.dit_hidden}, {heads} heads of 128, 2 double + 2 single blocks, "
+                 f"random weights, CFG 1",
+        "latent": f"{args.dit_size}x{args.dit_size} ({(args.dit_size // 2) ** 2} image tokens + 16 text tokens)",
+        "steps_per_sample": args.dit_steps,
+        "seconds_per_step": {k: round(v, 4) for k, v in per_step.items()},
+        "pag_step_vs_plain_step": round(per_step["patchlab_pag"] / plain, 3),
+        "patchlab_slg_vs_core_slg": round(per_step["patchlab_slg"] / per_step["core_slg"], 3),
+        "pag_seg_slg_shared_vs_three_separate_calls": round(per_step["patchlab_pag_seg_slg_shared"] / separate, 3),
+    }
 
 
 def tensors_in_closure(fn):
@@ -74,6 +134,15 @@ def sag_memory(model, core_node, ours_node, size: int, block: str, sag: dict) ->
 def main():
     args = parse_args()
     _common.boot()
+    results = {}
+    if args.only != "unet":
+        results["dit"] = dit_timing(args)
+    if args.only != "dit":
+        results.update(unet_results(args))
+    _common.write_results("attention_guidance", results)
+
+
+def unet_results(args) -> dict:
     import nodes as comfy_nodes
     from devtools import checks
     from devtools.sampling import sample
@@ -123,12 +192,12 @@ def main():
     memory = {f"{size}x{size}": sag_memory(model, core["SelfAttentionGuidance"], ag_nodes.SelfAttentionGuidance,
                                            size, args.record_block, sag) for size in args.sizes}
 
-    _common.write_results("attention_guidance", {
+    return {
         "model": "tiny SD1.5 layout (model_channels 32)",
         "steps_per_sample": args.steps,
         "timing": sizes,
         "sag_memory": memory,
-    })
+    }
 
 
 if __name__ == "__main__":

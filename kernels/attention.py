@@ -136,3 +136,42 @@ def blur_queries(q: torch.Tensor, grid: Tuple[int, int], sigma: float) -> torch.
     batch, tokens, width = q.shape
     image = q.transpose(1, 2).reshape(batch, width, *grid)
     return gaussian_blur(image, sigma).reshape(batch, width, tokens).transpose(1, 2).contiguous()
+
+
+def joint_identity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: Tuple[int, int],
+                             image: Tuple[int, int], query_chunk: int = 1024) -> torch.Tensor:
+    """PAG on joint (text + image) attention: each image query attends to the text keys and its own key only.
+
+    q, k, v [B, H, N, D] (heads split); ``text`` and ``image`` are ``(start, stop)`` token
+    ranges of N (either order; ``text`` may be empty). Returns the image rows [B, H, n_image, D]
+    in v's dtype: ``softmax([q_i . k_text, q_i . k_i] / sqrt(D)) @ [v_text; v_i]``. With no
+    text this is the identity (``v`` of the image rows). Memory is O(H * chunk * n_text),
+    never an image-by-image map; logits and softmax in float32.
+    """
+    scale = q.shape[-1] ** -0.5
+    k_text = k[:, :, text[0]:text[1]].float()
+    v_text = v[:, :, text[0]:text[1]].float()
+    parts = []
+    for start in range(image[0], image[1], query_chunk):
+        stop = min(start + query_chunk, image[1])
+        query = q[:, :, start:stop].float()
+        own = (query * k[:, :, start:stop].float()).sum(dim=-1, keepdim=True) * scale
+        weights = torch.cat([query @ k_text.transpose(-1, -2) * scale, own], dim=-1).softmax(dim=-1)
+        parts.append(weights[..., :-1] @ v_text + weights[..., -1:] * v[:, :, start:stop].float())
+    return torch.cat(parts, dim=2).to(v.dtype)
+
+
+def blur_grid_queries(q: torch.Tensor, start: int, grid: Tuple[int, int], sigma: float) -> torch.Tensor:
+    """SEG on a DiT token sequence: blur the queries of the image grid, leave every other token as it is.
+
+    q [B, H, N, D] (heads split); tokens ``start .. start + h * w`` are the image's ``h x w``
+    grid, row-major. Returns a new tensor of q's shape and dtype (``sigma >= INFINITE_BLUR``:
+    every grid query becomes the grid's mean query).
+    """
+    batch, heads, _, dim = q.shape
+    stop = start + grid[0] * grid[1]
+    tokens = q[:, :, start:stop].transpose(1, 2).reshape(batch, stop - start, heads * dim)
+    blurred = blur_queries(tokens, grid, sigma).reshape(batch, stop - start, heads, dim).transpose(1, 2)
+    out = q.clone()
+    out[:, :, start:stop] = blurred
+    return out

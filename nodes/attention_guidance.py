@@ -1,4 +1,4 @@
-"""Attention-guidance nodes: Self-Attention Guidance, Perturbed-Attention Guidance, Smoothed Energy Guidance."""
+"""Attention-guidance nodes: Self-Attention, Perturbed-Attention, Smoothed Energy and Skip-Layer Guidance."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ from ._common import (
 
 BLOCK_SYNTAX = ("Comma-separated UNet blocks: stage[.block[.transformer]] with stage input, middle or output, e.g. "
                 "'middle', 'input.4', 'output.1.0', or 'all'.")
+DIT_BLOCKS = ("Comma-separated blocks. UNets: stage[.block[.transformer]] with stage input, middle or output "
+              "('middle', 'input.4', 'output.1.0'); Flux: 'double.7', 'single.0-5'; SD3/SD3.5: 'joint.10'; 'all'; "
+              "'auto' = the family's recommended blocks (UNet: middle; Flux: double.7-9; SD3: joint.7-9; the same "
+              "relative depth in shallower models).")
 
 
 class _AttentionGuidanceNode:
@@ -25,6 +29,7 @@ class _AttentionGuidanceNode:
     OUTPUT_TOOLTIPS = (MODEL_OUTPUT_TOOLTIP,)
     FUNCTION = "patch"
     BLOCK_INPUT = "blocks"
+    DIT = True
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None, **blocks):
@@ -39,7 +44,7 @@ class _AttentionGuidanceNode:
                            check_percents(start_percent, end_percent), syntax)
 
     def _patch(self, model, text, start_percent, end_percent, **spec):
-        blocks = ag.resolve_blocks(model, text, self.NODE_ID)
+        blocks = ag.resolve_blocks(model, text, self.NODE_ID, dit=self.DIT)
         window = SigmaWindow.from_percents(model, start_percent, end_percent)
         return (ag.with_guidance(model, ag.GuidanceSpec(blocks=blocks, window=window, **spec)),)
 
@@ -55,6 +60,7 @@ class SelfAttentionGuidance(_AttentionGuidanceNode):
         "pass as negative, and composes with PAG/SEG. UNet models (SD1.x, SD2.x, SDXL). Lower the CFG a little."
     )
     BLOCK_INPUT = "block"
+    DIT = False
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -94,8 +100,10 @@ class PerturbedAttentionGuidance(_AttentionGuidanceNode):
         "Perturbed-Attention Guidance (Ahn et al. 2024, arXiv 2403.17377): runs the model with the self-attention "
         "of chosen blocks replaced by the identity and guides away from that degraded prediction, which improves "
         "structure without a negative prompt. Any input, middle or output blocks (ComfyUI's node: middle only), a "
-        "schedule window and an optional rescale; composes with SAG and shares its extra model call with SEG. "
-        "UNet models (SD1.x, SD2.x, SDXL). Rule of thumb: PAG scale + CFG = your usual CFG."
+        "schedule window and an optional rescale; composes with SAG and shares its extra model call with SEG and "
+        "SLG. UNets (SD1.x, SD2.x, SDXL) and DiTs (Flux, SD3/SD3.5): on DiTs each image token attends to itself "
+        "and the text only. Works at CFG 1 (guidance-distilled Flux). Rule of thumb on UNets: PAG scale + CFG = "
+        "your usual CFG."
     )
 
     @classmethod
@@ -107,8 +115,8 @@ class PerturbedAttentionGuidance(_AttentionGuidanceNode):
                 "tooltip": "Strength of the guidance. 0 disables it; the paper uses 2-5 (3 typical).",
             }),
             "blocks": ("STRING", {
-                "default": "middle",
-                "tooltip": "Self-attention to perturb. " + BLOCK_SYNTAX + " The paper perturbs the middle block.",
+                "default": "auto",
+                "tooltip": "Attention to perturb. " + DIT_BLOCKS + " The paper perturbs the UNet middle block.",
             }),
             "rescale": ("FLOAT", {
                 "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
@@ -130,7 +138,8 @@ class SmoothedEnergyGuidance(_AttentionGuidanceNode):
         "self-attention blocks blurred by a Gaussian on the token grid (a smoothed attention energy landscape) "
         "and guides away from that prediction, improving quality without a negative prompt and with fewer side "
         "effects than PAG at high scales. blur_sigma 9999 or more is the 'infinite blur' limit (uniform "
-        "attention). Shares its extra model call with PAG. UNet models (SD1.x, SD2.x, SDXL)."
+        "attention). Shares its extra model call with PAG and SLG. UNets (SD1.x, SD2.x, SDXL) and DiTs (Flux, "
+        "SD3/SD3.5: the image-token queries are blurred on the image's patch grid, text tokens untouched)."
     )
 
     @classmethod
@@ -147,8 +156,8 @@ class SmoothedEnergyGuidance(_AttentionGuidanceNode):
                            f"SDXL; {INFINITE_BLUR:g} is infinite blur (every query the mean query).",
             }),
             "blocks": ("STRING", {
-                "default": "middle",
-                "tooltip": "Self-attention to smooth. " + BLOCK_SYNTAX + " The paper smooths the middle block.",
+                "default": "auto",
+                "tooltip": "Attention to smooth. " + DIT_BLOCKS + " The paper smooths the UNet middle block.",
             }),
             **percent_inputs("SEG"),
         }}
@@ -158,4 +167,50 @@ class SmoothedEnergyGuidance(_AttentionGuidanceNode):
                            blur_sigma=blur_sigma)
 
 
-NODES = [SelfAttentionGuidance, PerturbedAttentionGuidance, SmoothedEnergyGuidance]
+class SkipLayerGuidance(_AttentionGuidanceNode):
+    NODE_ID = "PatchLab_SkipLayerGuidance"
+    DISPLAY_NAME = "Skip-Layer Guidance (PatchLab)"
+    DESCRIPTION = (
+        "Skip-Layer Guidance (Stability AI's SD3.5 technique, after PAG, arXiv 2403.17377): runs the model with "
+        "chosen blocks skipped and guides away from that prediction, which sharpens anatomy and structure. "
+        "The same result as ComfyUI's SkipLayerGuidanceDiT / SkipLayerGuidanceSD3 on one image, with rescaling "
+        "statistics per image, no host sync per step, and its extra pass batched with PAG and SEG in one model "
+        "call. DiTs (Flux, SD3/SD3.5: the block's output is its input) and UNets (the chosen transformers' "
+        "self- and cross-attention are removed). Use a short window early in the schedule."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": MODEL_INPUT,
+            "scale": ("FLOAT", {
+                "default": 3.0, "min": 0.0, "max": 10.0, "step": 0.1,
+                "tooltip": "Strength of the guidance. 0 disables it; 3 is the SD3.5 recommendation (2-4 usual).",
+            }),
+            "blocks": ("STRING", {
+                "default": "auto",
+                "tooltip": "Blocks to skip. " + DIT_BLOCKS + " SD3.5 Medium's recommended layers are joint.7-9.",
+            }),
+            "start_percent": ("FLOAT", {
+                "default": 0.01, "min": 0.0, "max": 1.0, "step": 0.001,
+                "tooltip": "Where in the schedule SLG starts: 0 is the first step, 1 the last. 0.01 (ComfyUI's "
+                           "default) skips the very first step.",
+            }),
+            "end_percent": ("FLOAT", {
+                "default": 0.15, "min": 0.0, "max": 1.0, "step": 0.001,
+                "tooltip": "Where SLG stops (not below start_percent); 0.15 by default, up to 0.2-0.3 for "
+                           "more effect. Outside the window the result is exactly what it would be without it.",
+            }),
+            "rescaling_scale": ("FLOAT", {
+                "default": 0.0, "min": 0.0, "max": 10.0, "step": 0.01,
+                "tooltip": "Pull the guided result's std toward the positive prediction's, per image (ComfyUI "
+                           "pools the whole batch). 0 disables it; 0-1 blends, as CFG rescale.",
+            }),
+        }}
+
+    def patch(self, model, scale, blocks, start_percent, end_percent, rescaling_scale):
+        return self._patch(model, blocks, start_percent, end_percent, kind="slg", scale=scale,
+                           rescale=rescaling_scale)
+
+
+NODES = [SelfAttentionGuidance, PerturbedAttentionGuidance, SmoothedEnergyGuidance, SkipLayerGuidance]

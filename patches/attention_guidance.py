@@ -1,21 +1,24 @@
-"""Attention guidance on UNets: Self-Attention Guidance, Perturbed-Attention Guidance, Smoothed Energy Guidance.
+"""Attention guidance: Self-Attention, Perturbed-Attention, Smoothed Energy and Skip-Layer Guidance.
 
 Each node adds a :class:`GuidanceSpec` to a tuple kept in the model's
 ``transformer_options`` (a new tuple on the clone; nothing registered is mutated) and
-makes sure two hooks are installed:
+makes sure its hooks are installed:
 
-* one **attn1 replace** per touched transformer, registered under the most specific
-  key ``(stage, block id, transformer index)``. It computes attention as usual (through
-  any replace another pack put at that key, or at the less specific ``(stage, id)``
-  key it would shadow, which it chains to) and, reading the specs at call time,
-  records SAG's attention mass in normal passes or perturbs the rows of PatchLab's
-  own extra passes;
+* UNets: one **attn1 replace** per touched transformer, registered under the most
+  specific key ``(stage, block id, transformer index)``. It computes attention as usual
+  (through any replace another pack put at that key, or at the less specific ``(stage,
+  id)`` key it would shadow, which it chains to) and, reading the specs at call time,
+  records SAG's attention mass in normal passes or perturbs the rows of PatchLab's own
+  extra passes. SLG adds attn1/attn2 **output patches** that remove the chosen
+  transformers' attention in its rows.
+* DiTs (Flux, SD3): one **block replace** per chosen block, see :mod:`.dit_attention`.
 * one **post-CFG runner** that, once per step, runs the extra passes of every active
   spec and adds the guidance terms in the order the nodes were applied.
 
-Extra passes: PAG and SEG perturb the positive prediction on the same input, so their
-rows share one batched model call (``x`` repeated once per spec). SAG's pass uses the
-negative conditioning on a blurred input and runs on its own, tagged as uncond.
+Extra passes: PAG, SEG and SLG perturb the positive prediction on the same input, so their
+rows share one batched model call (``x`` repeated once per spec, the specs carried in
+``transformer_options["patchlab_guidance_pass"]``). SAG's pass uses the negative
+conditioning on a blurred input and runs on its own, tagged as uncond.
 
 SAG's record is keyed by the sampling run (its ``sample_sigmas`` tensor) and holds only
 the attention mass per token of the uncond rows ([B, tokens]); the runner pops it each
@@ -37,12 +40,14 @@ from comfy.ldm.modules.attention import optimized_attention
 
 from ..kernels import attention as ka
 from ..kernels import guidance
+from . import dit_attention
 from .window import SigmaWindow
 
 log = logging.getLogger(__name__)
 
 SPECS_KEY = "patchlab_attention_guidance"
-PASS_KEY = "patchlab_guidance_pass"
+PASS_KEY = dit_attention.PASS_KEY
+PERTURBED = ("pag", "seg", "slg")  # kinds whose rows share one batched extra pass on the positive
 Key = Tuple[str, int, int]
 STAGES = ("input", "middle", "output")
 
@@ -64,22 +69,39 @@ def transformer_keys(model) -> List[Key]:
     return keys
 
 
-BLOCK_ENTRY = re.compile(r"^(input|middle|output|all)(?:\.(\d+))?(?:\.(\d+))?$")
+UNET_ENTRY = re.compile(r"^(input|middle|output)(?:\.(\d+))?(?:\.(\d+))?$")
+DIT_ENTRY = re.compile(r"^(double|single|joint)(?:\.(\d+)(?:-(\d+))?)?$")
+SYNTAX_HINT = ("write stage[.block[.transformer]] for UNets (stage input, middle or output: 'middle', 'input.4', "
+               "'output.1.0'), stack[.index[-last]] for DiTs (stack double, single or joint: 'double.7', "
+               "'single.0-5', 'joint.10'), 'all' or 'auto'")
 
 
-def parse_blocks(text: str) -> List[Tuple[str, Optional[int], Optional[int]]]:
-    """``"middle, input.4, output.1.0"`` -> [(stage, id or None, index or None), ...]; ValueError if malformed."""
+def _int(text: Optional[str]) -> Optional[int]:
+    return None if text is None else int(text)
+
+
+def parse_blocks(text: str) -> List[tuple]:
+    """``"middle, input.4, double.7-9, auto"`` -> entries; ValueError if malformed.
+
+    Entries: ("auto",), ("all",), ("unet", stage, block id or None, index or None),
+    ("dit", stack, first index or None, last index or None).
+    """
     entries = [e for e in re.split(r"[,\s]+", text.strip().lower()) if e]
     if not entries:
-        raise ValueError("no block given; write e.g. 'middle' or 'input.4, output.1'")
+        raise ValueError("no block given; " + SYNTAX_HINT)
     parsed = []
     for entry in entries:
-        match = BLOCK_ENTRY.match(entry)
-        if match is None:
-            raise ValueError(f"cannot read block {entry!r}; write stage[.block[.transformer]] with stage input, "
-                             "middle or output (e.g. 'middle', 'input.4', 'output.1.0'), or 'all'")
-        stage, block_id, index = match.groups()
-        parsed.append((stage, None if block_id is None else int(block_id), None if index is None else int(index)))
+        unet, dit = UNET_ENTRY.match(entry), DIT_ENTRY.match(entry)
+        if entry in ("auto", "all"):
+            parsed.append((entry,))
+        elif unet is not None:
+            stage, block_id, index = unet.groups()
+            parsed.append(("unet", stage, _int(block_id), _int(index)))
+        elif dit is not None:
+            stack, first, last = dit.groups()
+            parsed.append(("dit", stack, _int(first), _int(last)))
+        else:
+            raise ValueError(f"cannot read block {entry!r}; " + SYNTAX_HINT)
     return parsed
 
 
@@ -88,17 +110,15 @@ def describe_keys(keys: List[Key]) -> str:
     return ", ".join(f"{STAGES[s]}.{b}" if STAGES[s] != "middle" else "middle" for s, b in blocks)
 
 
-def resolve_blocks(model, text: str, node_id: str) -> FrozenSet[Key]:
-    """The transformer keys a block description selects in this model; clear errors otherwise."""
-    available = transformer_keys(model)
-    if not available:
-        raise RuntimeError(
-            f"{node_id} supports UNet models (SD1.x, SD2.x, SDXL and their fine-tunes); this model is "
-            f"{type(model.model).__name__} with a {type(model.model.diffusion_model).__name__} network, which has "
-            "no UNet self-attention blocks to guide with. Remove the node for this model."
-        )
+def _resolve_unet(available: List[Key], entries, node_id: str) -> FrozenSet[Key]:
     chosen = set()
-    for stage, block_id, index in parse_blocks(text):
+    for entry in entries:
+        if entry[0] == "dit":
+            name = ".".join(str(p) for p in entry[1:] if p is not None)
+            raise ValueError(f"{node_id}: block {name!r} is a DiT address; this model is a UNet with transformers "
+                             f"in {describe_keys(available)} (write e.g. 'middle' or 'auto')")
+        stage, block_id, index = {"auto": ("middle", None, None), "all": ("all", None, None)}.get(
+            entry[0], entry[1:])
         found = [k for k in available if (stage == "all" or k[0] == stage)
                  and (block_id is None or k[1] == block_id) and (index is None or k[2] == index)]
         if not found:
@@ -107,6 +127,26 @@ def resolve_blocks(model, text: str, node_id: str) -> FrozenSet[Key]:
                              f"transformers: {describe_keys(available)}")
         chosen.update(found)
     return frozenset(chosen)
+
+
+def resolve_blocks(model, text: str, node_id: str, dit: bool = True) -> FrozenSet:
+    """The block keys a block description selects in this model; clear errors otherwise.
+
+    UNet keys are (stage, block id, transformer index); DiT keys (stack, index). ``dit``
+    False: the node supports UNets only.
+    """
+    available = transformer_keys(model)
+    if available:
+        return _resolve_unet(available, parse_blocks(text), node_id)
+    if dit and dit_attention.family(model) is not None:
+        return frozenset(dit_attention.resolve(model, parse_blocks(text), node_id))
+    supported = ("UNet models (SD1.x, SD2.x, SDXL and their fine-tunes)" if not dit else
+                 "UNet models (SD1.x, SD2.x, SDXL) and the DiTs Flux (and Flux-style models) and SD3/SD3.5")
+    raise RuntimeError(
+        f"{node_id} supports {supported}; this model is "
+        f"{type(model.model).__name__} with a {type(model.model.diffusion_model).__name__} network, which has "
+        "no blocks it can guide with. Remove the node for this model."
+    )
 
 
 # --- the specs -------------------------------------------------------------------------
@@ -151,9 +191,9 @@ class RecordStore:
 class GuidanceSpec:
     """One node's guidance: what it perturbs or records, where, and how strongly. Immutable, shared by clones."""
 
-    kind: str  # "sag", "pag" or "seg"
+    kind: str  # "sag", "pag", "seg" or "slg"
     scale: float
-    blocks: FrozenSet[Key]
+    blocks: FrozenSet
     window: SigmaWindow
     blur_sigma: float = 0.0
     threshold: float = 1.0
@@ -288,6 +328,35 @@ def sag_term(spec: GuidanceSpec, record, args) -> Optional[torch.Tensor]:
     return (degraded - prediction) * spec.scale
 
 
+class _RunLog:
+    """One INFO line per sampling run (keyed by its ``sample_sigmas`` tensor, forgotten with it)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._seen = set()
+
+    def first(self, run_key: Optional[torch.Tensor]) -> bool:
+        if run_key is None:
+            return False
+        ident = id(run_key)
+        with self._lock:
+            if ident in self._seen:
+                return False
+            self._seen.add(ident)
+        weakref.finalize(run_key, self._seen.discard, ident)
+        return True
+
+
+_run_log = _RunLog()
+
+
+def _log_extra_pass(run_key, perturbed: List[GuidanceSpec], x: torch.Tensor) -> None:
+    if _run_log.first(run_key):
+        names = ", ".join(spec.kind.upper() for spec in perturbed)
+        log.info("PatchLab attention guidance: %s in one batched extra model call per step (%d rows for %d "
+                 "image(s))", names, len(perturbed) * x.shape[0], x.shape[0])
+
+
 def guidance_runner(args) -> torch.Tensor:
     """Post-CFG: add the guidance of every attention-guidance spec active at this step."""
     transformer_options = args["model_options"].get("transformer_options", {})
@@ -296,8 +365,10 @@ def guidance_runner(args) -> torch.Tensor:
     records = {id(s): s.store.pop(run_key) for s in specs if s.kind == "sag"}
     result = args["denoised"]
     active = [s for s in specs if s.scale != 0 and s.window.contains(args["sigma"])]
-    perturbed = [s for s in active if s.kind in ("pag", "seg")]
+    perturbed = [s for s in active if s.kind in PERTURBED]
     predictions = dict(zip(map(id, perturbed), perturbed_predictions(args, perturbed))) if perturbed else {}
+    if perturbed:
+        _log_extra_pass(run_key, perturbed, args["input"])
     for spec in active:
         if spec.kind == "sag":
             term = sag_term(spec, records[id(spec)], args)
@@ -305,7 +376,7 @@ def guidance_runner(args) -> torch.Tensor:
         else:
             cond_pred = args["cond_denoised"]
             result = result + (cond_pred - predictions[id(spec)]) * spec.scale
-            if spec.rescale > 0:
+            if spec.rescale != 0:
                 result = guidance.rescale(result, cond_pred, spec.rescale)
     return result
 
@@ -320,14 +391,61 @@ def _existing_replace(model_options: Dict, key: Key):
     return replaces.get(key, replaces.get(key[:2]))
 
 
-def with_guidance(model, spec: GuidanceSpec):
-    """A clone with ``spec`` added: replaces at its blocks (chained where needed), the runner once."""
-    patched = model.clone()
+def skip_attention_output(out: torch.Tensor, extra_options) -> torch.Tensor:
+    """attn1/attn2 output patch (UNets): zero the attention output in the rows of SLG specs skipping this transformer.
+
+    The transformer's residual stream passes its attention layers unchanged there (the
+    feed-forward still runs: ComfyUI has no hook around it).
+    """
+    groups = extra_options.get(PASS_KEY)
+    if not groups or not any(spec.kind == "slg" for spec in groups):
+        return out
+    block = extra_options.get("block")
+    if block is None:
+        return out
+    key = (block[0], block[1], extra_options.get("block_index", 0))
+    skipping = [g for g, spec in enumerate(groups) if spec.kind == "slg" and key in spec.blocks]
+    if not skipping:
+        return out
+    chunks = len(extra_options["cond_or_uncond"])
+    per_chunk = out.shape[0] // chunks
+    rows = per_chunk // len(groups)
+    out = out.clone()
+    for chunk in range(chunks):
+        for g in skipping:
+            out[chunk * per_chunk + g * rows:chunk * per_chunk + (g + 1) * rows] = 0
+    return out
+
+
+skip_attention_output.patchlab_attention = True
+
+
+def _install_unet(patched, spec: GuidanceSpec) -> None:
     options = patched.model_options
+    if spec.kind == "slg":
+        patches = options.get("transformer_options", {}).get("patches", {})
+        if not any(getattr(p, "patchlab_attention", False) for p in patches.get("attn1_output_patch", [])):
+            patched.set_model_attn1_output_patch(skip_attention_output)
+            patched.set_model_attn2_output_patch(skip_attention_output)
+        return
     for key in sorted(spec.blocks):
         existing = _existing_replace(options, key)
         if existing is None or not getattr(existing, "patchlab_attention", False):
             patched.set_model_attn1_replace(make_replace(existing), key[0], key[1], key[2])
+
+
+def with_guidance(model, spec: GuidanceSpec):
+    """A clone with ``spec`` added: hooks at its blocks (chained where needed), the runner once.
+
+    UNets: attn1 replaces (SAG, PAG, SEG) or attention output patches (SLG). DiTs: block
+    replaces plus an APPLY_MODEL wrapper (:mod:`.dit_attention`).
+    """
+    patched = model.clone()
+    options = patched.model_options
+    if transformer_keys(model):
+        _install_unet(patched, spec)
+    else:
+        dit_attention.install_replaces(patched, spec.blocks)
     transformer_options = options.setdefault("transformer_options", {})
     transformer_options[SPECS_KEY] = tuple(transformer_options.get(SPECS_KEY, ())) + (spec,)
     runners = [f for f in options.get("sampler_post_cfg_function", []) if getattr(f, "patchlab_attention_runner", 0)]

@@ -1,20 +1,23 @@
-"""Example workflows of the attention-guidance nodes (SAG, PAG, SEG)."""
+"""Example workflows of the attention-guidance nodes (SAG, PAG, SEG, SLG)."""
 
 from __future__ import annotations
 
 from ..workflows import Builder
-from ._common import SD15, SDXL, checkpoint, example, prompts, sample_and_save
+from ._common import FLUX, SD3, SD15, SDXL, checkpoint, example, prompts, sample_and_save
+from ._common import NEGATIVE as NEGATIVE_TEXT
 
 
-def guided(wf: Builder, ckpt_name: str, prefix: str, cfg: float, size: int, *patches) -> None:
+def guided(wf: Builder, ckpt_name: str, prefix: str, cfg: float, size: int, *patches, flux: bool = False,
+           latent_node: str = "EmptyLatentImage", scheduler: str = "normal", steps: int = 25) -> None:
     ckpt = checkpoint(wf, ckpt_name)
-    positive, negative = prompts(wf, ckpt)
+    positive, negative = prompts(wf, ckpt, negative="" if flux else NEGATIVE_TEXT)
+    positive = wf.add("FluxGuidance", conditioning=positive[0], guidance=3.5) if flux else positive
     model = ckpt[0]
     for node, inputs in patches:
         model = wf.add(node, model=model, **inputs)[0]
-    latent = wf.add("EmptyLatentImage", width=size, height=size, batch_size=1)
-    sample_and_save(wf, model, ckpt, positive[0], negative[0], latent[0], prefix, steps=25, cfg=cfg,
-                    sampler="euler", scheduler="normal")
+    latent = wf.add(latent_node, width=size, height=size, batch_size=1)
+    sample_and_save(wf, model, ckpt, positive[0], negative[0], latent[0], prefix, steps=steps, cfg=cfg,
+                    sampler="euler", scheduler=scheduler)
 
 
 SAG = ("PatchLab_SelfAttentionGuidance", {"scale": 0.5, "blur_sigma": 2.0, "threshold": 1.0, "block": "middle.0.0"})
@@ -48,3 +51,28 @@ def attention_guidance_stack(wf: Builder) -> None:
     wf.note("SAG + PAG + SEG", "All three on one model: each keeps its effect (no attention replace shadows "
             "another), and PAG and SEG share one batched extra model call per step.")
     guided(wf, SD15, "attention_guidance_stack", 4.0, 512, SAG, PAG, SEG)
+
+
+DIT_PAG = ("PatchLab_PerturbedAttentionGuidance", {"scale": 1.5, "blocks": "auto", "rescale": 0.0,
+                                                    "start_percent": 0.0, "end_percent": 1.0})
+DIT_SEG = ("PatchLab_SmoothedEnergyGuidance", {"scale": 2.0, "blur_sigma": 10.0, "blocks": "auto",
+                                                "start_percent": 0.0, "end_percent": 1.0})
+SLG = ("PatchLab_SkipLayerGuidance", {"scale": 3.0, "blocks": "auto", "start_percent": 0.01, "end_percent": 0.15,
+                                      "rescaling_scale": 0.0})
+
+
+@example("attention_guidance_flux")
+def attention_guidance_flux(wf: Builder) -> None:
+    wf.note("PAG + SEG + SLG on Flux", "Flux dev is guidance-distilled: CFG 1, so no negative pass runs and the "
+            "three guidances share one batched extra model call per step. 'auto' picks double.7-9 on Flux.1; "
+            "SLG acts in the first 15 % of the schedule only.")
+    guided(wf, FLUX, "attention_guidance_flux", 1.0, 1024, DIT_PAG, DIT_SEG, SLG, flux=True,
+           latent_node="EmptySD3LatentImage", scheduler="simple", steps=20)
+
+
+@example("attention_guidance_sd35")
+def attention_guidance_sd35(wf: Builder) -> None:
+    wf.note("Skip-Layer Guidance + PAG on SD3.5", "SLG on joint.7-9 (the SD3.5 recommendation, 'auto') at scale 3 "
+            "for 1-15 % of the schedule, PAG at a gentle 1.5 on the same blocks; both in one extra call per step.")
+    guided(wf, SD3, "attention_guidance_sd35", 4.5, 1024, SLG, DIT_PAG, latent_node="EmptySD3LatentImage",
+           scheduler="simple", steps=25)

@@ -1,4 +1,4 @@
-"""SAG, PAG and SEG on tiny SD1.5/SDXL models: parity with core, batching, chunking, composition."""
+"""SAG, PAG, SEG and SLG on tiny SD1.5/SDXL models: parity with core, batching, chunking, composition."""
 
 import gc
 import weakref
@@ -19,8 +19,9 @@ NEVER = {"start_percent": 1.0, "end_percent": 1.0}
 SAG = {"scale": 0.5, "blur_sigma": 2.0, "threshold": 1.0, "block": "middle.0.0"}
 PAG = {"scale": 3.0, "blocks": "middle", "rescale": 0.0}
 SEG = {"scale": 3.0, "blur_sigma": 10.0, "blocks": "middle"}
+SLG = {"scale": 3.0, "blocks": "middle", "rescaling_scale": 0.0}
 OURS = {"SAG": (nodes.SelfAttentionGuidance, SAG), "PAG": (nodes.PerturbedAttentionGuidance, PAG),
-        "SEG": (nodes.SmoothedEnergyGuidance, SEG)}
+        "SEG": (nodes.SmoothedEnergyGuidance, SEG), "SLG": (nodes.SkipLayerGuidance, SLG)}
 
 
 def close(actual, expected, rel=1e-4):
@@ -169,10 +170,22 @@ def count_model_calls(model):
     return counted, calls
 
 
-def test_pag_and_seg_share_one_extra_model_call(sd15):
-    both, calls = count_model_calls(apply(apply(sd15, "PAG"), "SEG"))
-    sample(both, "sd15", steps=3)
+def test_pag_seg_and_slg_share_one_extra_model_call(sd15):
+    stack, calls = count_model_calls(apply(apply(apply(sd15, "PAG"), "SEG"), "SLG"))
+    sample(stack, "sd15", steps=3)
     assert len(calls) == 3 * 2
+
+
+def test_slg_removes_the_attention_of_its_transformers_in_its_rows_only():
+    window = ag.SigmaWindow.always()
+    slg = ag.GuidanceSpec(kind="slg", scale=3.0, blocks=frozenset({("middle", 0, 0)}), window=window)
+    pag = ag.GuidanceSpec(kind="pag", scale=3.0, blocks=frozenset({("middle", 0, 0)}), window=window)
+    extra = {ag.PASS_KEY: (pag, slg), "block": ("middle", 0), "block_index": 0, "cond_or_uncond": [0, 0]}
+    out = torch.ones(4, 6, 8)
+    skipped = ag.skip_attention_output(out, extra)
+    assert [bool(skipped[i].any()) for i in range(4)] == [True, False, True, False]
+    assert torch.equal(ag.skip_attention_output(out, {**extra, "block": ("input", 1)}), out)
+    assert ag.skip_attention_output(out, {"block": ("middle", 0), "cond_or_uncond": [0]}) is out
 
 
 def test_sags_extra_pass_is_evaluated_as_uncond(sd15):
@@ -262,10 +275,9 @@ def test_a_block_without_self_attention_is_a_clear_error(tiny_model):
         apply(tiny_model("sdxl"), "PAG", blocks="input.1")
 
 
-@pytest.mark.parametrize("name", list(OURS))
-def test_a_dit_model_gets_a_clear_error(tiny_model, name):
+def test_sag_on_a_dit_model_gets_a_clear_error(tiny_model):
     with pytest.raises(RuntimeError, match="supports UNet models"):
-        apply(tiny_model("flux"), name)
+        apply(tiny_model("flux"), "SAG")
 
 
 def test_several_blocks_can_be_perturbed(sd15, plain):
