@@ -135,6 +135,8 @@ def layout_for_checkpoint(name: str) -> str:
         return "sd3"
     if "lumina" in lowered:
         return "lumina2"
+    if "qwen" in lowered:
+        return "qwen_image"
     if any(key in lowered for key in ("flux", "aura")):
         return "flux"
     return "sdxl" if "xl" in lowered else "sd15"

@@ -1,6 +1,7 @@
 """Attention guidance on DiTs: block addresses, the per-block replace and the attention override it installs.
 
-A DiT block is addressed as ``stack.index`` (``double.7``, ``single.0``, ``joint.10``).
+A DiT block is addressed as ``stack.index`` (``double.7``, ``single.0``, ``joint.10``; Qwen-Image's
+transformer blocks, double-stream blocks ComfyUI replaces as ``double_block``, are ``double.N``).
 PatchLab puts a ``patches_replace["dit"]`` block replace at every chosen block (chaining a
 replace another pack put there). In normal passes it only calls the block. In PatchLab's
 extra passes (``transformer_options["patchlab_guidance_pass"]`` holds the specs, one group
@@ -13,12 +14,15 @@ of batch rows each) it acts on the rows of the specs that chose this block:
   queries on the token grid (SEG). The override lives in a copy of ``transformer_options``
   handed to this block only, so no other block sees it.
 
-Token layout: the block replace knows the text and image streams of its block (Flux double
-and SD3 joint blocks get both; Flux single blocks get their concatenation, and the text
-length comes from the conditioning, recorded by an APPLY_MODEL wrapper in extra passes
-together with the latent shape). The image grid is ``ceil(H / p) x ceil(W / p)`` for patch
-size ``p`` (the models pad to whole patches), the first tokens of the image stream (Flux
-Kontext reference tokens follow it and are treated as image tokens but not blurred).
+Token layout: the block replace knows the text and image streams of its block (Flux double,
+SD3 joint and Qwen-Image blocks get both, and attend over [text; image]; Flux single blocks
+get their concatenation, and the text length comes from the conditioning, recorded by an
+APPLY_MODEL wrapper in extra passes together with the latent shape). The image grid is
+``ceil(H / p) x ceil(W / p)`` for patch size ``p`` (the models pad to whole patches), the
+first tokens of the image stream (Flux Kontext and Qwen-Image Edit reference tokens follow it
+and are treated as image tokens but not blurred). Qwen-Image's latent has a frame axis of
+length 1 ([B, C, 1, H, W]) and the same grid. Flux and Qwen-Image apply the rotary embedding
+before the attention call, so the queries SEG blurs carry it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ DitKey = Tuple[str, int]
 FAMILIES = {
     "flux": {"double": ("double_blocks", "double_block"), "single": ("single_blocks", "single_block")},
     "mmdit": {"joint": ("joint_blocks", "double_block")},
+    "qwen_image": {"double": ("transformer_blocks", "double_block")},
 }
 
 _warned = set()
@@ -64,6 +69,8 @@ def family(model) -> Optional[str]:
         return "flux"
     if module.startswith("comfy.ldm.modules.diffusionmodules.mmdit") and hasattr(net, "joint_blocks"):
         return "mmdit"
+    if module.startswith("comfy.ldm.qwen_image.") and hasattr(net, "transformer_blocks"):
+        return "qwen_image"
     return None
 
 
@@ -89,9 +96,10 @@ def describe(available: Dict[str, int]) -> str:
 
 def auto_blocks(model) -> List[DitKey]:
     """The family's default: blocks 7-9 of the first stack (Flux double, SD3 joint), at the same relative depth
-    (7/19 to 9/19) in a shallower stack; the anchors' SLG layers and the middle of the stack PAG papers perturb."""
+    (7/19 to 9/19) in a shallower stack; the anchors' SLG layers and the middle of the stack PAG papers perturb.
+    Qwen-Image (no published value) takes that relative depth in its own stack: double.22-28 of 60."""
     stack, count = next(iter(stacks(model).items()))
-    if count >= 10:
+    if count >= 10 and family(model) != "qwen_image":
         return [(stack, i) for i in (7, 8, 9)]
     first = min(count - 1, int(count * 7 / 19))
     last = max(first, min(count - 1, int(count * 9 / 19)))
@@ -235,6 +243,8 @@ def make_override(previous, parts, tokens: Tokens):
 
 def _grid(options: Dict, size: int, image_tokens: int) -> Optional[Tuple[int, int]]:
     shape = options.get(LATENT_KEY)
+    if shape is not None and len(shape) == 5 and shape[2] == 1:  # Qwen-Image: [B, C, 1, H, W]
+        shape = shape[:2] + shape[3:]
     if shape is None or len(shape) != 4:
         _warn_once("Smoothed Energy Guidance blurs 2-D image latents only; this call's latent is not one")
         return None

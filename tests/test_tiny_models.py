@@ -1,9 +1,10 @@
-"""The DiT layouts of the test kit (SD3 MMDiT, Lumina 2 NextDiT): real models that sample like KSampler."""
+"""The DiT layouts of the test kit (SD3 MMDiT, Lumina 2 NextDiT, Qwen-Image): real models that sample like KSampler."""
 
 from __future__ import annotations
 
 import comfy.ldm.lumina.model
 import comfy.ldm.modules.diffusionmodules.mmdit
+import comfy.ldm.qwen_image.model
 import comfy.model_base
 import comfy.model_patcher
 import comfy.model_sampling
@@ -18,8 +19,14 @@ from devtools.testkit.counting import count_rows, first_layer_name
 DIT_LAYOUTS = [
     ("sd3", comfy.model_base.SD3, comfy.ldm.modules.diffusionmodules.mmdit.MMDiT, "x_embedder"),
     ("lumina2", comfy.model_base.Lumina2, comfy.ldm.lumina.model.NextDiT, "x_embedder"),
+    ("qwen_image", comfy.model_base.QwenImage, comfy.ldm.qwen_image.model.QwenImageTransformer2DModel, "img_in"),
 ]
 NAMES = [entry[0] for entry in DIT_LAYOUTS]
+# Qwen-Image is a FLUX-type model (flow with a resolution-independent shift) with a frame axis in its latent.
+SAMPLING = {"sd3": comfy.model_sampling.ModelSamplingDiscreteFlow,
+            "lumina2": comfy.model_sampling.ModelSamplingDiscreteFlow,
+            "qwen_image": comfy.model_sampling.ModelSamplingFlux}
+FRAMES = {"qwen_image": (1,)}
 
 
 def record_calls(model):
@@ -45,7 +52,7 @@ def test_dit_layout_is_a_real_comfyui_model_of_its_family(tiny_model, layout, ba
 def test_dit_layout_is_a_16_channel_flow_model(tiny_model, layout):
     model = tiny_model(layout)
     assert model.model.latent_format.latent_channels == 16
-    assert isinstance(model.model.model_sampling, comfy.model_sampling.ModelSamplingDiscreteFlow)
+    assert isinstance(model.model.model_sampling, SAMPLING[layout])
 
 
 def test_sd3_layout_has_joint_blocks_with_sd35_dual_attention_in_the_first(tiny_model):
@@ -68,10 +75,18 @@ def test_lumina2_layout_has_refiners_before_its_single_stream_layers(tiny_model)
     assert network.cap_embedder[1].in_features == tiny_models.layout("lumina2").context_dim
 
 
+def test_qwen_image_layout_has_only_double_stream_blocks_taking_the_conditioning_context(tiny_model):
+    network = tiny_model("qwen_image").model.diffusion_model
+    assert len(network.transformer_blocks) == 3
+    assert not hasattr(network, "single_blocks")
+    assert network.txt_in.in_features == tiny_models.layout("qwen_image").context_dim
+    assert network.img_in.in_features == 16 * 2 * 2
+
+
 @pytest.mark.parametrize("layout", NAMES)
 def test_dit_layout_samples_finite_latents_of_the_latent_shape(tiny_model, layout):
     result = sample(tiny_model(layout, chunked=True), layout, steps=4, cfg=5.0, height=10, width=14, batch=2)
-    assert result.shape == (2, 16, 10, 14)
+    assert result.shape == (2, 16, *FRAMES.get(layout, ()), 10, 14)
     assert torch.isfinite(result).all()
 
 
@@ -119,6 +134,8 @@ def test_dit_layout_runs_in_half_precision(layout):
     ("sd3_medium.safetensors", "sd3"),
     ("lumina_2.safetensors", "lumina2"),
     ("flux1-schnell.safetensors", "flux"),
+    ("qwen_image_fp8_e4m3fn.safetensors", "qwen_image"),
+    ("Qwen-Image-Edit-2509.safetensors", "qwen_image"),
 ])
 def test_checkpoint_names_map_to_their_family_layout(name, layout):
     assert workflows.layout_for_checkpoint(name) == layout

@@ -3,7 +3,8 @@
 The layouts keep the block structure of the real models (so every hook path runs:
 SD1.5's transformer at full resolution, SDXL's 2/10-deep transformer stacks and
 10-block middle, Flux's double and single stream blocks, SD3's MMDiT joint blocks,
-Lumina 2's context/noise refiners before its single-stream layers) and shrink the widths, so
+Lumina 2's context/noise refiners before its single-stream layers, Qwen-Image's
+double-stream-only stack) and shrink the widths, so
 a sampling step takes milliseconds on a CPU. The result is a real
 ``comfy.model_patcher.ModelPatcher`` around a real ``comfy.model_base`` model.
 """
@@ -50,6 +51,10 @@ class _TinySD3(comfy.supported_models.SD3):
 
 
 class _TinyLumina2(comfy.supported_models.Lumina2):
+    pass
+
+
+class _TinyQwenImage(comfy.supported_models.QwenImage):
     pass
 
 
@@ -113,6 +118,16 @@ LAYOUTS = {
                      "cap_feat_dim": 32, "n_layers": 2, "n_refiner_layers": 1, "n_heads": 4, "n_kv_heads": 2,
                      "multiple_of": 16, "ffn_dim_multiplier": 4.0, "qk_norm": True, "axes_dims": [4, 6, 6],
                      "axes_lens": [300, 512, 512], "rope_theta": 10000.0},
+    ),
+    # Qwen-Image (MMDiT-style double-stream blocks only, no single-stream stack): 16-channel
+    # latent with a frame axis ([B, 16, 1, H, W], Wan 2.1 latent format), 2x2 patches, three
+    # transformer blocks over [text; image] joint attention with rotary embedding applied
+    # before the attention call, the text through an RMSNorm and Linear txt_in, no pooled output.
+    "qwen_image": Layout(
+        name="qwen_image", config_class=_TinyQwenImage, context_dim=32, latent_channels=16,
+        unet_config={"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16,
+                     "num_layers": 3, "attention_head_dim": 16, "num_attention_heads": 4,
+                     "joint_attention_dim": 32, "axes_dims_rope": [4, 6, 6]},
     ),
 }
 
@@ -185,8 +200,8 @@ def build_model(layout_name: str = "sd15", seed: int = 0, dtype: torch.dtype = t
     """A tiny model of the given layout wrapped in a real ModelPatcher.
 
     ``model_type`` (a ``comfy.model_base.ModelType``) overrides the prediction type
-    the config would choose (EPS for SD layouts, FLUX for flux, FLOW for sd3 and
-    lumina2). ``chunked`` makes the model report a huge memory need, so ComfyUI runs
+    the config would choose (EPS for SD layouts, FLUX for flux and qwen_image, FLOW
+    for sd3 and lumina2). ``chunked`` makes the model report a huge memory need, so ComfyUI runs
     cond and uncond in separate calls
     (``transformer_options["cond_or_uncond"]`` is then ``[0]`` or ``[1]``).
     ``unet_overrides`` replace entries of the layout's unet config (e.g.

@@ -1,4 +1,4 @@
-"""PAG, SEG and SLG on tiny DiTs (Flux, SD3/MMDiT): exactness, locality, batching, parity with core SLG."""
+"""PAG, SEG and SLG on tiny DiTs (Flux, SD3/MMDiT, Qwen-Image): exactness, locality, batching, parity with core SLG."""
 
 import contextlib
 
@@ -20,8 +20,8 @@ SEG = {"scale": 3.0, "blur_sigma": 10.0, "blocks": "auto"}
 SLG = {"scale": 3.0, "blocks": "auto", "rescaling_scale": 0.0}
 OURS = {"PAG": (nodes.PerturbedAttentionGuidance, PAG), "SEG": (nodes.SmoothedEnergyGuidance, SEG),
         "SLG": (nodes.SkipLayerGuidance, SLG)}
-FAMILIES = ["flux", "sd3"]
-CFG = {"flux": 1.0, "sd3": 4.0}  # Flux: guidance-distilled, no negative pass
+FAMILIES = ["flux", "sd3", "qwen_image"]
+CFG = {"flux": 1.0, "sd3": 4.0, "qwen_image": 4.0}  # Flux: guidance-distilled, no negative pass
 
 
 def close(actual, expected, rel=1e-4):
@@ -69,8 +69,9 @@ def test_outside_the_window_is_the_unpatched_result_exactly(family, plain, name)
 
 @pytest.mark.parametrize("name", list(OURS))
 def test_batch_items_and_chunked_calls_match_batch_one_unchunked(tiny_model, family, name):
-    layout, _ = family
-    noise = comfy.sample.prepare_noise(tiny_models.empty_latent(layout, batch=2), 7)
+    layout, model = family
+    latent = comfy.sample.fix_empty_latent_channels(model, tiny_models.empty_latent(layout, batch=2))
+    noise = comfy.sample.prepare_noise(latent, 7)  # Qwen-Image's latent has a frame axis
     prompts = {"positive": tiny_models.conditioning(layout, seed=1),
                "negative": tiny_models.conditioning(layout, seed=2)}
     alone = [run(apply(tiny_model(layout), name), layout, noise=noise[i:i + 1], **prompts) for i in range(2)]
@@ -112,7 +113,7 @@ def attention_log(model):
     """Record every attention call as (block name, perturbed by PatchLab, in an extra pass)."""
     net = model.model.diffusion_model
     current, calls, handles = [None], [], []
-    for attr in ("double_blocks", "single_blocks", "joint_blocks"):
+    for attr in ("double_blocks", "single_blocks", "joint_blocks", "transformer_blocks"):
         for i, block in enumerate(getattr(net, attr, ())):
             name = f"{attr}.{i}"
             handles.append(block.register_forward_pre_hook(lambda _m, _a, name=name: current.__setitem__(0, name)))
@@ -136,7 +137,9 @@ def attention_log(model):
 @pytest.mark.parametrize("name", ["PAG", "SEG"])
 @pytest.mark.parametrize("layout,blocks,chosen", [("flux", "single.1", {"single_blocks.1"}),
                                                   ("flux", "double.0", {"double_blocks.0"}),
-                                                  ("sd3", "joint.0, joint.2", {"joint_blocks.0", "joint_blocks.2"})])
+                                                  ("sd3", "joint.0, joint.2", {"joint_blocks.0", "joint_blocks.2"}),
+                                                  ("qwen_image", "double.0, double.2",
+                                                   {"transformer_blocks.0", "transformer_blocks.2"})])
 def test_only_the_chosen_blocks_see_perturbed_attention(tiny_model, name, layout, blocks, chosen):
     with attention_log(tiny_model(layout)) as (logged, calls):
         run(apply(logged, name, blocks=blocks), layout)
@@ -164,6 +167,24 @@ def test_pag_changes_only_the_image_rows_of_its_own_batch_rows(tiny_model):
     assert not torch.allclose(extra[0][1:2], cond[0], rtol=1e-3, atol=1e-3)  # PAG row perturbed
 
 
+def test_pag_on_qwen_image_perturbs_the_image_tokens_and_leaves_the_text_tokens(tiny_model):
+    """Qwen-Image's joint attention runs over [text; image]: PAG changes only the image part of its output."""
+    model = tiny_model("qwen_image")
+    attn = model.model.diffusion_model.transformer_blocks[0].attn
+    seen = {"text": [], "image": []}
+    handles = [attn.to_add_out.register_forward_pre_hook(lambda _m, a: seen["text"].append(a[0].clone())),
+               attn.to_out[0].register_forward_pre_hook(lambda _m, a: seen["image"].append(a[0].clone()))]
+    try:
+        sample(apply(model, "PAG", blocks="double.0"), "qwen_image", steps=1, cfg=1.0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # One step at CFG 1: the cond pass, then PAG's extra pass on the same input.
+    assert [len(seen["text"]), len(seen["image"])] == [2, 2]
+    close(seen["text"][1], seen["text"][0], rel=1e-5)
+    assert not torch.allclose(seen["image"][1], seen["image"][0], rtol=1e-3, atol=1e-3)
+
+
 # --- Skip-Layer Guidance: parity with core ---------------------------------------------------------------
 
 @pytest.mark.parametrize("rescaling_scale", [0.0, 0.7])
@@ -184,6 +205,17 @@ def test_slg_matches_core_skip_layer_guidance_sd3(core_nodes, tiny_model):
     result = sample(ours, "sd3", steps=6, cfg=4.0)
     close(result, sample(core, "sd3", steps=6, cfg=4.0), rel=1e-5)
     assert not torch.allclose(result, sample(model, "sd3", steps=6, cfg=4.0), rtol=1e-3, atol=1e-3)
+
+
+def test_slg_matches_core_skip_layer_guidance_dit_on_qwen_image(core_nodes, tiny_model):
+    model = tiny_model("qwen_image")
+    window = {"start_percent": 0.0, "end_percent": 0.6}
+    (core,) = checks.run_node(core_nodes["SkipLayerGuidanceDiT"], model=model, double_layers="1", single_layers="",
+                              scale=3.0, rescaling_scale=0.0, **window)
+    ours = apply(model, "SLG", window, blocks="double.1")
+    result = sample(ours, "qwen_image", steps=6, cfg=4.0)
+    close(result, sample(core, "qwen_image", steps=6, cfg=4.0), rel=1e-5)
+    assert not torch.allclose(result, sample(model, "qwen_image", steps=6, cfg=4.0), rtol=1e-3, atol=1e-3)
 
 
 def test_slg_rescaling_is_per_image_where_core_pools_the_batch(core_nodes, tiny_model):
@@ -258,12 +290,22 @@ def test_auto_picks_the_families_recommended_blocks(tiny_model):
     assert resolve(tiny_model("sd15"), "auto", "X") == resolve(tiny_model("sd15"), "middle", "X")
     assert resolve(tiny_model("flux"), "all", "X") == {("double", 0), ("single", 0), ("single", 1)}
     assert resolve(tiny_model("flux"), "single.0-1", "X") == {("single", 0), ("single", 1)}
+    assert resolve(tiny_model("qwen_image"), "auto", "X") == {("double", 1)}
+    assert resolve(tiny_model("qwen_image"), "all", "X") == {("double", 0), ("double", 1), ("double", 2)}
+
+
+def test_auto_on_a_60_block_qwen_image_is_the_relative_depth_of_fluxs_blocks(tiny_model):
+    model = tiny_model("qwen_image", num_layers=60)
+    assert nodes.ag.resolve_blocks(model, "auto", "X") == {("double", i) for i in range(22, 29)}
 
 
 @pytest.mark.parametrize("layout,blocks,message", [
     ("flux", "double.5", "'double.5' does not exist in this model; it has double.0, single.0-1"),
     ("flux", "joint.0", "no 'joint' blocks; it has double.0, single.0-1"),
     ("sd3", "single.0-3", "no 'single' blocks; it has joint.0-2"),
+    ("qwen_image", "double.3", "'double.3' does not exist in this model; it has double.0-2"),
+    ("qwen_image", "joint.0", "no 'joint' blocks; it has double.0-2"),
+    ("qwen_image", "input.4", "'input.4' is a UNet address; this model is a DiT with blocks double.0-2"),
     ("flux", "middle", "'middle' is a UNet address; this model is a DiT with blocks double.0, single.0-1"),
     ("sd15", "double.0", "'double.0' is a DiT address; this model is a UNet"),
 ])
@@ -284,7 +326,7 @@ def test_sag_keeps_its_clear_error_on_dits(tiny_model):
 
 
 def test_an_unsupported_dit_gets_a_clear_error(tiny_model):
-    with pytest.raises(RuntimeError, match="supports UNet models .* Flux .* SD3"):
+    with pytest.raises(RuntimeError, match="supports UNet models .* Flux .* SD3.* Qwen-Image"):
         apply(tiny_model("lumina2"), "PAG")
 
 
@@ -292,3 +334,4 @@ def test_the_seg_grid_follows_the_padded_patch_grid():
     options = {dit_attention.LATENT_KEY: (1, 16, 13, 22)}
     assert dit_attention._grid(options, 2, 7 * 11) == (7, 11)
     assert dit_attention._grid(options, 2, 7 * 11 + 4) == (7, 11)  # reference tokens after the grid
+    assert dit_attention._grid({dit_attention.LATENT_KEY: (1, 16, 1, 13, 22)}, 2, 7 * 11) == (7, 11)  # Qwen-Image
