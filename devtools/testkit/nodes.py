@@ -36,7 +36,9 @@ class TinyVAE:
         self.to_rgb = torch.randn(channels, 3, generator=torch.Generator().manual_seed(channels)) / channels ** 0.5
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        """[B, C, h, w] latent -> [B, 8h, 8w, 3] image in [0, 1]."""
+        """[B, C, h, w] latent (or a one-frame [B, C, 1, h, w] video latent) -> [B, 8h, 8w, 3] image in [0, 1]."""
+        if samples.ndim == 5:
+            samples = samples.movedim(2, 1).flatten(0, 1)
         rgb = torch.einsum("bchw,cr->bhwr", samples.float(), self.to_rgb)
         rgb = torch.sigmoid(rgb).permute(0, 3, 1, 2)
         return F.interpolate(rgb, scale_factor=VAE_FACTOR, mode="nearest").permute(0, 2, 3, 1).contiguous()
@@ -65,7 +67,7 @@ class TinyCheckpoint:
     def INPUT_TYPES(cls):
         return {"required": {
             "layout": (list(tiny_models.LAYOUTS),
-                       {"tooltip": "Block layout: sd15, sdxl, flux, sd3 (MMDiT) or lumina2 (NextDiT)."}),
+                       {"tooltip": "Block layout: sd15, sdxl, flux, sd3 (MMDiT), lumina2 (NextDiT) or qwen_image."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of the random weights."}),
         }}
 
