@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..patches import cfg
+from ..patches import cfg, guidance_skip
 from ..patches.window import SigmaWindow
 from ._common import (
     MODEL_INPUT,
@@ -72,19 +72,38 @@ class RenormCFG(_GuidanceNode):
     DISPLAY_NAME = "RenormCFG (PatchLab)"
     DESCRIPTION = (
         "CFG renormalisation and truncation from Lumina-Image 2.0 (arXiv 2503.21758): caps the norm of the "
-        "guided prediction at renorm_cfg times the positive prediction's norm, and turns guidance off while "
-        "sigma is at or above cfg_trunc. Per sample, so batches work (ComfyUI's RenormCFG fails at batch > 1). "
-        "Runs as a post-CFG step and stacks with other guidance nodes."
+        "guided prediction at renorm_cfg times the positive prediction's norm, and turns guidance off where it "
+        "is truncated: while sigma is at or above cfg_trunc (ComfyUI's rule, the default) or, with truncate "
+        "'paper', after cfg_trunc percent of the schedule (the paper's CFG truncation of the late steps). At "
+        "truncated steps the negative prompt is left out of the model call, so they cost one model pass instead "
+        "of two (ComfyUI's node still evaluates it). Per sample, so batches work (ComfyUI's RenormCFG fails at "
+        "batch > 1). Runs as a post-CFG step and stacks with other guidance nodes."
     )
     WHAT = "renormalisation"
+    TRUNCATE_MODES = ("comfyui", "paper")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        types = super().INPUT_TYPES()
+        types["optional"] = {"truncate": (list(cls.TRUNCATE_MODES), {
+            "default": "comfyui",
+            "tooltip": "Which end of the schedule cfg_trunc truncates. comfyui: the early, high-noise steps, "
+                       "where sigma >= cfg_trunc (ComfyUI's RenormCFG; cfg_trunc is a sigma). paper: the late, "
+                       "low-noise steps after cfg_trunc percent of the schedule (Lumina-Image 2.0's CFG-Trunc; "
+                       "cfg_trunc is a percent, 100 never truncates). Either way truncated steps skip the "
+                       "negative pass.",
+        })}
+        return types
 
     @classmethod
     def OPTIONS(cls):
         return {
             "cfg_trunc": ("FLOAT", {
                 "default": 100.0, "min": 0.0, "max": 100.0, "step": 0.01,
-                "tooltip": "Guidance is off (the positive prediction is used) while sigma >= this value. Flow "
-                           "models' sigmas lie in 0-1, so the default 100 never truncates.",
+                "tooltip": "Where guidance is truncated (off, the positive prediction used, no negative pass). "
+                           "truncate comfyui: while sigma >= this value; SD1.5/SDXL sigmas lie in 0.03-14.6 and "
+                           "flow models' in 0-1, so the default 100 never truncates. truncate paper: after this "
+                           "percent of the schedule, e.g. 70 truncates the last 30 %; 100 never truncates.",
             }),
             "renorm_cfg": ("FLOAT", {
                 "default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01,
@@ -93,10 +112,21 @@ class RenormCFG(_GuidanceNode):
             }),
         }
 
-    def patch(self, model, cfg_trunc, renorm_cfg, start_percent, end_percent):
+    @classmethod
+    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None, truncate=None):
+        if truncate is not None and truncate not in cls.TRUNCATE_MODES:
+            return f"truncate is {truncate!r}; expected one of {', '.join(cls.TRUNCATE_MODES)}"
+        return super().VALIDATE_INPUTS(start_percent=start_percent, end_percent=end_percent)
+
+    def patch(self, model, cfg_trunc, renorm_cfg, start_percent, end_percent, truncate="comfyui"):
         channels = cfg.unet_in_channels(model, default=model.get_model_object("latent_format").latent_channels)
-        fn = cfg.renorm_cfg(cfg_trunc, renorm_cfg, channels, self.window(model, start_percent, end_percent))
-        return (cfg.with_post_cfg(model, fn),)
+        window = self.window(model, start_percent, end_percent)
+        truncation = guidance_skip.truncation(model, truncate, cfg_trunc)
+        fn = cfg.renorm_cfg(truncation.mask, renorm_cfg, channels, window)
+        patched = cfg.with_post_cfg(model, fn)
+        if guidance_skip.can_truncate(model, truncation):
+            patched = guidance_skip.with_rule(patched, guidance_skip.TruncationRule(self.NODE_ID, truncation, window))
+        return (patched,)
 
 
 class CFGNorm(_GuidanceNode):

@@ -92,12 +92,15 @@ def rescale_cfg(multiplier: float, window: SigmaWindow) -> PostCFG:
     return post_cfg
 
 
-def renorm_cfg(cfg_trunc: float, renorm_factor: float, channels: int, window: SigmaWindow) -> PostCFG:
+def renorm_cfg(truncated: Callable[[torch.Tensor], torch.Tensor], renorm_factor: float, channels: int,
+               window: SigmaWindow) -> PostCFG:
     """RenormCFG as a post-CFG function, per sample.
 
-    Where sigma >= cfg_trunc the result is the cond prediction (no guidance); elsewhere
-    the first ``channels`` channels of the CFG result have their norm capped at
-    ``renorm_factor * ||cond||`` and the remaining channels come from cond.
+    Where ``truncated(sigma)`` (per-sample boolean [B]) holds, the result is the cond
+    prediction (no guidance); elsewhere the first ``channels`` channels of the CFG result
+    have their norm capped at ``renorm_factor * ||cond||`` and the remaining channels come
+    from cond. (PatchLab_RenormCFG also leaves the negative pass out at truncated steps,
+    see ``patches/guidance_skip.py``; this function keeps the result right where it cannot.)
     """
     def post_cfg(args):
         denoised, cond = args["denoised"], args["cond_denoised"]
@@ -106,8 +109,8 @@ def renorm_cfg(cfg_trunc: float, renorm_factor: float, channels: int, window: Si
         sigma = args["sigma"]
         guided = guidance.renorm(denoised[:, :channels], cond[:, :channels], renorm_factor)
         guided = torch.cat([guided, cond[:, channels:]], dim=1)
-        truncated = guidance.per_sample(sigma.to(denoised.device) >= cfg_trunc, denoised)
-        return in_window(window, sigma, torch.where(truncated, cond, guided), denoised)
+        cut = guidance.per_sample(truncated(sigma.to(denoised.device)), denoised)
+        return in_window(window, sigma, torch.where(cut, cond, guided), denoised)
     return post_cfg
 
 

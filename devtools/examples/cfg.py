@@ -29,9 +29,10 @@ SIMPLE: Dict[str, tuple] = {
     # example name: (note, checkpoint, cfg, node, inputs)
     "rescale_cfg": ("RescaleCFG keeps a v-prediction model's high CFG from burning: multiplier 0.7 as in the paper.",
                     SDXL_VPRED, 7.0, "PatchLab_RescaleCFG", {"multiplier": 0.7}),
-    "renorm_cfg": ("RenormCFG caps the guided prediction's norm at renorm_cfg x the positive's. cfg_trunc 100 never "
-                   "truncates on SD models' sigmas; lower it to switch guidance off at high noise.",
-                   SDXL, 8.0, "PatchLab_RenormCFG", {"cfg_trunc": 100.0, "renorm_cfg": 1.0}),
+    "renorm_cfg": ("RenormCFG caps the guided prediction's norm at renorm_cfg x the positive's, and truncates "
+                   "guidance as the paper does: truncate 'paper' with cfg_trunc 70 guides the first 70 % of the "
+                   "schedule; the last 30 % skip the negative prompt (one model pass per step instead of two).",
+                   SDXL, 8.0, "PatchLab_RenormCFG", {"cfg_trunc": 70.0, "renorm_cfg": 1.0, "truncate": "paper"}),
     "cfg_norm": ("CFGNorm shrinks the CFG result wherever its channel norm exceeds the positive prediction's.",
                  SDXL, 9.0, "PatchLab_CFGNorm", {"strength": 1.0}),
     "adaptive_projected_guidance": ("APG at a high CFG: the parallel component damped (eta 0), norm cap 15, "

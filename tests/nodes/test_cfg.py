@@ -49,6 +49,8 @@ OURS.update({
     "APG-paper": (cfg.AdaptiveProjectedGuidance, {"eta": 0.0, "norm_threshold": 5.0, "momentum": -0.5,
                                                   "mode": "paper"}),
     "CFGZeroStar-paper": (cfg.CFGZeroStar, {"mode": "paper", "zero_init_steps": 1}),
+    # the paper's truncation of the late steps (those skip the negative pass, see test_guidance_skip.py)
+    "RenormCFG-paper": (cfg.RenormCFG, {"cfg_trunc": 70.0, "renorm_cfg": 0.9, "truncate": "paper"}),
 })
 
 
