@@ -1,5 +1,86 @@
-"""(placeholder: filled by the issue that adds this family)"""
+"""Step caching: StepCache reuses (or forecasts) the network's output residual on steps that change little."""
 
 from __future__ import annotations
 
-NODES = []
+from ..patches import step_cache as sc
+from ..patches.window import SigmaWindow
+from ._common import (
+    MODEL_INPUT,
+    MODEL_OUTPUT_TOOLTIP,
+    category,
+    check_percents,
+    check_ranges,
+    first_error,
+    percent_inputs,
+)
+
+
+class StepCache:
+    NODE_ID = "PatchLab_StepCache"
+    DISPLAY_NAME = "Step Cache (PatchLab)"
+    CATEGORY = category("speed")
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = (MODEL_OUTPUT_TOOLTIP,)
+    FUNCTION = "patch"
+    DESCRIPTION = (
+        "Skips whole model evaluations on steps that would change little: the network's output residual (output "
+        "minus input) of the last full evaluation is reused, or extrapolated in sigma from the last two (as "
+        "TaylorSeer, arXiv 2503.06923), when the change accumulated since then (of the model input, or of the first "
+        "block's residual) stays below the threshold. Works on every model ComfyUI samples (first block: UNets and "
+        "most DiTs), per batch item and per cond/uncond chunk, starts fresh every run (any size, steps or sampler), "
+        "and never reuses in extra guidance passes. One log line per run tells how many steps were reused."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": MODEL_INPUT,
+            "indicator": (list(sc.INDICATORS), {
+                "default": "input",
+                "tooltip": "What decides a reuse. input: relative change of the model input since the last full "
+                           "evaluation (free, every model). first block: the network runs its first block and the "
+                           "change of that block's residual decides (costs one block per step, follows the model "
+                           "more closely; UNets, Flux, SD3, AuraFlow, Qwen-Image, Wan, HunyuanVideo, LTX-V, Mochi).",
+            }),
+            "threshold": ("FLOAT", {
+                "default": 0.25, "min": 0.0, "max": 10.0, "step": 0.005,
+                "tooltip": "Largest accumulated relative change that still reuses. 0 disables it (never reuses). "
+                           "input: 0.1-0.4; first block: 0.05-0.3. Higher skips more steps and strays further; "
+                           "the help page has the measured trade-off.",
+            }),
+            "max_consecutive": ("INT", {
+                "default": 2, "min": 1, "max": 100,
+                "tooltip": "At most this many reused steps in a row before a full evaluation. 1-3 keeps quality; "
+                           "higher only matters at high thresholds.",
+            }),
+            "reuse": (list(sc.REUSE_MODES), {
+                "default": "forecast",
+                "tooltip": "forecast: extrapolate the residual linearly in sigma from the last two full "
+                           "evaluations (closer to the uncached result at the same speed); plain: reuse the last "
+                           "residual as it is (EasyCache/TeaCache style).",
+            }),
+            **percent_inputs("reuse"),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, threshold=None, max_consecutive=None, start_percent=None, end_percent=None):
+        return first_error(check_ranges(cls, threshold=threshold, max_consecutive=max_consecutive,
+                                        start_percent=start_percent, end_percent=end_percent),
+                           check_percents(start_percent, end_percent))
+
+    def patch(self, model, indicator, threshold, max_consecutive, reuse, start_percent, end_percent):
+        if indicator not in sc.INDICATORS:
+            raise ValueError(f"{self.NODE_ID}: indicator must be one of {', '.join(sc.INDICATORS)}, got {indicator!r}")
+        if reuse not in sc.REUSE_MODES:
+            raise ValueError(f"{self.NODE_ID}: reuse must be one of {', '.join(sc.REUSE_MODES)}, got {reuse!r}")
+        if threshold < 0:
+            raise ValueError(f"{self.NODE_ID}: threshold must be >= 0 (0 disables it), got {threshold}")
+        if max_consecutive < 1:
+            raise ValueError(f"{self.NODE_ID}: max_consecutive must be at least 1, got {max_consecutive}")
+        window = SigmaWindow.from_percents(model, start_percent, end_percent)
+        spec = sc.CacheSpec(node_id=self.NODE_ID, indicator=indicator, threshold=float(threshold),
+                            max_consecutive=int(max_consecutive), forecast=reuse == "forecast", window=window)
+        return (sc.with_step_cache(model, spec),)
+
+
+NODES = [StepCache]

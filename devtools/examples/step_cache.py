@@ -1,3 +1,42 @@
-"""(placeholder: filled by the issue that adds this family)"""
+"""Example workflows of StepCache (reuse of the network's output residual between steps)."""
 
 from __future__ import annotations
+
+from ..workflows import Builder
+from ._common import FLUX, SDXL, checkpoint, example, prompts, sample_and_save
+
+STEP_CACHE = {"indicator": "input", "threshold": 0.25, "max_consecutive": 2, "reuse": "forecast",
+              "start_percent": 0.0, "end_percent": 1.0}
+
+
+@example("step_cache_sdxl_hires")
+def step_cache_sdxl_hires(wf: Builder) -> None:
+    wf.note("Step Cache, SDXL with a hires pass", "One StepCache model feeds both samplers: the first pass at "
+            "1024x1024 and, after a latent upscale, the hires pass at 1536x1536 (denoise 0.5). Every run starts with "
+            "an empty cache, so the size change is safe. The log tells per run how many steps were reused; raise "
+            "threshold for more speed, lower it if details change.")
+    ckpt = checkpoint(wf, SDXL)
+    positive, negative = prompts(wf, ckpt)
+    model = wf.add("PatchLab_StepCache", model=ckpt[0], **STEP_CACHE)
+    latent = wf.add("EmptyLatentImage", width=1024, height=1024, batch_size=1)
+    first = wf.add("KSampler", model=model[0], seed=42, steps=20, cfg=7.0, sampler_name="dpmpp_2m",
+                   scheduler="karras", positive=positive[0], negative=negative[0], latent_image=latent[0], denoise=1.0)
+    larger = wf.add("LatentUpscaleBy", samples=first[0], upscale_method="nearest-exact", scale_by=1.5)
+    second = wf.add("KSampler", model=model[0], seed=42, steps=20, cfg=7.0, sampler_name="dpmpp_2m",
+                    scheduler="karras", positive=positive[0], negative=negative[0], latent_image=larger[0],
+                    denoise=0.5)
+    image = wf.add("VAEDecode", samples=second[0], vae=ckpt[2])
+    wf.add("SaveImage", images=image[0], filename_prefix="PatchLab/step_cache_sdxl_hires")
+
+
+@example("step_cache_flux")
+def step_cache_flux(wf: Builder) -> None:
+    wf.note("Step Cache, Flux", "first block: the network runs its first double block every step and skips the "
+            "rest when that block's residual changed little since the last full evaluation. The skipped steps are "
+            "forecast from the last two full evaluations.")
+    ckpt = checkpoint(wf, FLUX)
+    positive, negative = prompts(wf, ckpt)
+    model = wf.add("PatchLab_StepCache", model=ckpt[0], **{**STEP_CACHE, "indicator": "first block",
+                                                          "threshold": 0.2})
+    latent = wf.add("EmptySD3LatentImage", width=1024, height=1024, batch_size=1)
+    sample_and_save(wf, model[0], ckpt, positive[0], negative[0], latent[0], "step_cache_flux", steps=20, cfg=1.0)

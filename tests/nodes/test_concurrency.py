@@ -16,7 +16,8 @@ WORKS = (lc.Work(height=16, width=16, batch=1, steps=3, seed=3),
 STATEFUL = [case for case in lc.CASES if case.node_id in {
     "PatchLab_AdaptiveProjectedGuidance", "PatchLab_CFGZeroStar", "PatchLab_SelfAttentionGuidance",
     "PatchLab_PerturbedAttentionGuidance", "PatchLab_SmoothedEnergyGuidance", "PatchLab_TokenMerging",
-    "PatchLab_TokenDownsampling", "PatchLab_RescaleCFG"}]
+    "PatchLab_TokenDownsampling", "PatchLab_RescaleCFG", "PatchLab_AdaptiveGuidance", "PatchLab_GuidanceInterval",
+    "PatchLab_DeepCache", "PatchLab_SkipLayerGuidance", "PatchLab_StepCache"}]
 # Seen once in three tries under heavy CPU load: thread 1 (16x16) off by up to 915 with chunked PAG;
 # a standalone rerun matched exactly. Intermittent, so not strict; see the lead's report (issue 12, item 4).
 RACY = {"PerturbedAttentionGuidance[chunked]"}

@@ -40,7 +40,7 @@ INTERRUPTIONS = {
     # an exception from another node's post-CFG function on step 2
     "post_cfg_raises": lambda model: (lc.raising_post_cfg(model, on_call=2), None),
     # an exception after the third network call: in chunked runs half a step is done
-    "model_call_raises": lambda model: (lc.raising_model_call(model, on_call=3), None),
+    "model_call_raises": lambda model: (lc.raising_model_call(model, on_call=2), None),
     # what POST /interrupt does: the flag, raised from inside the next op of step 2
     "interrupt_flag": lambda model: (model, lc.interrupting_callback(on_step=1)),
 }

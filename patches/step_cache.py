@@ -1,0 +1,487 @@
+"""StepCache: skip whole network evaluations whose output residual can be reused, on any model family.
+
+Hooks, all from ComfyUI's wrapper/patch API (``comfy.patcher_extension``) under one key,
+so a second StepCache on the same model replaces the first:
+
+* ``OUTER_SAMPLE`` brackets a run. It puts a fresh :class:`RunState` into the run's own
+  ``model_options`` copy (``guider.model_options`` is cloned per run by ComfyUI), logs
+  the run's one INFO line and drops every cached tensor in ``finally``, so an
+  interrupted run leaves nothing behind and every run (any size, steps, sampler)
+  starts empty.
+* ``PREDICT_NOISE`` marks one sampler evaluation (a "step"; a second-order sampler has
+  two per step) and remembers the ``x`` it was given.
+* ``CALC_COND_BATCH`` tags the step's *main* pass: the first ``calc_cond_batch`` of the
+  evaluation whose ``x_in`` is that very ``x`` and that is not a PatchLab guidance pass
+  (``transformer_options["patchlab_guidance_pass"]``). Extra passes made later in the
+  same evaluation (core SAG's blurred input, core PAG's perturbed call with the same
+  ``x`` and uuid, PatchLab's PAG/SEG/SAG passes) carry no tag: they are always
+  evaluated in full and never read or feed the cache.
+* ``DIFFUSION_MODEL`` wraps the network's forward. On a tagged call it either runs the
+  network (a full evaluation, whose residual ``output - input`` is stored) or returns
+  ``input + residual`` (plain reuse) or ``input + forecast`` (first order in sigma from
+  the last two full evaluations, :func:`..kernels.step_cache.forecast`). Networks whose
+  forward does not run DIFFUSION_MODEL wrappers in 0.3.75 (SD3's MMDiT, Mochi, HunyuanDiT,
+  among others) get the same wrapper at ``APPLY_MODEL`` instead: there input and output
+  are the sampler's ``x`` and the denoised prediction, so the residual is ``denoised - x``.
+
+State is per chunk of the call — keyed by the cond uuid, cond/uncond flag and the
+chunk's full shape (so a new latent size or batch can never meet a stale tensor) —
+and every indicator is per batch item; a call reuses only when every item of every
+chunk is below the threshold, the sigma of every item is in the window and no chunk
+has reached ``max_consecutive``. Chunked cond/uncond calls decide separately.
+
+Indicators:
+
+* ``input``: relative L1 change of the network input since the chunk's last full
+  evaluation (the input ComfyUI's ``calculate_input`` scaled for this sigma); free.
+* ``first block``: the network runs its first block, and the relative change of that
+  block's residual since the last full evaluation decides. The hook is a per-clone
+  patch: UNets' ``input_block_patch`` (the residual of input block 1 over the stem
+  conv's output), DiTs' ``patches_replace["dit"][("double_block", 0)]`` (chaining a
+  replace already there). To stop the rest of the forward on a reuse, the hook raises
+  the private :class:`_Reuse`, which only the ``DIFFUSION_MODEL`` wrapper of the same
+  call catches; everything that ran before (other patches of the first block) ran on
+  a call whose result is then discarded, and on full evaluations every chained patch
+  runs as usual. Families without that hook get a RuntimeError when the node runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import comfy.patcher_extension
+import torch
+
+from ..kernels import step_cache as kc
+from .attention_guidance import PASS_KEY
+from .window import SigmaWindow
+
+log = logging.getLogger(__name__)
+
+WRAPPER_KEY = "patchlab_step_cache"
+STATE_KEY = "patchlab_step_cache"            # RunState, in the run's transformer_options
+MAIN_KEY = "patchlab_step_cache_main"        # step id, on the main pass's transformer_options
+CALL_KEY = "patchlab_step_cache_call"        # _Call, on one network call's transformer_options
+INDICATORS = ("input", "first block")
+REUSE_MODES = ("forecast", "plain")
+WRAPPER_TYPES = (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.PREDICT_NOISE,
+                 comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, comfy.patcher_extension.WrappersMP.APPLY_MODEL,
+                 comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL)
+
+# Networks whose forward honours patches_replace["dit"][("double_block", 0)] with transformer_options in its
+# arguments (ComfyUI 0.3.75), by class name -> family shown in messages.
+FIRST_BLOCK_DITS = {
+    "Flux": "Flux", "Chroma": "Chroma", "OpenAISignatureMMDITWrapper": "SD3/SD3.5", "MMDiT": "SD3/AuraFlow",
+    "QwenImageTransformer2DModel": "Qwen-Image", "WanModel": "Wan", "VaceWanModel": "Wan VACE",
+    "CameraWanModel": "Wan camera", "HumoWanModel": "Wan HuMo", "HunyuanVideo": "HunyuanVideo",
+    "LTXVModel": "LTX-Video", "AsymmDiTJoint": "Mochi",
+}
+FIRST_BLOCK_FAMILIES = ("SD1.x/SD2.x/SDXL UNets, Flux, Chroma, SD3/SD3.5, AuraFlow, Qwen-Image, Wan 2.x (not S2V), "
+                        "HunyuanVideo, LTX-Video, Mochi")
+_warned = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    node_id: str
+    indicator: str
+    threshold: float
+    max_consecutive: int
+    forecast: bool
+    window: SigmaWindow
+
+
+class _Reuse(Exception):
+    """Raised by the first-block hook to end a call whose cache will be used; caught by the same call's wrapper."""
+
+    def __init__(self, call: _Call):
+        super().__init__("PatchLab StepCache: reuse (internal, never escapes the DIFFUSION_MODEL wrapper)")
+        self.call = call
+
+
+@dataclass
+class _Entry:
+    """What one chunk keeps from its last full evaluations (tensors on the chunk's device)."""
+
+    r_last: torch.Tensor
+    sigma_last: torch.Tensor
+    r_prev: Optional[torch.Tensor] = None
+    sigma_prev: Optional[torch.Tensor] = None
+    x_ref: Optional[torch.Tensor] = None
+    block_ref: Optional[torch.Tensor] = None
+    reused: int = 0
+
+
+ChunkKey = Tuple[Any, int, Tuple[int, ...]]
+
+
+class RunState:
+    """Everything StepCache knows during one sampling run; created by OUTER_SAMPLE, cleared when the run ends."""
+
+    def __init__(self, spec: CacheSpec):
+        self.spec = spec
+        self._lock = threading.Lock()
+        self.entries: Dict[ChunkKey, _Entry] = {}
+        self._step = 0
+        self._step_x: Optional[torch.Tensor] = None
+        self._claimed = True
+        self.steps: Dict[int, List[int]] = {}  # step id -> [full calls, reused calls]
+        self.full_rows = 0
+        self.reused_rows = 0
+        self.extra_rows = 0
+
+    # -- steps and passes
+    def begin_step(self, x: torch.Tensor) -> None:
+        with self._lock:
+            self._step += 1
+            self._step_x = x
+            self._claimed = False
+
+    def end_step(self) -> None:
+        with self._lock:
+            self._step_x = None
+            self._claimed = True
+
+    def claim(self, x_in: torch.Tensor) -> Optional[int]:
+        """The step id if ``x_in`` is this evaluation's x and no main pass took it yet, else None."""
+        with self._lock:
+            if self._claimed or x_in is not self._step_x:
+                return None
+            self._claimed = True
+            return self._step
+
+    # -- entries and counts
+    def get(self, keys: List[ChunkKey]) -> List[Optional[_Entry]]:
+        with self._lock:
+            return [self.entries.get(key) for key in keys]
+
+    def put(self, key: ChunkKey, entry: Optional[_Entry]) -> None:
+        with self._lock:
+            if entry is None:
+                self.entries.pop(key, None)
+            else:
+                self.entries[key] = entry
+
+    def count(self, step: int, reused: bool, rows: int) -> None:
+        with self._lock:
+            counts = self.steps.setdefault(step, [0, 0])
+            counts[1 if reused else 0] += 1
+            if reused:
+                self.reused_rows += rows
+            else:
+                self.full_rows += rows
+
+    def count_extra(self, rows: int) -> None:
+        with self._lock:
+            self.extra_rows += rows
+
+    def summary(self) -> str:
+        with self._lock:
+            steps = len(self.steps)
+            reused = sum(1 for full, hit in self.steps.values() if hit and not full)
+            partly = sum(1 for full, hit in self.steps.values() if hit and full)
+            full_calls = sum(full for full, _ in self.steps.values())
+            hit_calls = sum(hit for _, hit in self.steps.values())
+            spec = self.spec
+            return (f"{spec.node_id}: reused {reused} of {steps} steps ({partly} partly); model calls: {full_calls} "
+                    f"full, {hit_calls} reused; rows: {self.full_rows} evaluated, {self.reused_rows} reused, "
+                    f"{self.extra_rows} in extra passes (indicator {spec.indicator}, threshold {spec.threshold:g}, "
+                    f"{'forecast' if spec.forecast else 'plain reuse'})")
+
+    def clear(self) -> None:
+        with self._lock:
+            self.entries.clear()
+            self._step_x = None
+
+
+class _Call:
+    """One tagged network call: its chunks, their entries, and what the first-block hook saw."""
+
+    def __init__(self, state: RunState, x: torch.Tensor, transformer_options: Dict):
+        self.state = state
+        self.spec = state.spec
+        uuids = list(transformer_options.get("uuids") or [None])
+        flags = list(transformer_options.get("cond_or_uncond") or [0] * len(uuids))
+        self.valid = x.shape[0] % len(uuids) == 0 and len(flags) == len(uuids)
+        self.rows = x.shape[0] // max(1, len(uuids))
+        self.pieces = list(x.split(self.rows)) if self.valid else [x]
+        self.keys: List[ChunkKey] = [(uuid, int(flag), tuple(piece.shape))
+                                     for uuid, flag, piece in zip(uuids, flags, self.pieces)]
+        self.entries = state.get(self.keys) if self.valid else []
+        self.sigma = _item_sigmas(transformer_options.get("sigmas"), self.rows, x.device)
+        self.block_residual: Optional[torch.Tensor] = None
+        self.stem: Optional[torch.Tensor] = None
+
+    def eligible(self) -> bool:
+        """May this call reuse (before looking at any indicator)? No host sync."""
+        spec = self.spec
+        if spec.threshold <= 0 or not self.valid or self.sigma is None:
+            return False
+        for entry in self.entries:
+            if entry is None or entry.reused >= spec.max_consecutive:
+                return False
+            if spec.indicator == "input" and entry.x_ref is None:
+                return False
+            if spec.indicator == "first block" and entry.block_ref is None:
+                return False
+        return True
+
+    def _in_window(self) -> torch.Tensor:
+        if self.spec.window.is_always:
+            return torch.ones((), dtype=torch.bool, device=self.sigma.device)
+        return self.spec.window.mask(self.sigma).all()
+
+    def decide(self, currents: List[torch.Tensor], attribute: str) -> bool:
+        """Reuse if every item of every chunk changed less than the threshold (one host sync)."""
+        changes = []
+        for current, entry in zip(currents, self.entries):
+            reference = getattr(entry, attribute)
+            if reference.shape != current.shape:
+                return False
+            changes.append(kc.relative_change(current, reference))
+        changes = torch.cat([c.to(self.sigma.device) for c in changes])
+        return bool(kc.all_below(changes, self.spec.threshold) & self._in_window())
+
+    def first_block(self, residual: torch.Tensor) -> None:
+        """Called by the first-block hook with that block's residual [rows of the call, ...]; may raise _Reuse."""
+        if self.block_residual is not None:
+            return  # a second call of the hook in one forward (nested chain): the first one counts
+        self.block_residual = residual.detach()
+        if self.valid and self.eligible() and residual.shape[0] == self.rows * len(self.pieces):
+            if self.decide(list(self.block_residual.split(self.rows)), "block_ref"):
+                raise _Reuse(self)
+
+    def reuse(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for piece, entry in zip(self.pieces, self.entries):
+            channels = entry.r_last.shape[1]
+            if self.spec.forecast:
+                residual = kc.forecast(entry.r_last, entry.sigma_last, self.sigma, entry.r_prev, entry.sigma_prev)
+            else:
+                residual = entry.r_last
+            outputs.append(piece[:, :channels] + residual.to(device=piece.device, dtype=piece.dtype))
+            entry.reused += 1
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+    def store(self, output: torch.Tensor) -> None:
+        """Keep what the next steps need from this full evaluation."""
+        if not self.valid or not torch.is_tensor(output) or output.shape[0] != self.rows * len(self.pieces):
+            return
+        blocks = (list(self.block_residual.split(self.rows)) if self.block_residual is not None
+                  and self.block_residual.shape[0] == output.shape[0] else [None] * len(self.pieces))
+        if self.spec.indicator == "first block" and self.block_residual is None:
+            _warn_once(f"{self.spec.node_id}: the first block of this model did not run through its hook, so "
+                       "nothing is reused; use indicator 'input' for this model")
+        for key, entry, piece, out, block in zip(self.keys, self.entries, self.pieces, output.split(self.rows),
+                                                 blocks):
+            channels = out.shape[1]
+            if out.shape[2:] != piece.shape[2:] or channels > piece.shape[1]:
+                _warn_once(f"{self.spec.node_id}: the network's output {tuple(out.shape)} does not match its input "
+                           f"{tuple(piece.shape)}; this model is evaluated in full")
+                self.state.put(key, None)
+                continue
+            residual = (out - piece[:, :channels]).detach()
+            keep_previous = self.spec.forecast and entry is not None and entry.r_last.shape == residual.shape
+            self.state.put(key, _Entry(
+                r_last=residual, sigma_last=self.sigma,
+                r_prev=entry.r_last if keep_previous else None,
+                sigma_prev=entry.sigma_last if keep_previous else None,
+                x_ref=piece.detach() if self.spec.indicator == "input" else None,
+                block_ref=block if self.spec.indicator == "first block" else None,
+            ))
+
+
+def _item_sigmas(sigmas, rows: int, device) -> Optional[torch.Tensor]:
+    """The step's sigma per item of a chunk, [rows] float32, or None if unknown."""
+    if not torch.is_tensor(sigmas) or sigmas.numel() == 0:
+        return None
+    sigmas = sigmas.detach().float().reshape(-1).to(device)
+    if sigmas.numel() == rows:
+        return sigmas
+    return sigmas[:1].expand(rows)
+
+
+def _transformer_options(args, kwargs) -> Optional[Dict]:
+    options = kwargs.get("transformer_options")
+    if isinstance(options, dict):
+        return options
+    for arg in reversed(args):
+        if isinstance(arg, dict):
+            return arg
+    return None
+
+
+# --- the wrappers ---------------------------------------------------------------------------
+
+def outer_sample_wrapper(spec: CacheSpec):
+    def wrapper(executor, *args, **kwargs):
+        guider = executor.class_obj
+        options = guider.model_options.setdefault("transformer_options", {})
+        state = RunState(spec)
+        options[STATE_KEY] = state
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            options.pop(STATE_KEY, None)
+            log.info(state.summary())
+            state.clear()
+
+    return wrapper
+
+
+def predict_noise_wrapper(executor, *args, **kwargs):
+    model_options = args[2] if len(args) > 2 else kwargs.get("model_options", {})
+    state = (model_options or {}).get("transformer_options", {}).get(STATE_KEY)
+    if state is None:
+        return executor(*args, **kwargs)
+    state.begin_step(args[0])
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        state.end_step()
+
+
+def calc_cond_batch_wrapper(executor, *args, **kwargs):
+    args = list(args)
+    model_options = args[-1] if args and isinstance(args[-1], dict) else kwargs.get("model_options", {})
+    transformer_options = model_options.get("transformer_options", {})
+    state = transformer_options.get(STATE_KEY)
+    if state is None or transformer_options.get(PASS_KEY) is not None or len(args) < 3:
+        return executor(*args, **kwargs)
+    step = state.claim(args[2])
+    if step is None:
+        return executor(*args, **kwargs)
+    tagged = dict(model_options)
+    tagged["transformer_options"] = {**transformer_options, MAIN_KEY: step}
+    if isinstance(args[-1], dict):
+        args[-1] = tagged
+    else:
+        kwargs["model_options"] = tagged
+    return executor(*args, **kwargs)
+
+
+def diffusion_model_wrapper(executor, *args, **kwargs):
+    transformer_options = _transformer_options(args, kwargs)
+    state = transformer_options.get(STATE_KEY) if transformer_options is not None else None
+    if state is None:
+        return executor(*args, **kwargs)
+    x = args[0] if args else None
+    step = transformer_options.get(MAIN_KEY)
+    if step is None or not torch.is_tensor(x) or x.ndim < 3 or transformer_options.get(PASS_KEY) is not None:
+        if torch.is_tensor(x):
+            state.count_extra(int(x.shape[0]))
+        return executor(*args, **kwargs)
+    call = _Call(state, x, transformer_options)
+    if state.spec.indicator == "input" and call.eligible():
+        if call.decide(call.pieces, "x_ref"):
+            state.count(step, True, int(x.shape[0]))
+            return call.reuse(x)
+    if state.spec.indicator == "first block":
+        transformer_options[CALL_KEY] = call
+    try:
+        output = executor(*args, **kwargs)
+    except _Reuse as reuse:
+        if reuse.call is not call:
+            raise
+        state.count(step, True, int(x.shape[0]))
+        return call.reuse(x)
+    finally:
+        if transformer_options.get(CALL_KEY) is call:
+            transformer_options.pop(CALL_KEY, None)
+    state.count(step, False, int(x.shape[0]))
+    call.store(output)
+    return output
+
+
+# --- the first-block hooks (spec-free: they act only through the call's _Call) ------------------------
+
+def unet_input_block_patch(h, transformer_options):
+    """input_block_patch: remember the stem conv's output, hand input block 1's residual to the call."""
+    call = transformer_options.get(CALL_KEY)
+    if call is None:
+        return h
+    block = transformer_options.get("block")
+    if block == ("input", 0):
+        call.stem = h
+    elif block == ("input", 1):
+        stem, call.stem = call.stem, None
+        call.first_block(h - stem if stem is not None and stem.shape == h.shape else h)
+    return h
+
+
+unet_input_block_patch.patchlab_step_cache = True
+
+
+def dit_first_block(previous=None):
+    """A ("double_block", 0) replace: run the block (or the replace already there), hand its residual to the call."""
+    def replace(args, extra):
+        out = previous(args, extra) if previous is not None else extra["original_block"](args)
+        options = args.get("transformer_options")
+        call = options.get(CALL_KEY) if isinstance(options, dict) else None
+        if call is not None and torch.is_tensor(out.get("img")) and out["img"].shape == args["img"].shape:
+            call.first_block(out["img"] - args["img"])
+        return out
+
+    replace.patchlab_step_cache = True
+    return replace
+
+
+# --- installing ---------------------------------------------------------------------------------
+
+def has_diffusion_model_wrapper(model) -> bool:
+    """Whether the network's forward runs the DIFFUSION_MODEL wrappers (not every 0.3.75 network does, e.g. SD3)."""
+    forward = getattr(type(model.model.diffusion_model), "forward", None)
+    code = getattr(forward, "__code__", None)
+    return code is not None and "DIFFUSION_MODEL" in code.co_names
+
+
+def first_block_family(model) -> Optional[str]:
+    """"unet", "dit" or None: how StepCache reaches this network's first block."""
+    network = model.model.diffusion_model
+    name = type(network).__name__
+    if name == "UNetModel" and len(getattr(network, "input_blocks", ())) >= 2:
+        return "unet"
+    if name in FIRST_BLOCK_DITS:
+        return "dit"
+    return None
+
+
+def with_step_cache(model, spec: CacheSpec):
+    """A clone of ``model`` with StepCache's wrappers (replacing an earlier StepCache's) and first-block hook."""
+    family = None
+    if spec.indicator == "first block":
+        family = first_block_family(model)
+        if family is None:
+            network = type(model.model.diffusion_model).__name__
+            raise RuntimeError(
+                f"{spec.node_id}: indicator 'first block' needs a hook at the network's first block, which this "
+                f"model ({type(model.model).__name__}, network {network}) does not offer. Supported: "
+                f"{FIRST_BLOCK_FAMILIES}. Use indicator 'input' for this model (it works on every model).")
+    patched = model.clone()
+    for wrapper_type in WRAPPER_TYPES:
+        patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
+    WrappersMP = comfy.patcher_extension.WrappersMP
+    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper(spec))
+    patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, WRAPPER_KEY, predict_noise_wrapper)
+    patched.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, calc_cond_batch_wrapper)
+    patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL if has_diffusion_model_wrapper(model)
+                                 else WrappersMP.APPLY_MODEL, WRAPPER_KEY, diffusion_model_wrapper)
+    options = patched.model_options.get("transformer_options", {})
+    if family == "unet":
+        existing = options.get("patches", {}).get("input_block_patch", [])
+        if not any(getattr(p, "patchlab_step_cache", False) for p in existing):
+            patched.set_model_input_block_patch(unet_input_block_patch)
+    elif family == "dit":
+        previous = options.get("patches_replace", {}).get("dit", {}).get(("double_block", 0))
+        if previous is None or not getattr(previous, "patchlab_step_cache", False):
+            patched.set_model_patch_replace(dit_first_block(previous), "dit", "double_block", 0)
+    return patched

@@ -1,0 +1,81 @@
+"""Step-cache kernels: change indicators, the reuse decision, the sigma forecast (pure torch)."""
+
+import pytest
+import torch
+
+from patchlab.kernels import step_cache as kc
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_relative_change_is_zero_for_an_unchanged_input():
+    x = rand(3, 4, 5, 6)
+    assert torch.equal(kc.relative_change(x, x.clone()), torch.zeros(3))
+
+
+def test_relative_change_is_per_item():
+    reference = rand(2, 4, 8, 8)
+    current = reference.clone()
+    current[1] *= 1.5
+    change = kc.relative_change(current, reference)
+    assert change[0] == 0
+    torch.testing.assert_close(change[1], torch.tensor(0.5))
+
+
+def test_relative_change_is_float32_for_half_inputs():
+    x = rand(2, 3, 4).half()
+    assert kc.relative_change(x * 2, x).dtype == torch.float32
+
+
+def test_relative_change_rejects_different_shapes():
+    with pytest.raises(ValueError, match="equal shapes"):
+        kc.relative_change(rand(1, 2, 3), rand(1, 2, 4))
+
+
+def test_relative_change_of_a_zero_reference_is_finite_and_large():
+    change = kc.relative_change(torch.ones(1, 4), torch.zeros(1, 4))
+    assert torch.isfinite(change).all() and change.item() > 1e6
+
+
+def test_all_below_needs_every_item_below():
+    assert kc.all_below(torch.tensor([0.1, 0.2]), 0.3)
+    assert not kc.all_below(torch.tensor([0.1, 0.4]), 0.3)
+
+
+def test_all_below_is_false_at_threshold_zero():
+    assert not kc.all_below(torch.zeros(3), 0.0)
+
+
+def test_forecast_without_a_previous_evaluation_is_plain_reuse():
+    r = rand(2, 3, 4, 4)
+    assert kc.forecast(r, torch.tensor([5.0, 5.0]), torch.tensor([4.0, 4.0])) is r
+
+
+def test_forecast_is_exact_on_a_residual_linear_in_sigma():
+    a, b = rand(2, 3, 4, 4, seed=1), rand(2, 3, 4, 4, seed=2)
+
+    def residual(s):
+        return a + s * b
+
+    sigma_prev, sigma_last, sigma = torch.tensor([8.0, 6.0]), torch.tensor([5.0, 3.0]), torch.tensor([4.0, 1.0])
+    r_prev = torch.stack([residual(sigma_prev[i])[i] for i in range(2)])
+    r_last = torch.stack([residual(sigma_last[i])[i] for i in range(2)])
+    expected = torch.stack([residual(sigma[i])[i] for i in range(2)])
+    got = kc.forecast(r_last, sigma_last, sigma, r_prev, sigma_prev)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_forecast_falls_back_to_reuse_where_the_two_sigmas_coincide():
+    r_prev, r_last = rand(2, 4, seed=1), rand(2, 4, seed=2)
+    got = kc.forecast(r_last, torch.tensor([3.0, 3.0]), torch.tensor([2.0, 2.0]), r_prev, torch.tensor([3.0, 5.0]))
+    torch.testing.assert_close(got[0], r_last[0])
+    assert not torch.allclose(got[1], r_last[1])
+
+
+def test_forecast_keeps_the_dtype_and_accepts_scalar_sigmas():
+    r_prev, r_last = rand(1, 4, 2, 2, seed=1).half(), rand(1, 4, 2, 2, seed=2).half()
+    got = kc.forecast(r_last, torch.tensor(2.0), torch.tensor(1.0), r_prev, torch.tensor(3.0))
+    assert got.dtype == torch.float16 and got.shape == r_last.shape
+    torch.testing.assert_close(got.float(), (2 * r_last.float() - r_prev.float()), rtol=1e-2, atol=1e-2)
