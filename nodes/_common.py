@@ -44,13 +44,14 @@ def check_ranges(node_cls: type, **values: Any) -> Union[bool, str]:
 
     ComfyUI skips its range check for inputs a ``VALIDATE_INPUTS`` names, so nodes
     that validate several inputs together call this first. Values that are None (a
-    linked input, not known before the run) are not checked.
+    linked input, not known before the run) or not numbers (a malformed value ComfyUI's
+    own type check reports) are not checked.
     """
     spec: Dict[str, Any] = {}
     for group in node_cls.INPUT_TYPES().values():
         spec.update(group)
     for name, value in values.items():
-        if value is None or name not in spec or len(spec[name]) < 2:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or name not in spec or len(spec[name]) < 2:
             continue
         options = spec[name][1]
         if "min" in options and value < options["min"]:

@@ -44,7 +44,7 @@ def max_downsample_input(default: int):
 
 def power_of_two_error(value) -> Union[bool, str]:
     """True, or the message for a max_downsample that is not 1, 2, 4 or 8 (None: linked, unknown yet)."""
-    if value is None or value in DOWNSAMPLES:
+    if not isinstance(value, int) or value in DOWNSAMPLES:  # None: linked; other types: ComfyUI reports them
         return True
     return f"max_downsample must be 1, 2, 4 or 8, got {value}"
 
