@@ -35,6 +35,13 @@ def check_percents(start_percent: Any = None, end_percent: Any = None) -> Union[
     return True
 
 
+def check_window(node_cls: type, start_percent: Any = None, end_percent: Any = None,
+                 **ranged: Any) -> Union[bool, str]:
+    """The checks of a node with a schedule window: ranges of the percents (and of ``ranged``), their order."""
+    return first_error(check_ranges(node_cls, start_percent=start_percent, end_percent=end_percent, **ranged),
+                       check_percents(start_percent, end_percent))
+
+
 def category(sub: str) -> str:
     return f"{ROOT_CATEGORY}/{sub}"
 

@@ -9,8 +9,7 @@ from ._common import (
     MODEL_INPUT,
     MODEL_OUTPUT_TOOLTIP,
     category,
-    check_percents,
-    check_ranges,
+    check_window,
     first_error,
     percent_inputs,
 )
@@ -40,8 +39,7 @@ class _AttentionGuidanceNode:
                 ag.parse_blocks(text)
             except ValueError as error:
                 syntax = str(error)
-        return first_error(check_ranges(cls, start_percent=start_percent, end_percent=end_percent),
-                           check_percents(start_percent, end_percent), syntax)
+        return first_error(check_window(cls, start_percent, end_percent), syntax)
 
     def _patch(self, model, text, start_percent, end_percent, **spec):
         blocks = ag.resolve_blocks(model, text, self.NODE_ID, dit=self.DIT)

@@ -8,9 +8,7 @@ from ._common import (
     MODEL_INPUT,
     MODEL_OUTPUT_TOOLTIP,
     category,
-    check_percents,
-    check_ranges,
-    first_error,
+    check_window,
     percent_inputs,
 )
 
@@ -50,8 +48,7 @@ class FreeU:
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None):
-        return first_error(check_ranges(cls, start_percent=start_percent, end_percent=end_percent),
-                           check_percents(start_percent, end_percent))
+        return check_window(cls, start_percent, end_percent)
 
     def patch(self, model, b1, b2, s1, s2, start_percent, end_percent):
         window = SigmaWindow.from_percents(model, start_percent, end_percent)

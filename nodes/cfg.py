@@ -8,9 +8,7 @@ from ._common import (
     MODEL_INPUT,
     MODEL_OUTPUT_TOOLTIP,
     category,
-    check_percents,
-    check_ranges,
-    first_error,
+    check_window,
     percent_inputs,
 )
 
@@ -34,8 +32,7 @@ class _GuidanceNode:
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None):
-        return first_error(check_ranges(cls, start_percent=start_percent, end_percent=end_percent),
-                           check_percents(start_percent, end_percent))
+        return check_window(cls, start_percent, end_percent)
 
     @staticmethod
     def window(model, start_percent, end_percent):

@@ -8,9 +8,7 @@ from ._common import (
     MODEL_INPUT,
     MODEL_OUTPUT_TOOLTIP,
     category,
-    check_percents,
-    check_ranges,
-    first_error,
+    check_window,
     percent_inputs,
 )
 
@@ -51,9 +49,7 @@ class DeepCache:
 
     @classmethod
     def VALIDATE_INPUTS(cls, interval=None, depth=None, start_percent=None, end_percent=None):
-        return first_error(check_ranges(cls, interval=interval, depth=depth, start_percent=start_percent,
-                                        end_percent=end_percent),
-                           check_percents(start_percent, end_percent))
+        return check_window(cls, start_percent, end_percent, interval=interval, depth=depth)
 
     def patch(self, model, interval, depth, start_percent, end_percent):
         window = SigmaWindow.from_percents(model, start_percent, end_percent)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..patches import guidance_skip
 from ..patches.window import SigmaWindow
-from ._common import MODEL_INPUT, MODEL_OUTPUT_TOOLTIP, category, check_percents, check_ranges, first_error
+from ._common import MODEL_INPUT, MODEL_OUTPUT_TOOLTIP, category, check_ranges, check_window
 
 CATEGORY = category("guidance")
 
@@ -53,8 +53,7 @@ class GuidanceInterval(_SkipNode):
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None):
-        return first_error(check_ranges(cls, start_percent=start_percent, end_percent=end_percent),
-                           check_percents(start_percent, end_percent))
+        return check_window(cls, start_percent, end_percent)
 
     def patch(self, model, start_percent, end_percent):
         window = SigmaWindow.from_percents(model, start_percent, end_percent)

@@ -8,9 +8,7 @@ from ._common import (
     MODEL_INPUT,
     MODEL_OUTPUT_TOOLTIP,
     category,
-    check_percents,
-    check_ranges,
-    first_error,
+    check_window,
     percent_inputs,
 )
 
@@ -64,9 +62,7 @@ class StepCache:
 
     @classmethod
     def VALIDATE_INPUTS(cls, threshold=None, max_consecutive=None, start_percent=None, end_percent=None):
-        return first_error(check_ranges(cls, threshold=threshold, max_consecutive=max_consecutive,
-                                        start_percent=start_percent, end_percent=end_percent),
-                           check_percents(start_percent, end_percent))
+        return check_window(cls, start_percent, end_percent, threshold=threshold, max_consecutive=max_consecutive)
 
     def patch(self, model, indicator, threshold, max_consecutive, reuse, start_percent, end_percent):
         if indicator not in sc.INDICATORS:

@@ -11,8 +11,7 @@ from ._common import (
     MODEL_INPUT,
     MODEL_OUTPUT_TOOLTIP,
     category,
-    check_percents,
-    check_ranges,
+    check_window,
     first_error,
     percent_inputs,
 )
@@ -28,9 +27,8 @@ class _SpeedNode:
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None, max_downsample=None):
-        return first_error(check_ranges(cls, start_percent=start_percent, end_percent=end_percent,
-                                        max_downsample=max_downsample),
-                           check_percents(start_percent, end_percent), power_of_two_error(max_downsample))
+        return first_error(check_window(cls, start_percent, end_percent, max_downsample=max_downsample),
+                           power_of_two_error(max_downsample))
 
 
 def max_downsample_input(default: int):
