@@ -3,10 +3,15 @@
 Table-driven over ``devtools.lifecycle.CASES``: a new node is covered by one ``Case`` there.
 """
 
+import gc
+import weakref
+
 import comfy.model_management
 import pytest
+import torch
 
 from devtools import lifecycle as lc
+from devtools.testkit import counting
 
 CASES = lc.CASES
 IDS = lc.case_ids(CASES)
@@ -56,3 +61,37 @@ def test_a_run_interrupted_mid_sampling_leaves_nothing_behind(case, how):
         lc.sample(stopped, case.layout, interrupted, callback=callback)
     work = lc.SEQUENCE[0]
     lc.assert_same(lc.sample(model, case.layout, work), lc.fresh(case, work), f"{case.name} after {how}")
+
+
+# --- nothing kept -------------------------------------------------------------------------------
+
+def live_tensors():
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if torch.is_tensor(obj))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_runs_of_a_patched_model_keep_no_tensor_alive(case):
+    model = lc.patch(case)
+    lc.sample(model, case.layout, lc.SEQUENCE[0])  # warm-up: lazily made buffers, kernels, caches of the kit
+    before = live_tensors()
+    inputs = []
+    hook = counting.network(model).get_submodule(counting.first_layer_name(model)).register_forward_pre_hook(
+        lambda module, args: inputs.append(weakref.ref(args[0])))
+    try:
+        for work in lc.SEQUENCE[1:]:
+            lc.sample(model, case.layout, work)
+    finally:
+        hook.remove()
+    assert inputs and live_tensors() <= before
+    assert all(ref() is None for ref in inputs), "a network input outlived its run"
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_a_dropped_patched_model_is_freed(case):
+    model = lc.patch(case)
+    lc.sample(model, case.layout, lc.SEQUENCE[0])
+    dropped = weakref.ref(model)
+    del model
+    gc.collect()
+    assert dropped() is None, "something still holds the patched ModelPatcher after its run"
