@@ -13,11 +13,11 @@ MODEL_INPUT = ("MODEL", {"tooltip": "The model to patch. It is cloned; the input
 MODEL_OUTPUT_TOOLTIP = "A patched clone of the input model."
 
 
-def percent_inputs(what: str) -> Dict[str, Any]:
+def percent_inputs(what: str, start: float = 0.0) -> Dict[str, Any]:
     """``start_percent`` / ``end_percent`` inputs: the part of the schedule where ``what`` acts."""
     return {
         "start_percent": ("FLOAT", {
-            "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+            "default": start, "min": 0.0, "max": 1.0, "step": 0.001,
             "tooltip": f"Where in the schedule {what} starts: 0 is the first step, 1 the last. 0 (with end 1) "
                        "keeps it on for the whole run.",
         }),

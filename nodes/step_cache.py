@@ -1,4 +1,4 @@
-"""Step caching: StepCache reuses (or forecasts) the network's output residual on steps that change little."""
+"""Step caching: StepCache reuses (or forecasts) the model's last output on steps that change little."""
 
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ class StepCache:
     OUTPUT_TOOLTIPS = (MODEL_OUTPUT_TOOLTIP,)
     FUNCTION = "patch"
     DESCRIPTION = (
-        "Skips whole model evaluations on steps that would change little: the network's output residual (output "
-        "minus input) of the last full evaluation is reused, or extrapolated in sigma from the last two (as "
-        "TaylorSeer, arXiv 2503.06923), when the change accumulated since then (of the model input, or of the first "
-        "block's residual) stays below the threshold. Works on every model ComfyUI samples (first block: UNets and "
+        "Skips whole model evaluations on steps that would change little: the output residual of the last full "
+        "evaluation, rescaled to the current sigma (the model's noise or velocity prediction), is reused, or "
+        "extrapolated in sigma from the last two (after TaylorSeer, arXiv 2503.06923), while the change accumulated "
+        "since then (of the model input, or of the first block's residual) stays below the threshold. Works on every "
+        "model ComfyUI samples (first block: UNets and "
         "most DiTs), per batch item and per cond/uncond chunk, starts fresh every run (any size, steps or sampler), "
         "and never reuses in extra guidance passes. One log line per run tells how many steps were reused."
     )
@@ -41,23 +42,24 @@ class StepCache:
                            "more closely; UNets, Flux, SD3, AuraFlow, Qwen-Image, Wan, HunyuanVideo, LTX-V, Mochi).",
             }),
             "threshold": ("FLOAT", {
-                "default": 0.25, "min": 0.0, "max": 10.0, "step": 0.005,
+                "default": 0.3, "min": 0.0, "max": 10.0, "step": 0.005,
                 "tooltip": "Largest accumulated relative change that still reuses. 0 disables it (never reuses). "
-                           "input: 0.1-0.4; first block: 0.05-0.3. Higher skips more steps and strays further; "
+                           "input: 0.1-0.6; first block: 0.05-0.2. Higher skips more steps and strays further; "
                            "the help page has the measured trade-off.",
             }),
             "max_consecutive": ("INT", {
-                "default": 2, "min": 1, "max": 100,
+                "default": 3, "min": 1, "max": 100,
                 "tooltip": "At most this many reused steps in a row before a full evaluation. 1-3 keeps quality; "
                            "higher only matters at high thresholds.",
             }),
             "reuse": (list(sc.REUSE_MODES), {
                 "default": "forecast",
-                "tooltip": "forecast: extrapolate the residual linearly in sigma from the last two full "
-                           "evaluations (closer to the uncached result at the same speed); plain: reuse the last "
-                           "residual as it is (EasyCache/TeaCache style).",
+                "tooltip": "forecast: extrapolate the model's prediction linearly in sigma from the last two full "
+                           "evaluations (half the first-order step; closer to the uncached result at the same "
+                           "speed); plain: reuse the last prediction as it is.",
             }),
-            **percent_inputs("reuse"),
+            # The first steps set the composition and change the most: like core EasyCache/LazyCache, start at 15 %.
+            **percent_inputs("reuse", start=0.15),
         }}
 
     @classmethod

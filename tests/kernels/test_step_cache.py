@@ -1,4 +1,4 @@
-"""Step-cache kernels: change indicators, the reuse decision, the sigma forecast (pure torch)."""
+"""Step-cache kernels: change indicators, the reuse decision, the cached direction and its sigma forecast."""
 
 import pytest
 import torch
@@ -79,3 +79,36 @@ def test_forecast_keeps_the_dtype_and_accepts_scalar_sigmas():
     got = kc.forecast(r_last, torch.tensor(2.0), torch.tensor(1.0), r_prev, torch.tensor(3.0))
     assert got.dtype == torch.float16 and got.shape == r_last.shape
     torch.testing.assert_close(got.float(), (2 * r_last.float() - r_prev.float()), rtol=1e-2, atol=1e-2)
+
+
+def test_forecast_gain_scales_the_first_order_step():
+    r_prev, r_last = rand(2, 4, seed=1), rand(2, 4, seed=2)
+    sigmas = (torch.tensor(3.0), torch.tensor(2.0), r_prev, torch.tensor(4.0))
+    full = kc.forecast(r_last, *sigmas)
+    half = kc.forecast(r_last, *sigmas, gain=0.5)
+    torch.testing.assert_close(half, (r_last + full) / 2)
+    torch.testing.assert_close(kc.forecast(r_last, *sigmas, gain=0.0), r_last)
+
+
+def test_direction_of_an_eps_model_is_its_noise_prediction():
+    # ComfyUI's EPS: denoised = x - sigma * eps
+    x, eps, sigma = rand(2, 4, 3, 3, seed=1), rand(2, 4, 3, 3, seed=2), torch.tensor([7.0, 0.5])
+    denoised = x - sigma.view(2, 1, 1, 1) * eps
+    torch.testing.assert_close(kc.direction(x, sigma, denoised), eps, rtol=1e-4, atol=1e-4)
+
+
+def test_denoised_from_direction_inverts_direction():
+    x, denoised, sigma = rand(2, 4, 5, seed=1), rand(2, 4, 5, seed=2), torch.tensor([3.0, 0.2])
+    d = kc.direction(x, sigma, denoised)
+    torch.testing.assert_close(kc.denoised_from_direction(x, sigma, d), denoised, rtol=1e-5, atol=1e-5)
+
+
+def test_direction_at_sigma_zero_is_zero_not_inf():
+    x = rand(2, 3, seed=1)
+    d = kc.direction(x, torch.tensor([0.0, 1.0]), torch.zeros(2, 3))
+    assert torch.equal(d[0], torch.zeros(3)) and torch.isfinite(d).all()
+
+
+def test_direction_is_float32_for_half_inputs():
+    x = rand(1, 4, 2, 2).half()
+    assert kc.direction(x, torch.tensor(1.0), x * 0.5).dtype == torch.float32
