@@ -5,7 +5,10 @@ For each case (architecture and image size) every variant runs the way KSampler 
 variants interleaved round by round after a warm-up, best of the rounds:
 
 * ``one step``: one CFG sampling step (one model evaluation of cond and uncond);
-* ``sample``: a whole run of ``--steps`` steps (20 in the full run);
+* ``sample``: a whole run of ``--steps`` steps (20 in the full run), after the one-step
+  rounds, with the relative L2 distance of its final latent from the unpatched one.
+  Nodes that save work across steps (StepCache, DeepCache, core EasyCache/LazyCache,
+  guidance skipping) are timed as whole samples only;
 
 plus the peak memory of one step (CUDA allocator peak, or the process's resident-set
 high-water mark on the CPU) and each variant's speed-up over unpatched. Results:
@@ -17,6 +20,7 @@ node and case, core beside ours); ``--publish`` copies the table and chart to
     .venv/bin/python bench/run.py                  # every case, 20-step samples (hours on a CPU)
     .venv/bin/python bench/run.py --device cuda    # fp16 on the GPU, ComfyUI's default attention
     .venv/bin/python bench/run.py --cases sdxl:1024 --variants unpatched patchlab_todo
+    .venv/bin/python bench/run.py --cases sd15:512 --steps 20 --variants patchlab_deepcache core_lazycache
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class Variant:
     families: Tuple[str, ...]
     core: bool
     patch: Callable  # (model, family) -> patched model
+    sample_only: bool = False  # saves work across steps (caches, guidance skipping): timed as whole samples only
 
 
 def _core(node_id: str, **inputs):
@@ -70,6 +75,10 @@ def _reach(family: str) -> int:
 
 
 UNETS = ("sd15", "sdxl")
+ALL = ("sd15", "sdxl", "flux")
+CORE_CACHE = {"reuse_threshold": 0.2, "start_percent": 0.15, "end_percent": 0.95, "verbose": False}
+STEP_CACHE_DEFAULTS = {"indicator": "input", "threshold": 0.3, "max_consecutive": 3, "reuse": "forecast",
+                       "start_percent": 0.15, "end_percent": 1.0}
 VARIANTS = [
     Variant("unpatched", "unpatched", ("sd15", "sdxl", "flux"), False, lambda model, family: model),
     Variant("core_tome", "ToMe 0.5 (core TomePatchModel)", UNETS, True, _core("TomePatchModel", ratio=0.5)),
@@ -80,6 +89,14 @@ VARIANTS = [
     Variant("patchlab_todo", "ToDo 2x (PatchLab, defaults)", UNETS, False,
             _ours("PatchLab_TokenDownsampling", downsample_factor=2.0, max_downsample=_reach,
                   method="nearest-exact", start_percent=0.0, end_percent=1.0)),
+    Variant("core_easycache", "EasyCache (core, defaults)", ALL, True, _core("EasyCache", **CORE_CACHE), True),
+    Variant("core_lazycache", "LazyCache (core, defaults)", ALL, True, _core("LazyCache", **CORE_CACHE), True),
+    Variant("patchlab_stepcache", "StepCache (PatchLab, defaults)", ALL, False,
+            _ours("PatchLab_StepCache", **STEP_CACHE_DEFAULTS), True),
+    Variant("patchlab_deepcache", "DeepCache interval 3 (PatchLab)", UNETS, False,
+            _ours("PatchLab_DeepCache", interval=3, depth=0, start_percent=0.0, end_percent=1.0), True),
+    Variant("patchlab_guidance_interval", "Guidance interval (PatchLab, defaults)", UNETS, False,
+            _ours("PatchLab_GuidanceInterval", start_percent=0.186, end_percent=0.928), True),
 ]
 
 
@@ -91,8 +108,10 @@ def parse_args():
     parser.add_argument("--steps", type=int, help="steps of the whole-sample timing (default 20; --quick: 0 = "
                         "skip); 0 skips it")
     parser.add_argument("--rounds", type=int, help="timed rounds after the warm-up (default 3; --quick: 2)")
+    parser.add_argument("--sample-rounds", type=int, default=1, help="timed rounds of the whole samples (default 1)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    parser.add_argument("--publish", action="store_true", help="copy run.md and run.png to bench/figures/")
+    parser.add_argument("--name", default="run", help="results file stem: bench/results/NAME.{json,md,png}")
+    parser.add_argument("--publish", action="store_true", help="copy NAME.md and NAME.png to bench/figures/")
     args = parser.parse_args()
     args.cases = args.cases or (QUICK_CASES if args.quick else FULL_CASES)
     args.steps = args.steps if args.steps is not None else (0 if args.quick else 20)
@@ -100,8 +119,11 @@ def parse_args():
     return args
 
 
-def sampler_run(model, family: str, pixels: int, steps: int):
-    """A KSampler-equivalent run: seeded noise, euler, normal schedule, cfg 7 (Flux: 1, guidance 3.5)."""
+def sampler_run(model, family: str, pixels: int, steps: int, keep: Dict = None):
+    """A KSampler-equivalent run: seeded noise, euler, normal schedule, cfg 7 (Flux: 1, guidance 3.5).
+
+    With ``keep``, the last run's final latent is left in ``keep["latent"]``.
+    """
     import comfy.sample
 
     latent = models.empty_latent(family, pixels)
@@ -110,8 +132,11 @@ def sampler_run(model, family: str, pixels: int, steps: int):
     positive, negative = models.conditioning(family, 1), models.conditioning(family, 2)
 
     def run():
-        return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
-                                   disable_pbar=True, seed=0)
+        out = comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                                  disable_pbar=True, seed=0)
+        if keep is not None:
+            keep["latent"] = out
+        return out
     return run
 
 
@@ -122,9 +147,9 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(runs: Dict[str, Callable], rounds: int) -> Dict[str, List[float]]:
-    """Every run once as warm-up, then ``rounds`` round-robin passes; seconds per pass."""
-    for fn in runs.values():
+def interleaved(runs: Dict[str, Callable], rounds: int, warmup: bool = True) -> Dict[str, List[float]]:
+    """Every run once as warm-up (unless ``warmup`` is False), then ``rounds`` round-robin passes; seconds each."""
+    for fn in runs.values() if warmup else ():
         fn()
     times = {name: [] for name in runs}
     for _ in range(rounds):
@@ -139,72 +164,100 @@ def measure_case(family: str, pixels: int, variants: List[Variant], args) -> Dic
 
     dtype = torch.float16 if comfy.model_management.get_torch_device().type == "cuda" else torch.float32
     base = models.build(family, dtype=dtype)
-    patched = {v.name: v.patch(base, family) for v in variants}
+    sample_only = {v.name for v in variants if v.sample_only}
+    patched = {v.name: v.patch(base, family) for v in variants if args.steps or not v.sample_only}
     row = {name: {} for name in patched}
     kinds = [("one_step", 1)] + ([("sample", args.steps)] if args.steps else [])
     for kind, steps in kinds:
-        runs = {name: sampler_run(model, family, pixels, steps) for name, model in patched.items()}
-        for name, seconds in interleaved(runs, args.rounds).items():
+        kept = {name: {} for name in patched}
+        runs = {name: sampler_run(model, family, pixels, steps, kept[name]) for name, model in patched.items()
+                if kind == "sample" or name not in sample_only}
+        rounds = args.rounds if kind == "one_step" else args.sample_rounds
+        # whole samples run after the one-step rounds warmed every model up: no extra warm-up sample
+        for name, seconds in interleaved(runs, rounds, warmup=kind == "one_step").items():
             row[name][kind] = {"seconds": round(min(seconds), 3), "all_seconds": [round(s, 3) for s in seconds],
                                "steps": steps}
+            if kind == "sample":
+                reference, latent = kept["unpatched"]["latent"].float(), kept[name]["latent"].float()
+                row[name][kind]["relative_l2"] = round(float((latent - reference).norm() / reference.norm()), 5)
     for name, model in patched.items():
-        row[name]["peak_bytes_one_step"] = _common.peak_memory(sampler_run(model, family, pixels, 1))["peak_bytes"]
+        if name not in sample_only:
+            row[name]["peak_bytes_one_step"] = _common.peak_memory(
+                sampler_run(model, family, pixels, 1))["peak_bytes"]
     for name in row:
-        for kind, _ in kinds:
-            row[name][kind]["speedup"] = round(row["unpatched"][kind]["seconds"] / row[name][kind]["seconds"], 3)
+        for kind in row[name]:
+            if isinstance(row[name][kind], dict) and "seconds" in row[name][kind]:
+                row[name][kind]["speedup"] = round(row["unpatched"][kind]["seconds"] / row[name][kind]["seconds"], 3)
     del patched, base
     comfy.model_management.soft_empty_cache()
     return row
 
 
 def markdown(results: Dict, variants: List[Variant], meta: Dict) -> str:
+    steps = meta["steps"]
     lines = [f"Machine: {meta['device']}; dtype {meta['dtype']}; through ComfyUI's sampler (euler, normal, cfg 7; "
-             f"Flux cfg 1), best of {meta['rounds']} interleaved rounds after a warm-up.", "",
-             "| case | node | one step (s) | speed-up | " + (f"{meta['steps']}-step sample (s) | speed-up | "
-                                                         if meta["steps"] else "") + "peak memory (MB) |",
-             "|---|---|---|---|" + ("---|---|" if meta["steps"] else "") + "---|"]
+             f"Flux cfg 1); one step: best of {meta['rounds']} interleaved rounds after a warm-up"
+             + (f"; {steps}-step samples: best of {meta['sample_rounds']}" if steps else "") + ".", "",
+             "| case | node | one step (s) | speed-up | " + (f"{steps}-step sample (s) | speed-up | distance | "
+                                                         if steps else "") + "peak memory (MB) |",
+             "|---|---|---|---|" + ("---|---|---|" if steps else "") + "---|"]
     labels = {v.name: v.label for v in variants}
     for case, row in results.items():
         for name, values in row.items():
-            step = values["one_step"]
-            cells = [case, labels[name], f"{step['seconds']:.2f}", f"{step['speedup']:.2f}x"]
-            if "sample" in values:
-                cells += [f"{values['sample']['seconds']:.1f}", f"{values['sample']['speedup']:.2f}x"]
-            cells.append(f"{values['peak_bytes_one_step'] / 2**20:.0f}")
+            step = values.get("one_step")
+            cells = [case, labels[name]] + ([f"{step['seconds']:.2f}", f"{step['speedup']:.2f}x"] if step
+                                            else ["-", "-"])
+            if steps:
+                sample = values.get("sample")
+                cells += ([f"{sample['seconds']:.1f}", f"{sample['speedup']:.2f}x",
+                           f"{100 * sample['relative_l2']:.1f} %"] if sample else ["-", "-", "-"])
+            peak = values.get("peak_bytes_one_step")
+            cells.append(f"{peak / 2**20:.0f}" if peak else "-")
             lines.append("| " + " | ".join(cells) + " |")
+    if steps:
+        lines += ["", "distance: relative L2 distance of the final latent from the unpatched run's (random weights, "
+                  "so larger than on a trained checkpoint)."]
     return "\n".join(lines) + "\n"
 
 
+def speedup_of(values: Dict) -> float:
+    """One-step speed-up, or the whole sample's for nodes that save work across steps."""
+    return (values.get("one_step") or values["sample"])["speedup"]
+
+
 def chart(results: Dict, variants: List[Variant], path) -> None:
-    """Grouped bars: speed-up of one step per case, one bar per variant (core hatched grey)."""
+    """Grouped bars: speed-up per case, one bar per variant (core grey); caches are timed as whole samples."""
     from PIL import Image, ImageDraw
 
     shown = [v for v in variants if v.name != "unpatched"]
     cases = list(results)
-    width, height, margin, bar = 160 + 150 * len(cases), 420, 60, 26
-    image = Image.new("RGB", (width, height), "white")
+    group = 20 + 30 * max([1] + [sum(v.name in results[c] for v in shown) for c in cases])
+    width, height, margin, bar = 160 + group * len(cases), 460, 60, 26
+    legend = 16 * len(shown) + 20
+    image = Image.new("RGB", (max(width, 520), height + legend), "white")
     pen = ImageDraw.Draw(image)
-    top = max([1.0] + [row[v.name]["one_step"]["speedup"] for row in results.values() for v in shown if v.name in row])
+    top = max([1.0] + [speedup_of(row[v.name]) for row in results.values() for v in shown if v.name in row])
     scale = (height - 2 * margin) / (top * 1.15)
-    base_y = height - margin
-    colours = [(66, 133, 244), (52, 168, 83), (251, 188, 5), (234, 67, 53), (171, 71, 188)]
-    pen.line([(margin, base_y), (width - 20, base_y)], fill="black")
+    base_y = height + legend - margin
+    colours = [(66, 133, 244), (52, 168, 83), (251, 188, 5), (234, 67, 53), (171, 71, 188), (0, 172, 193)]
+    pen.line([(margin, base_y), (image.width - 20, base_y)], fill="black")
     one_y = base_y - scale
-    pen.line([(margin, one_y), (width - 20, one_y)], fill=(180, 180, 180))
+    pen.line([(margin, one_y), (image.width - 20, one_y)], fill=(180, 180, 180))
     pen.text((8, one_y - 6), "1.0x", fill="black")
+    colour_of = {}
+    for i, variant in enumerate(shown):
+        colour_of[variant.name] = (150, 150, 150) if variant.core else colours[i % len(colours)]
+        pen.rectangle([margin + 10, 10 + i * 16, margin + 22, 22 + i * 16], fill=colour_of[variant.name])
+        kind = " (whole sample)" if variant.sample_only else " (one step)"
+        pen.text((margin + 28, 10 + i * 16), variant.label + kind, fill="black")
     for c, case in enumerate(cases):
-        x0 = margin + 20 + c * 150
+        x0 = margin + 20 + c * group
         pen.text((x0, base_y + 8), case, fill="black")
         for i, variant in enumerate(v for v in shown if v.name in results[case]):
-            value = results[case][variant.name]["one_step"]["speedup"]
-            colour = (150, 150, 150) if variant.core else colours[i % len(colours)]
+            value = speedup_of(results[case][variant.name])
             x = x0 + i * (bar + 4)
-            pen.rectangle([x, base_y - value * scale, x + bar, base_y], fill=colour)
+            pen.rectangle([x, base_y - value * scale, x + bar, base_y], fill=colour_of[variant.name])
             pen.text((x, base_y - value * scale - 14), f"{value:.2f}", fill="black")
-    for i, variant in enumerate(shown):
-        colour = (150, 150, 150) if variant.core else colours[i % len(colours)]
-        pen.rectangle([margin + 10, 10 + i * 16, margin + 22, 22 + i * 16], fill=colour)
-        pen.text((margin + 28, 10 + i * 16), variant.label, fill="black")
     image.save(path)
 
 
@@ -221,21 +274,22 @@ def main():
         variants = [v for v in chosen if family in v.families]
         start = time.perf_counter()
         results[f"{family} {pixels}px"] = measure_case(family, int(pixels), variants, args)
-        print(f"{case}: " + ", ".join(f"{n} {r['one_step']['speedup']}x" for n, r in
-                                      results[f"{family} {pixels}px"].items())
+        print(f"{case}: " + ", ".join(f"{n} {speedup_of(r)}x" for n, r in results[f"{family} {pixels}px"].items())
               + f" ({time.perf_counter() - start:.0f} s)", flush=True)
     device = comfy.model_management.get_torch_device()
     meta = {"device": _common.device_name(), "dtype": "float16" if device.type == "cuda" else "float32",
-            "rounds": args.rounds, "steps": args.steps, "torch": torch.__version__}
+            "rounds": args.rounds, "sample_rounds": args.sample_rounds, "steps": args.steps,
+            "torch": torch.__version__}
     models_info = {name: f"{name} real-size config, random weights" for name in models.CONFIGS}
     models_info["flux"] += f" (Flux.1 width; {models.FLUX_DEPTH} double + {models.FLUX_SINGLE} single blocks)"
-    path = _common.write_results("run", {**meta, "models": models_info, "cases": args.cases, "results": results})
-    (path.parent / "run.md").write_text(markdown(results, chosen, meta))
-    chart(results, chosen, path.parent / "run.png")
+    path = _common.write_results(args.name, {**meta, "models": models_info, "cases": args.cases,
+                                             "results": results})
+    (path.parent / f"{args.name}.md").write_text(markdown(results, chosen, meta))
+    chart(results, chosen, path.parent / f"{args.name}.png")
     if args.publish:
         figures = path.parent.parent / "figures"
         figures.mkdir(exist_ok=True)
-        for name in ("run.md", "run.png"):
+        for name in (f"{args.name}.md", f"{args.name}.png"):
             shutil.copy(path.parent / name, figures / name)
 
 

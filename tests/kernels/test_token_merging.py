@@ -93,3 +93,28 @@ def test_downsampling_by_one_is_the_identity_and_nearest_picks_tokens():
 def test_unknown_downsampling_method_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown downsampling method 'cubic'"):
         tm.downsample_tokens(rand(1, 16, 4), (4, 4), 2.0, "cubic")
+
+
+def test_each_batch_item_merges_and_unmerges_as_it_would_alone():
+    x = torch.randn(3, 6 * 10, 8, generator=torch.Generator().manual_seed(4))
+    merge, unmerge = tm.bipartite_soft_matching(x, 6, 10, 2, 2, 25)
+    merged, restored = merge(x), unmerge(merge(x))
+    for i in range(3):
+        alone_merge, alone_unmerge = tm.bipartite_soft_matching(x[i:i + 1], 6, 10, 2, 2, 25)
+        torch.testing.assert_close(merged[i:i + 1], alone_merge(x[i:i + 1]))
+        torch.testing.assert_close(restored[i:i + 1], alone_unmerge(alone_merge(x[i:i + 1])))
+
+
+def test_sum_mode_adds_the_moved_tokens_into_their_destination():
+    x = torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(5))
+    merge, _ = tm.bipartite_soft_matching(x, 4, 4, 2, 2, 6)
+    ones = torch.ones(1, 16, 1)
+    assert float(merge(ones, mode="sum").sum()) == 16.0
+    torch.testing.assert_close(merge(ones, mode="mean"), torch.ones(1, 10, 1))
+
+
+def test_an_unknown_merge_mode_is_a_clear_error():
+    x = torch.randn(1, 16, 4)
+    merge, _ = tm.bipartite_soft_matching(x, 4, 4, 2, 2, 6)
+    with pytest.raises(ValueError, match="'mean' or 'sum'"):
+        merge(x, mode="amax")
