@@ -112,6 +112,7 @@ def parse_args():
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--name", default="run", help="results file stem: bench/results/NAME.{json,md,png}")
     parser.add_argument("--publish", action="store_true", help="copy NAME.md and NAME.png to bench/figures/")
+    parser.add_argument("--replot", action="store_true", help="only redraw NAME.md and NAME.png from NAME.json")
     args = parser.parse_args()
     args.cases = args.cases or (QUICK_CASES if args.quick else FULL_CASES)
     args.steps = args.steps if args.steps is not None else (0 if args.quick else 20)
@@ -198,8 +199,9 @@ def markdown(results: Dict, variants: List[Variant], meta: Dict) -> str:
     lines = [f"Machine: {meta['device']}; dtype {meta['dtype']}; through ComfyUI's sampler (euler, normal, cfg 7; "
              f"Flux cfg 1); one step: best of {meta['rounds']} interleaved rounds after a warm-up"
              + (f"; {steps}-step samples: best of {meta['sample_rounds']}" if steps else "") + ".", "",
-             "| case | node | one step (s) | speed-up | " + (f"{steps}-step sample (s) | speed-up | distance | "
-                                                         if steps else "") + "peak memory (MB) |",
+             "| case | node | one step (s) | speed-up | "
+             + (f"{steps}-step sample (s) | speed-up | distance | " if steps else "")
+             + "peak memory of one step above the weights (MB) |",
              "|---|---|---|---|" + ("---|---|---|" if steps else "") + "---|"]
     labels = {v.name: v.label for v in variants}
     for case, row in results.items():
@@ -240,13 +242,15 @@ def chart(results: Dict, variants: List[Variant], path) -> None:
     scale = (height - 2 * margin) / (top * 1.15)
     base_y = height + legend - margin
     colours = [(66, 133, 244), (52, 168, 83), (251, 188, 5), (234, 67, 53), (171, 71, 188), (0, 172, 193)]
+    greys = [(150, 150, 150), (95, 95, 95), (200, 200, 200)]
     pen.line([(margin, base_y), (image.width - 20, base_y)], fill="black")
     one_y = base_y - scale
     pen.line([(margin, one_y), (image.width - 20, one_y)], fill=(180, 180, 180))
     pen.text((8, one_y - 6), "1.0x", fill="black")
-    colour_of = {}
+    colour_of, cores = {}, 0
     for i, variant in enumerate(shown):
-        colour_of[variant.name] = (150, 150, 150) if variant.core else colours[i % len(colours)]
+        colour_of[variant.name] = greys[cores % len(greys)] if variant.core else colours[i % len(colours)]
+        cores += variant.core
         pen.rectangle([margin + 10, 10 + i * 16, margin + 22, 22 + i * 16], fill=colour_of[variant.name])
         kind = " (whole sample)" if variant.sample_only else " (one step)"
         pen.text((margin + 28, 10 + i * 16), variant.label + kind, fill="black")
@@ -258,11 +262,32 @@ def chart(results: Dict, variants: List[Variant], path) -> None:
             x = x0 + i * (bar + 4)
             pen.rectangle([x, base_y - value * scale, x + bar, base_y], fill=colour_of[variant.name])
             pen.text((x, base_y - value * scale - 14), f"{value:.2f}", fill="black")
+            distance = (results[case][variant.name].get("sample") or {}).get("relative_l2")
+            if variant.sample_only and distance is not None:
+                pen.text((x, base_y + 22 + 12 * (i % 2)), f"{100 * distance:.0f}%", fill=(90, 90, 90))
+    if any(v.sample_only for v in shown):
+        pen.text((margin, image.height - 14), "under the bars: relative L2 distance of the final latent from the "
+                 "unpatched run", fill=(90, 90, 90))
     image.save(path)
+
+
+def replot(args) -> None:
+    """Redraw the table and chart of an earlier run from its JSON (no model is built)."""
+    import json
+
+    path = _common.RESULTS_DIR / f"{args.name}.json"
+    data = json.loads(path.read_text())
+    names = {name for row in data["results"].values() for name in row}
+    chosen = [v for v in VARIANTS if v.name in names]
+    data.setdefault("sample_rounds", 1)
+    (path.parent / f"{args.name}.md").write_text(markdown(data["results"], chosen, data))
+    chart(data["results"], chosen, path.parent / f"{args.name}.png")
 
 
 def main():
     args = parse_args()
+    if args.replot:
+        return replot(args)
     _common.boot(cpu=None if args.device is None else args.device == "cpu")
     import comfy.model_management
     import torch
