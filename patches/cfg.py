@@ -37,7 +37,7 @@ def in_window(window: SigmaWindow, sigma: torch.Tensor, patched: torch.Tensor, p
     """``patched`` where the window covers the sample's sigma, else exactly ``plain``."""
     if window.is_always:
         return patched
-    mask = guidance.per_sample(window.mask(sigma.to(plain.device)), plain)
+    mask = guidance.per_sample(window.row_mask(sigma.to(plain.device), plain.shape[0]), plain)
     return torch.where(mask, patched, plain)
 
 

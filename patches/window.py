@@ -42,6 +42,21 @@ class SigmaWindow:
         """Per-sample boolean [B] (no host sync): where the window covers ``sigma`` [B]."""
         return (sigma <= self.sigma_start) & (sigma >= self.sigma_end)
 
+    def row_mask(self, sigma: torch.Tensor, rows: int) -> torch.Tensor:
+        """Boolean [rows] for a network call whose rows stack chunks of the sampler's batch.
+
+        ``transformer_options["sigmas"]`` holds the sampler's batch [B] while the call may
+        stack cond and uncond ([k * B] rows, chunk after chunk): the mask is tiled over the
+        chunks. Where the rows are not a multiple of B, any sample inside counts (as in
+        :meth:`contains`). No host sync.
+        """
+        mask = self.mask(sigma.reshape(-1))
+        if mask.numel() == rows:
+            return mask
+        if mask.numel() and rows % mask.numel() == 0:
+            return mask.repeat(rows // mask.numel())
+        return mask.any().expand(rows)
+
     def contains(self, sigma: torch.Tensor) -> bool:
         """Whether the step at ``sigma`` is inside the window.
 

@@ -121,6 +121,17 @@ def test_each_batch_item_gets_what_it_gets_alone(sd15, name):
         close(both[i:i + 1], sample(model, "sd15", steps=3, batch=1, noise=noise[i:i + 1], **PROMPTS))
 
 
+# A window that is not the whole run: the per-sample window masks meet cond and uncond stacked in one network
+# call (FreeU's output-block patch sees 2B rows and B sigmas); found by the soak.
+@pytest.mark.parametrize("name", list(OURS))
+def test_each_batch_item_gets_what_it_gets_alone_with_a_partial_window(sd15, name):
+    model = patch(sd15, name, {"start_percent": 0.0, "end_percent": 0.6})
+    noise = comfy.sample.prepare_noise(torch.zeros(2, 4, 16, 16), 11)
+    both = sample(model, "sd15", steps=3, batch=2, noise=noise, **PROMPTS)
+    for i in range(2):
+        close(both[i:i + 1], sample(model, "sd15", steps=3, batch=1, noise=noise[i:i + 1], **PROMPTS))
+
+
 @pytest.mark.parametrize("name", list(OURS))
 def test_chunked_cond_and_uncond_give_the_unchunked_result(sd15, tiny_model, name):
     expected = sample(patch(sd15, name), "sd15", steps=3)
