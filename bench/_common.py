@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The defaults of ComfyUI's EasyCache and LazyCache nodes (0.3.75), the baseline of the cache benches.
+CORE_CACHE_DEFAULTS = {"reuse_threshold": 0.2, "start_percent": 0.15, "end_percent": 0.95, "verbose": False}
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
 
@@ -32,6 +34,12 @@ def boot(cpu: bool = None) -> None:
     bootstrap.import_comfyui(cpu=cpu)
     bootstrap.load_core_nodes()
     bootstrap.load_pack()
+
+
+def node_defaults(node_class: type) -> dict:
+    """The default of every widget input of a node class (its MODEL input left out)."""
+    return {name: spec[1]["default"] for name, spec in node_class.INPUT_TYPES()["required"].items()
+            if len(spec) > 1 and "default" in spec[1]}
 
 
 def device_name() -> str:

@@ -59,13 +59,16 @@ def _core(node_id: str, **inputs):
     return patch
 
 
-def _ours(node_name: str, **inputs):
+def _ours(node_name: str, defaults: bool = False, **inputs):
+    """A PatchLab node with ``inputs`` (callables get the family); ``defaults``: the node's defaults under them."""
     def patch(model, family):
         from devtools import checks
         from patchlab.nodes import NODE_CLASS_MAPPINGS
 
-        values = {k: (v(family) if callable(v) else v) for k, v in inputs.items()}
-        return checks.run_node(NODE_CLASS_MAPPINGS[node_name], model=model, **values)[0]
+        node = NODE_CLASS_MAPPINGS[node_name]
+        values = {**(_common.node_defaults(node) if defaults else {}),
+                  **{k: (v(family) if callable(v) else v) for k, v in inputs.items()}}
+        return checks.run_node(node, model=model, **values)[0]
     return patch
 
 
@@ -76,9 +79,7 @@ def _reach(family: str) -> int:
 
 UNETS = ("sd15", "sdxl")
 ALL = ("sd15", "sdxl", "flux")
-CORE_CACHE = {"reuse_threshold": 0.2, "start_percent": 0.15, "end_percent": 0.95, "verbose": False}
-STEP_CACHE_DEFAULTS = {"indicator": "input", "threshold": 0.3, "max_consecutive": 3, "reuse": "forecast",
-                       "start_percent": 0.15, "end_percent": 1.0}
+CORE_CACHE = _common.CORE_CACHE_DEFAULTS
 VARIANTS = [
     Variant("unpatched", "unpatched", ("sd15", "sdxl", "flux"), False, lambda model, family: model),
     Variant("core_tome", "ToMe 0.5 (core TomePatchModel)", UNETS, True, _core("TomePatchModel", ratio=0.5)),
@@ -92,11 +93,11 @@ VARIANTS = [
     Variant("core_easycache", "EasyCache (core, defaults)", ALL, True, _core("EasyCache", **CORE_CACHE), True),
     Variant("core_lazycache", "LazyCache (core, defaults)", ALL, True, _core("LazyCache", **CORE_CACHE), True),
     Variant("patchlab_stepcache", "StepCache (PatchLab, defaults)", ALL, False,
-            _ours("PatchLab_StepCache", **STEP_CACHE_DEFAULTS), True),
+            _ours("PatchLab_StepCache", defaults=True), True),
     Variant("patchlab_deepcache", "DeepCache interval 3 (PatchLab)", UNETS, False,
             _ours("PatchLab_DeepCache", interval=3, depth=0, start_percent=0.0, end_percent=1.0), True),
     Variant("patchlab_guidance_interval", "Guidance interval (PatchLab, defaults)", UNETS, False,
-            _ours("PatchLab_GuidanceInterval", start_percent=0.186, end_percent=0.928), True),
+            _ours("PatchLab_GuidanceInterval", defaults=True), True),
 ]
 
 
@@ -186,9 +187,8 @@ def measure_case(family: str, pixels: int, variants: List[Variant], args) -> Dic
             row[name]["peak_bytes_one_step"] = _common.peak_memory(
                 sampler_run(model, family, pixels, 1))["peak_bytes"]
     for name in row:
-        for kind in row[name]:
-            if isinstance(row[name][kind], dict) and "seconds" in row[name][kind]:
-                row[name][kind]["speedup"] = round(row["unpatched"][kind]["seconds"] / row[name][kind]["seconds"], 3)
+        for kind in (kind for kind, _ in kinds if kind in row[name]):
+            row[name][kind]["speedup"] = round(row["unpatched"][kind]["seconds"] / row[name][kind]["seconds"], 3)
     del patched, base
     comfy.model_management.soft_empty_cache()
     return row
@@ -280,8 +280,12 @@ def replot(args) -> None:
     names = {name for row in data["results"].values() for name in row}
     chosen = [v for v in VARIANTS if v.name in names]
     data.setdefault("sample_rounds", 1)
-    (path.parent / f"{args.name}.md").write_text(markdown(data["results"], chosen, data))
-    chart(data["results"], chosen, path.parent / f"{args.name}.png")
+    write_table_and_chart(data["results"], chosen, data, args.name)
+
+
+def write_table_and_chart(results: Dict, variants: List[Variant], meta: Dict, name: str) -> None:
+    (_common.RESULTS_DIR / f"{name}.md").write_text(markdown(results, variants, meta))
+    chart(results, variants, _common.RESULTS_DIR / f"{name}.png")
 
 
 def main():
@@ -309,8 +313,7 @@ def main():
     models_info["flux"] += f" (Flux.1 width; {models.FLUX_DEPTH} double + {models.FLUX_SINGLE} single blocks)"
     path = _common.write_results(args.name, {**meta, "models": models_info, "cases": args.cases,
                                              "results": results})
-    (path.parent / f"{args.name}.md").write_text(markdown(results, chosen, meta))
-    chart(results, chosen, path.parent / f"{args.name}.png")
+    write_table_and_chart(results, chosen, meta, args.name)
     if args.publish:
         figures = path.parent.parent / "figures"
         figures.mkdir(exist_ok=True)

@@ -22,7 +22,7 @@ MODELS = {
     "sdxl": {"layout": "sdxl", "overrides": {}, "deep": "out", "about": "tiny SDXL layout"},
     "flux": {"layout": "flux", "overrides": {}, "deep": "final_layer", "about": "tiny Flux layout"},
 }
-CORE_DEFAULTS = {"reuse_threshold": 0.2, "start_percent": 0.15, "end_percent": 0.95, "verbose": False}
+CORE_DEFAULTS = _common.CORE_CACHE_DEFAULTS
 
 
 def parse_args():
@@ -51,8 +51,7 @@ def main():
     from devtools.testkit.counting import count_rows
     from patchlab.nodes.step_cache import StepCache
 
-    defaults = {name: spec[1]["default"] for name, spec in StepCache.INPUT_TYPES()["required"].items()
-                if name != "model"}
+    defaults = _common.node_defaults(StepCache)
     results = {}
     rows = {}
     for name in args.models:

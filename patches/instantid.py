@@ -228,9 +228,7 @@ def make_attn2_replace(face_kv: Dict[str, torch.Tensor], weight: float, window: 
         scale = torch.full((q.shape[0], 1, 1), weight, device=q.device, dtype=q.dtype)
         sigmas = extra_options.get("sigmas")
         if sigmas is not None and not window.is_always:
-            active = window.mask(sigmas.to(q.device)).to(q.dtype)
-            if q.shape[0] % active.shape[0] == 0:
-                scale = scale * active.repeat(q.shape[0] // active.shape[0])[:, None, None]
+            scale = scale * window.row_mask(sigmas.to(q.device), q.shape[0]).to(q.dtype)[:, None, None]
         if mask is not None:
             grid = _grid_mask(mask.to(q.device), extra_options, q.shape[1])
             if grid is not None:

@@ -70,8 +70,7 @@ CALL_KEY = "patchlab_step_cache_call"        # _Call, on one network call's tran
 INDICATORS = ("input", "first block")
 REUSE_MODES = ("forecast", "plain")
 WRAPPER_TYPES = (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.PREDICT_NOISE,
-                 comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, comfy.patcher_extension.WrappersMP.APPLY_MODEL,
-                 comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL)
+                 comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, comfy.patcher_extension.WrappersMP.APPLY_MODEL)
 
 # Networks whose forward honours patches_replace["dit"][("double_block", 0)] with transformer_options in its
 # arguments (ComfyUI 0.3.75), by class name -> family shown in messages.
@@ -287,7 +286,7 @@ class _Call:
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     def store(self, x: torch.Tensor, denoised: torch.Tensor, scaled: Optional[List[torch.Tensor]]) -> None:
-        """Keep what the next steps need from this full evaluation."""
+        """Keep what the next steps need from this full evaluation (``scaled``: the inputs, indicator ``input``)."""
         if not self.valid or not torch.is_tensor(denoised) or denoised.shape != x.shape:
             if torch.is_tensor(denoised) and denoised.shape != x.shape:
                 _warn_once(f"{self.spec.node_id}: the model's output {tuple(denoised.shape)} does not match its "
@@ -298,7 +297,6 @@ class _Call:
         if self.spec.indicator == "first block" and self.block_residual is None:
             _warn_once(f"{self.spec.node_id}: the first block of this model did not run through its hook, so "
                        "nothing is reused; use indicator 'input' for this model")
-        scaled = scaled if scaled is not None else self.scaled_inputs() if self.spec.indicator == "input" else None
         for index, (key, entry, piece, sigma, out, block) in enumerate(zip(
                 self.keys, self.entries, self.pieces, self.sigma, denoised.split(self.rows), blocks)):
             d = kc.direction(piece, sigma, out.detach())
