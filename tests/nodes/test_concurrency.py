@@ -18,12 +18,6 @@ STATEFUL = [case for case in lc.CASES if case.node_id in {
     "PatchLab_PerturbedAttentionGuidance", "PatchLab_SmoothedEnergyGuidance", "PatchLab_TokenMerging",
     "PatchLab_TokenDownsampling", "PatchLab_RescaleCFG", "PatchLab_AdaptiveGuidance", "PatchLab_GuidanceInterval",
     "PatchLab_DeepCache", "PatchLab_SkipLayerGuidance", "PatchLab_StepCache"}]
-# Seen once in three tries under heavy CPU load: thread 1 (16x16) off by up to 915 with chunked PAG;
-# a standalone rerun matched exactly. Intermittent, so not strict; see the lead's report (issue 12, item 4).
-RACY = {"PerturbedAttentionGuidance[chunked]"}
-PARAMS = [pytest.param(case, id=case.name, marks=pytest.mark.xfail(
-    strict=False, reason="intermittent mismatch of chunked PAG in two threads (under investigation)"))
-    if case.name in RACY else pytest.param(case, id=case.name) for case in STATEFUL]
 
 
 def run_in_two_threads(model, layout):
@@ -58,7 +52,7 @@ def test_the_unpatched_model_gives_its_single_thread_results_in_two_threads():
         lc.assert_same(together, single, f"unpatched, {work}")
 
 
-@pytest.mark.parametrize("case", PARAMS)
+@pytest.mark.parametrize("case", STATEFUL, ids=lc.case_ids(STATEFUL))
 def test_two_threads_on_one_patched_model_each_get_their_single_thread_result(case):
     alone = [lc.fresh(case, work) for work in WORKS]
     for work, together, single in zip(WORKS, run_in_two_threads(lc.patch(case), case.layout), alone):
