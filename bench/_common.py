@@ -74,6 +74,29 @@ def time_call(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> Dict[
     return {"median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
 
 
+def timed(fn: Callable[[], Any]) -> float:
+    """Wall time of one call of ``fn`` (seconds, after the device finished)."""
+    start = time.perf_counter()
+    fn()
+    synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved(runs: Dict[str, Callable[[], Any]], rounds: int, warmup: bool = True) -> Dict[str, List[float]]:
+    """Every run once as warm-up (unless ``warmup`` is False), then ``rounds`` round-robin passes; seconds each.
+
+    Round-robin spreads the machine's slow phases over all variants, so their ratios hold
+    where one variant timed after another would not.
+    """
+    for fn in runs.values() if warmup else ():
+        fn()
+    times: Dict[str, List[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            times[name].append(timed(fn))
+    return times
+
+
 def _read_status_kb(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:

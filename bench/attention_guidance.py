@@ -1,6 +1,7 @@
 """Cost of SAG, PAG, SEG and SLG per sampling step, and the size of SAG's attention record, against core.
 
-Per step: whole samples of a few steps are timed and divided by the step count, for
+Per step: whole samples of a few steps are timed (variants interleaved round by round after
+a warm-up, best of ``--repeats`` rounds) and divided by the step count, for
 plain CFG, ComfyUI's SelfAttentionGuidance and PerturbedAttentionGuidance, and
 PatchLab's SAG, PAG, SEG and PAG+SEG (whose extra passes share one batched call;
 compared with the cost PAG and SEG add separately). Memory: the bytes SAG keeps
@@ -12,7 +13,11 @@ blocks at ``--dit-hidden`` width, CFG 1 (guidance-distilled: no negative pass): 
 a PAG step, and PAG+SEG+SLG in one batched extra call against the three run as separate
 calls (as core SLG next to another pack's PAG/SEG would), as ratios; core SLG for reference.
 
-    .venv/bin/python bench/attention_guidance.py [--sizes 64 128] [--steps 3] [--repeats 3]
+UNet part: the real-size SD1.5 of ``models.py`` (random weights, the real text-encoder
+shapes); ``--channels N`` swaps in a tiny SD1.5-layout model of base width N (quick, but a
+tiny model makes every extra pass look different from what it costs on a checkpoint).
+
+    .venv/bin/python bench/attention_guidance.py --only unet [--sizes 64] [--steps 1] [--repeats 2]
     .venv/bin/python bench/attention_guidance.py --only dit --dit-hidden 3072 --dit-size 128   # on a GPU
 """
 
@@ -22,13 +27,16 @@ import argparse
 import functools
 
 import _common
+import models
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="latent sides")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64], help="latent sides (64 = 512 px)")
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved timed rounds (UNet part)")
+    parser.add_argument("--channels", type=int, default=None,
+                        help="UNet part on a tiny SD1.5-layout model of this base width instead of the real size")
     parser.add_argument("--record-block", default="input.1",
                         help="block whose attention the memory comparison records (full resolution by default)")
     parser.add_argument("--only", choices=["unet", "dit"], help="run one part only")
@@ -96,7 +104,7 @@ def nbytes(tensor) -> int:
     return tensor.element_size() * tensor.nelement()
 
 
-def sag_memory(model, core_node, ours_node, size: int, block: str, sag: dict) -> dict:
+def sag_memory(model, core_node, ours_node, size: int, block: str, sag: dict, prompts: dict) -> dict:
     """Bytes SAG keeps per step at ``block`` (core vs PatchLab) and the process peak of a one-step sample."""
     from devtools import checks
     from devtools.sampling import sample
@@ -119,7 +127,7 @@ def sag_memory(model, core_node, ours_node, size: int, block: str, sag: dict) ->
 
     object.__setattr__(spec, "store", Recording())
     latent = tiny_models.empty_latent("sd15", size, size)
-    peaks = {name: _common.peak_memory(functools.partial(sample, patched, "sd15", steps=1, latent=latent))
+    peaks = {name: _common.peak_memory(functools.partial(sample, patched, "sd15", steps=1, latent=latent, **prompts))
              for name, patched in (("core", core), ("patchlab", ours))}
     (core_post_cfg,) = core.model_options["sampler_post_cfg_function"]
     core_kept = sum(nbytes(t) for t in tensors_in_closure(core_post_cfg))
@@ -150,7 +158,12 @@ def unet_results(args) -> dict:
     from patchlab.nodes import attention_guidance as ag_nodes
 
     full = {"start_percent": 0.0, "end_percent": 1.0}
-    model = tiny_models.build_model("sd15")
+    if args.channels is None:
+        model, described = models.build("sd15"), "SD1.5 real-size config, random weights"
+        prompts = {"positive": models.conditioning("sd15", 1), "negative": models.conditioning("sd15", 2)}
+    else:
+        model = tiny_models.build_model("sd15", model_channels=args.channels)
+        described, prompts = f"tiny SD1.5 layout (model_channels {args.channels})", {}
     core = comfy_nodes.NODE_CLASS_MAPPINGS
 
     def ours(node, model_in, **inputs):
@@ -172,11 +185,10 @@ def unet_results(args) -> dict:
 
     sizes = {}
     for size in args.sizes:
-        per_step = {}
-        for name, patched in variants.items():
-            run = functools.partial(sample, patched, "sd15", steps=args.steps, height=size, width=size)
-            timing = _common.time_call(run, repeats=args.repeats)
-            per_step[name] = timing["min_s"] / args.steps
+        runs = {name: functools.partial(sample, patched, "sd15", steps=args.steps, height=size, width=size, **prompts)
+                for name, patched in variants.items()}
+        per_step = {name: min(seconds) / args.steps
+                    for name, seconds in _common.interleaved(runs, args.repeats).items()}
         plain = per_step["plain_cfg"]
         separate = per_step["patchlab_pag"] + per_step["patchlab_seg"] - plain
         sizes[f"{size}x{size}"] = {
@@ -190,10 +202,10 @@ def unet_results(args) -> dict:
         }
 
     memory = {f"{size}x{size}": sag_memory(model, core["SelfAttentionGuidance"], ag_nodes.SelfAttentionGuidance,
-                                           size, args.record_block, sag) for size in args.sizes}
+                                           size, args.record_block, sag, prompts) for size in args.sizes}
 
     return {
-        "model": "tiny SD1.5 layout (model_channels 32)",
+        "model": described, "device": _common.device_name(),
         "steps_per_sample": args.steps,
         "timing": sizes,
         "sag_memory": memory,

@@ -8,7 +8,11 @@ and reports it as a share of that step's model evaluation. Target: < 2 % for eve
 but TCFG's singular-direction projection (reported). With --sampling, whole 10-step
 samples are timed too (patched / plain ratio), as a cross-check.
 
-    .venv/bin/python bench/cfg_overhead.py [--size 64] [--repeats 20] [--sampling]
+The model is the real-size SD1.5 of ``models.py`` (random weights; FreeU's patch then sees
+the real 1280/640-channel block outputs); ``--channels N`` swaps in a tiny SD1.5-layout
+model of base width N for a quick look (its shares are far larger than a real model's).
+
+    .venv/bin/python bench/cfg_overhead.py [--size 64] [--repeats 8] [--sampling] [--channels 64]
 """
 
 from __future__ import annotations
@@ -17,19 +21,23 @@ import argparse
 import types
 
 import _common
+import models
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=64, help="latent side (64 = a 512x512 image)")
-    parser.add_argument("--channels", type=int, default=64, help="UNet base width of the SD1.5-layout bench model")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--channels", type=int, default=None,
+                        help="base width of a tiny SD1.5-layout model instead of the real-size SD1.5 (e.g. 64)")
+    parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--sampling", action="store_true", help="also time whole 10-step samples")
     return parser.parse_args()
 
 
 def main():
     args = parse_args()
+    if args.sampling and args.channels is None:
+        raise SystemExit("--sampling times 10-step samples of the tiny model: give --channels too (e.g. 64)")
     _common.boot()
     import torch
 
@@ -63,7 +71,11 @@ def main():
         "DifferentialDiffusion": (inpaint.DifferentialDiffusion, {"strength": 1.0}, "mask"),
     }
 
-    model = tiny_models.build_model("sd15", model_channels=args.channels)
+    if args.channels is None:
+        model, described, context_shape = models.build("sd15"), "SD1.5 real-size config, random weights", (77, 768)
+    else:
+        model = tiny_models.build_model("sd15", model_channels=args.channels)
+        described, context_shape = f"tiny SD1.5 layout, model_channels {args.channels}", (16, 64)
     device = model.load_device
     model.model.to(device)
     generator = torch.Generator().manual_seed(0)
@@ -72,7 +84,7 @@ def main():
     cond = torch.randn(shape, generator=generator).to(device)
     uncond = torch.randn(shape, generator=generator).to(device)
     sigma = torch.tensor([3.0], device=device)
-    context = torch.randn(2, 16, 64, generator=generator).to(device)
+    context = torch.randn(2, *context_shape, generator=generator).to(device)
     schedule = torch.linspace(14.6, 0, 11, device=device)
 
     def evaluate(patched):
@@ -125,7 +137,7 @@ def main():
         wrapper = types.SimpleNamespace(inner_model=patched.model)
         patched.model_options["denoise_mask_function"](sigma, mask, {"model": wrapper, "sigmas": schedule})
 
-    plain_eval = _common.time_call(lambda: evaluate(model), repeats=max(3, args.repeats // 4))
+    plain_eval = _common.time_call(lambda: evaluate(model), repeats=max(2, args.repeats // 4))
     plain_hooks = _common.time_call(lambda: run_hooks(model), repeats=args.repeats * 10)
 
     def overhead_of(patched, hook):
@@ -154,7 +166,7 @@ def main():
             results[name]["sampling_ratio"] = round(patched_sample["min_s"] / plain_sample["min_s"], 4)
 
     _common.write_results("cfg_overhead", {
-        "model": f"tiny SD1.5 layout, model_channels {args.channels}",
+        "model": described, "device": _common.device_name(),
         "latent": list(shape),
         "model_eval_cond_uncond_ms": round(plain_eval["min_s"] * 1e3, 3),
         "nodes": results,

@@ -142,24 +142,6 @@ def sampler_run(model, family: str, pixels: int, steps: int, keep: Dict = None):
     return run
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    _common.synchronize()
-    return time.perf_counter() - start
-
-
-def interleaved(runs: Dict[str, Callable], rounds: int, warmup: bool = True) -> Dict[str, List[float]]:
-    """Every run once as warm-up (unless ``warmup`` is False), then ``rounds`` round-robin passes; seconds each."""
-    for fn in runs.values() if warmup else ():
-        fn()
-    times = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            times[name].append(timed(fn))
-    return times
-
-
 def measure_case(family: str, pixels: int, variants: List[Variant], args) -> Dict:
     import comfy.model_management
     import torch
@@ -176,7 +158,7 @@ def measure_case(family: str, pixels: int, variants: List[Variant], args) -> Dic
                 if kind == "sample" or name not in sample_only}
         rounds = args.rounds if kind == "one_step" else args.sample_rounds
         # whole samples run after the one-step rounds warmed every model up: no extra warm-up sample
-        for name, seconds in interleaved(runs, rounds, warmup=kind == "one_step").items():
+        for name, seconds in _common.interleaved(runs, rounds, warmup=kind == "one_step").items():
             row[name][kind] = {"seconds": round(min(seconds), 3), "all_seconds": [round(s, 3) for s in seconds],
                                "steps": steps}
             if kind == "sample":
