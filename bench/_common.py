@@ -65,12 +65,7 @@ def time_call(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> Dict[
     for _ in range(warmup):
         fn()
     synchronize()
-    times: List[float] = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        times.append(time.perf_counter() - start)
+    times = [timed(fn) for _ in range(repeats)]
     return {"median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
 
 

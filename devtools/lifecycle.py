@@ -25,7 +25,7 @@ import comfy.patcher_extension
 import comfy.sample
 import torch
 
-from . import checks
+from . import checks, sampling
 from .testkit import tiny_models
 
 FULL = {"start_percent": 0.0, "end_percent": 1.0}
@@ -186,23 +186,11 @@ def patch(case: Case, model=None):
     return checks.run_node(node_class(case.node_id), model=model, **case.inputs, **extra)[0]
 
 
-# ComfyUI draws the initial noise once per prompt, on the prompt thread; only model calls run in
-# the multi-device threads. Two test runs preparing noise at once would interleave
-# ``torch.manual_seed`` and ``torch.randn`` on the one global generator and get each other's noise.
-_NOISE_LOCK = threading.Lock()
-
-
 def sample(model, layout: str, work: Work, callback: Optional[Callable] = None) -> torch.Tensor:
     """``comfy.sample.sample`` as KSampler calls it, for ``work``; ``callback(step, x0, x, total)`` per step."""
-    latent = tiny_models.empty_latent(layout, work.height, work.width, work.batch)
-    latent = comfy.sample.fix_empty_latent_channels(model, latent)
-    positive = tiny_models.conditioning(layout, seed=1, batch=work.batch)
-    negative = tiny_models.conditioning(layout, seed=2, batch=work.batch)
-    with _NOISE_LOCK:  # prepare_noise seeds torch's process-global generator, then draws from it
-        noise = comfy.sample.prepare_noise(latent, work.seed)
-    return comfy.sample.sample(model, noise, work.steps, work.cfg, work.sampler, work.scheduler, positive,
-                               negative, latent, denoise=work.denoise, callback=callback, disable_pbar=True,
-                               seed=work.seed)
+    return sampling.sample(model, layout, steps=work.steps, cfg=work.cfg, sampler=work.sampler,
+                           scheduler=work.scheduler, seed=work.seed, height=work.height, width=work.width,
+                           batch=work.batch, denoise=work.denoise, callback=callback)
 
 
 _FRESH: Dict[Tuple, torch.Tensor] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import comfy.sample
@@ -9,17 +10,22 @@ import torch
 
 from .testkit import tiny_models
 
+# ComfyUI draws the initial noise once per prompt, on the prompt thread; only model calls run in
+# the multi-device threads. Two test runs preparing noise at once would interleave
+# ``torch.manual_seed`` and ``torch.randn`` on the one global generator and get each other's noise.
+_NOISE_LOCK = threading.Lock()
+
 
 def sample(model, layout_name: str, steps: int = 4, cfg: float = 5.0, sampler: str = "euler",
            scheduler: str = "normal", seed: int = 0, height: int = 16, width: int = 16, batch: int = 1,
            positive=None, negative=None, latent: Optional[torch.Tensor] = None, denoise: float = 1.0,
            noise_mask: Optional[torch.Tensor] = None, sigmas: Optional[torch.Tensor] = None,
-           noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+           noise: Optional[torch.Tensor] = None, callback=None) -> torch.Tensor:
     """``comfy.sample.sample`` as KSampler runs it; returns the sampled latent [B, C, H, W].
 
     Prompts default to seeded tiny conditionings (positive seed 1, negative seed 2) with one
     different embedding per batch item (pass a batch-1 conditioning to repeat one prompt);
-    ``noise`` defaults to KSampler's seeded noise for ``seed``.
+    ``noise`` defaults to KSampler's seeded noise for ``seed``; ``callback(step, x0, x, total)`` runs per step.
     """
     if latent is None:
         latent = tiny_models.empty_latent(layout_name, height, width, batch)
@@ -27,6 +33,9 @@ def sample(model, layout_name: str, steps: int = 4, cfg: float = 5.0, sampler: s
     positive = positive if positive is not None else tiny_models.conditioning(layout_name, seed=1, batch=batch)
     negative = negative if negative is not None else tiny_models.conditioning(layout_name, seed=2, batch=batch)
     latent = comfy.sample.fix_empty_latent_channels(model, latent)
-    noise = comfy.sample.prepare_noise(latent, seed) if noise is None else noise
+    if noise is None:
+        with _NOISE_LOCK:  # prepare_noise seeds torch's process-global generator, then draws from it
+            noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
-                               denoise=denoise, noise_mask=noise_mask, sigmas=sigmas, disable_pbar=True, seed=seed)
+                               denoise=denoise, noise_mask=noise_mask, sigmas=sigmas, callback=callback,
+                               disable_pbar=True, seed=seed)
