@@ -131,7 +131,7 @@ def test_hundreds_of_varied_workflows_run_repeat_exactly_and_keep_memory_flat(so
     rng = random.Random(12)
     started = time.monotonic()
     queued = 0
-    first_rss = None
+    rss = []  # settled server RSS after each cycle (MB)
     for cycle in range(CYCLES):
         ran = []
         for name in rng.sample(sorted(bases), len(bases)):
@@ -146,9 +146,9 @@ def test_hundreds_of_varied_workflows_run_repeat_exactly_and_keep_memory_flat(so
             assert again.keys() == expected.keys(), name
             for key, latent in expected.items():
                 assert again[key].equal(latent), f"cycle {cycle}: {name} gave another latent when rerun"
-        if cycle == 0:
-            first_rss = settled_rss(soak_server)
-    last_rss = settled_rss(soak_server)
+        rss.append(settled_rss(soak_server))
+        log.info("soak: cycle %d done, %d prompts, server RSS %.0f MB", cycle, queued, rss[-1])
+    first_rss, last_rss = rss[0], rss[-1]
     log.info("soak: %d prompts in %.0f s; server RSS %.0f MB after the first cycle, %.0f MB after the last (%+.1f %%)",
              queued, time.monotonic() - started, first_rss, last_rss, 100 * (last_rss / first_rss - 1))
     assert soak_server.alive()
