@@ -143,7 +143,7 @@ def main():
     # One image beside two: what batching cond and uncond (or several guidance passes) saves on this machine.
     evals = _common.interleaved({"two": lambda: evaluate(model), "one": lambda: evaluate(model, 1)},
                                 max(2, args.repeats // 4))
-    plain_eval = {"min_s": min(evals["two"])}
+    eval_s = min(evals["two"])
     runners = {"mask": run_mask_function, "block": run_block_patch, "cfg": run_hooks}
 
     def overheads(ours, core, hook):
@@ -163,7 +163,7 @@ def main():
         core_class = comfy_nodes.NODE_CLASS_MAPPINGS[core_ids[name]]
         (core,) = checks.run_node(core_class, model=model, **core_inputs.get(name, inputs))
         overhead, core_overhead = overheads(patched, core, hook)
-        share = 100.0 * overhead / plain_eval["min_s"]
+        share = 100.0 * overhead / eval_s
         results[name] = {"overhead_ms": round(overhead * 1e3, 4), "share_of_model_eval_pct": round(share, 3),
                          "under_2pct": share < 2.0, "core_overhead_ms": round(core_overhead * 1e3, 4)}
         if args.sampling:
@@ -176,7 +176,7 @@ def main():
     _common.write_results("cfg_overhead", {
         "model": described, "device": _common.device_name(),
         "latent": list(shape),
-        "model_eval_cond_uncond_ms": round(plain_eval["min_s"] * 1e3, 3),
+        "model_eval_cond_uncond_ms": round(eval_s * 1e3, 3),
         "model_eval_one_image_ms": round(min(evals["one"]) * 1e3, 3),
         "nodes": results,
     })
