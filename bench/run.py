@@ -13,7 +13,7 @@ variants interleaved round by round after a warm-up, best of the rounds:
 plus the peak memory of one step (CUDA allocator peak, or the process's resident-set
 high-water mark on the CPU) and each variant's speed-up over unpatched. Results:
 ``bench/results/run.json``, ``run.md`` (a Markdown table) and ``run.png`` (speed-up per
-node and case, core beside ours); ``--publish`` copies the table and chart to
+node and case, core beside ours); ``--publish`` copies the JSON, table and chart to
 ``bench/figures/`` for the README.
 
     .venv/bin/python bench/run.py --quick          # SD1.5 at 512 and 768 px, one step each (CPU: ~15 min)
@@ -112,7 +112,7 @@ def parse_args():
     parser.add_argument("--sample-rounds", type=int, default=1, help="timed rounds of the whole samples (default 1)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--name", default="run", help="results file stem: bench/results/NAME.{json,md,png}")
-    parser.add_argument("--publish", action="store_true", help="copy NAME.md and NAME.png to bench/figures/")
+    parser.add_argument("--publish", action="store_true", help="copy NAME.json, NAME.md and NAME.png to bench/figures/")
     parser.add_argument("--replot", action="store_true", help="only redraw NAME.md and NAME.png from NAME.json")
     args = parser.parse_args()
     args.cases = args.cases or (QUICK_CASES if args.quick else FULL_CASES)
@@ -299,7 +299,7 @@ def main():
     if args.publish:
         figures = path.parent.parent / "figures"
         figures.mkdir(exist_ok=True)
-        for name in (f"{args.name}.md", f"{args.name}.png"):
+        for name in (f"{args.name}.json", f"{args.name}.md", f"{args.name}.png"):
             shutil.copy(path.parent / name, figures / name)
 
 
