@@ -9,13 +9,15 @@
 # Environment:
 #   PYTHON        interpreter for the venv (default: python3; 3.9 or newer)
 #   COMFYUI_PATH  use this ComfyUI checkout instead of provisioning 0.3.75
+#   PATCHLAB_VENV the virtual environment to make or refresh (default: .venv); another
+#                 ComfyUI's requirements go into one of their own (scripts/test-comfyui.sh)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 python=${PYTHON:-python3}
-venv=$root/.venv
+venv=${PATCHLAB_VENV:-$root/.venv}
 cache=$root/.cache
 comfy_home=$root/.comfyui
 horde_version=2.22.2

@@ -5,4 +5,4 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/scripts/setup.sh"
 cd "$root"
-exec "$root/.venv/bin/python" -m pytest "$@"
+exec "${PATCHLAB_VENV:-$root/.venv}/bin/python" -m pytest "$@"

@@ -88,3 +88,17 @@ def test_no_id_shadows_a_core_node(core_nodes):
 def test_package_version_matches_pyproject():
     pyproject = (Path(pack.__file__).parent / "pyproject.toml").read_text()
     assert f'version = "{pack.__version__}"' in pyproject
+
+
+def test_registry_fields_name_a_publisher_a_display_name_and_an_icon_in_the_repository():
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(pack.__file__).parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    comfy = project["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] and project["project"]["urls"]["Repository"]
+    assert "comfyui" not in project["project"]["name"].lower()  # the Registry's naming rule
+    icon_path = comfy["Icon"].split("/main/", 1)[1]
+    from PIL import Image
+
+    with Image.open(root / icon_path) as icon:
+        assert icon.width == icon.height <= 400
