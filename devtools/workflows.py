@@ -142,19 +142,36 @@ def layout_for_checkpoint(name: str) -> str:
     return "sdxl" if "xl" in lowered else "sd15"
 
 
-def use_testkit(prompt: Dict, max_side: int = 128, max_steps: int = 3) -> Dict:
+# Layout -> the trained reference model that stands in for it where the demo asks for pictures.
+TRAINED_LAYOUTS = {"sd15": "sd15_shapes", "flux": "flux_shapes"}
+SHAPES_PROMPT = "red circle"
+
+
+def use_testkit(prompt: Dict, max_side: int = 128, max_steps: int = 3, trained: bool = False) -> Dict:
     """A copy of an API prompt running on the test kit's tiny models.
 
     Checkpoint, text-encoder and VAE nodes become their tiny stand-ins (the
     checkpoint's layout chosen from its file name); image sizes are scaled down to at
     most ``max_side`` pixels (multiples of 16) and KSampler steps capped at ``max_steps``.
+    With ``trained``, SD1.5 and Flux checkpoints become the trained reference models
+    (``TRAINED_LAYOUTS``), their samplers' positive prompt ``SHAPES_PROMPT`` and negative
+    prompt empty, so the pictures show a shape.
     """
     prompt = copy.deepcopy(prompt)
-    for node in prompt.values():
+    shapes_models = set()
+    for node_id, node in prompt.items():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            layout = layout_for_checkpoint(node["inputs"]["ckpt_name"])
+            if trained and layout in TRAINED_LAYOUTS:
+                shapes_models.add(node_id)
+    if shapes_models:
+        _ask_for_shapes(prompt, shapes_models)
+    for node_id, node in prompt.items():
         kind = node["class_type"]
         inputs = node["inputs"]
         if kind == "CheckpointLoaderSimple":
-            node["inputs"] = {"layout": layout_for_checkpoint(inputs["ckpt_name"]), "seed": 0}
+            layout = layout_for_checkpoint(inputs["ckpt_name"])
+            node["inputs"] = {"layout": TRAINED_LAYOUTS[layout] if node_id in shapes_models else layout, "seed": 0}
         if kind in TESTKIT_REPLACES:
             node["class_type"] = TESTKIT_REPLACES[kind]
         if kind in SIZE_INPUTS and all(isinstance(inputs.get(k), int) for k in SIZE_INPUTS[kind]):
@@ -162,10 +179,37 @@ def use_testkit(prompt: Dict, max_side: int = 128, max_steps: int = 3) -> Dict:
             scale = min(1.0, max_side / max(width, height))
             inputs["width"] = max(16, int(width * scale) // 16 * 16)
             inputs["height"] = max(16, int(height * scale) // 16 * 16)
+        shapes = node.pop("_shapes_steps", False)
         for name in STEP_INPUTS.get(kind, ()):
             if isinstance(inputs.get(name), int):
-                inputs[name] = min(inputs[name], max_steps)
+                inputs[name] = 20 if shapes else min(inputs[name], max_steps)
     return prompt
+
+
+def _upstream(prompt: Dict, node_id: str) -> set:
+    """Every node the node ``node_id`` depends on, itself included."""
+    seen, todo = set(), [node_id]
+    while todo:
+        current = todo.pop()
+        if current in seen or current not in prompt:
+            continue
+        seen.add(current)
+        todo += [v[0] for v in prompt[current]["inputs"].values() if isinstance(v, list) and len(v) == 2]
+    return seen
+
+
+def _ask_for_shapes(prompt: Dict, checkpoints: set) -> None:
+    """Samplers fed by one of ``checkpoints``: positive text SHAPES_PROMPT, negative text empty, 20 steps."""
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if not ({"positive", "negative"} <= set(inputs) and _upstream(prompt, str(inputs.get("model", [""])[0]))
+                & checkpoints):
+            continue
+        for role, text in (("positive", SHAPES_PROMPT), ("negative", "")):
+            for source in _upstream(prompt, str(inputs[role][0])):
+                if prompt[source]["class_type"] == "CLIPTextEncode":
+                    prompt[source]["inputs"]["text"] = text
+        node["_shapes_steps"] = True
 
 
 def use_checkpoint(prompt: Dict, ckpt_name: str) -> Dict:

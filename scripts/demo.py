@@ -61,7 +61,7 @@ def main() -> int:
             for path in paths:
                 prompt = workflows.ui_to_api(workflows.load(path), object_info)
                 prompt = workflows.use_checkpoint(prompt, args.checkpoint) if args.checkpoint \
-                    else workflows.use_testkit(prompt)
+                    else workflows.use_testkit(prompt, trained=True)
                 missing = workflows.missing_choices(prompt, object_info)
                 if args.checkpoint and missing:
                     summary[path.stem] = {"skipped": missing}

@@ -72,3 +72,23 @@ def test_missing_choices_names_the_model_files_a_comfyui_lacks(object_info):
     missing = workflows.missing_choices(prompt, object_info)
     assert "PatchLab_InstantIDModelLoader.instantid_file = 'ip-adapter.bin'" in missing
     assert not any(entry.startswith("KSampler.") for entry in missing)
+
+
+def test_the_demo_runs_sd15_and_flux_workflows_on_the_trained_models_with_a_shapes_prompt(object_info):
+    for name, layout in (("token_merging_sd15.json", "sd15_shapes"), ("step_cache_flux.json", "flux_shapes")):
+        prompt = workflows.ui_to_api(workflows.load(workflows.EXAMPLE_DIR / name), object_info)
+        prompt = workflows.use_testkit(prompt, trained=True)
+        loader = next(n for n in prompt.values() if n["class_type"] == "PatchLabTest_TinyCheckpoint")
+        assert loader["inputs"]["layout"] == layout
+        sampler = next(n for n in prompt.values() if n["class_type"] == "KSampler")
+        assert sampler["inputs"]["steps"] == 20
+        positive, negative = (prompt[sampler["inputs"][role][0]] for role in ("positive", "negative"))
+        assert positive["inputs"]["text"] == workflows.SHAPES_PROMPT and negative["inputs"]["text"] == ""
+
+
+def test_the_demo_keeps_random_weight_layouts_where_no_trained_model_fits(object_info):
+    prompt = workflows.ui_to_api(workflows.load(workflows.EXAMPLE_DIR / "token_merging_sdxl.json"), object_info)
+    prompt = workflows.use_testkit(prompt, trained=True)
+    loader = next(n for n in prompt.values() if n["class_type"] == "PatchLabTest_TinyCheckpoint")
+    assert loader["inputs"]["layout"] == "sdxl"
+    assert all(n["inputs"]["steps"] <= 3 for n in prompt.values() if n["class_type"] == "KSampler")

@@ -51,14 +51,49 @@ class TinyVAE:
         return torch.einsum("brhw,rc->bchw", logits, torch.linalg.pinv(self.to_rgb))
 
 
+class TrainedClip:
+    """CLIP of a trained reference model: the prompt's known words through its word table."""
+
+    def __init__(self, trained):
+        self.trained = trained
+
+    def encode(self, text: str):
+        return self.trained.encode(text)
+
+
+class TrainedVAE:
+    """VAE of a trained reference model: its exact RGB map, decoded pictures upscaled 8x (nearest)."""
+
+    def __init__(self, trained):
+        self.trained = trained
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        return self.trained.decode(samples)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.trained.encode_pixels(pixels)
+
+
+def _trained_names():
+    from .shapes import models as shapes
+
+    return shapes.NAMES
+
+
 @functools.lru_cache(maxsize=8)
 def _checkpoint(layout_name: str, seed: int):
+    if layout_name in _trained_names():
+        from .shapes import models as shapes
+
+        trained = shapes.load(layout_name)
+        return trained.model, TrainedClip(trained), TrainedVAE(trained)
     model = tiny_models.build_model(layout_name, seed=seed)
     return model, TinyClip(layout_name), TinyVAE(layout_name)
 
 
 class TinyCheckpoint:
-    DESCRIPTION = "A tiny random-weight model of a real layout (test only), with its text encoder and VAE."
+    DESCRIPTION = ("A tiny model of a real layout (test only), with its text encoder and VAE: random weights, "
+                   "or one of the trained reference models (sd15_shapes, flux_shapes).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "load"
@@ -66,9 +101,12 @@ class TinyCheckpoint:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "layout": (list(tiny_models.LAYOUTS),
-                       {"tooltip": "Block layout: sd15, sdxl, flux, sd3 (MMDiT), lumina2 (NextDiT) or qwen_image."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of the random weights."}),
+            "layout": (list(tiny_models.LAYOUTS) + list(_trained_names()),
+                       {"tooltip": "Block layout: sd15, sdxl, flux, sd3 (MMDiT), lumina2 (NextDiT) or qwen_image "
+                                   "(random weights), or a trained reference model: sd15_shapes (SD1.5-layout "
+                                   "UNet) or flux_shapes (Flux-layout DiT), prompts like 'red circle'."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
+                             "tooltip": "Seed of the random weights (ignored by the trained models)."}),
         }}
 
     def load(self, layout, seed):

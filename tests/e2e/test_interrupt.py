@@ -3,8 +3,11 @@
 The server here caches node outputs (ComfyUI's default), so the patch nodes' MODEL is the
 same object in every prompt. A prompt is run once (fresh patches), then the same chain runs
 with many steps and is interrupted after its second step (seen on the websocket's progress
-messages), then the first prompt runs again: its sampler re-executes on the cached,
-interrupted MODEL and must save exactly the latent of the first run.
+messages), then the first prompt runs again with denoise 0.99999: ComfyUI samples the whole
+schedule for any denoise above 0.9999, so the result must be the first run's, while the changed
+input makes the sampler re-execute however many prompts the server's output cache keeps
+(0.3.75 keeps one, newer releases more). It runs on the cached, interrupted MODEL and must save
+exactly the latent of the first run.
 """
 
 import asyncio
@@ -21,7 +24,12 @@ from devtools.server import ComfyServer, prepare_base_directory
 PATCHES = ("2", "3", "4", "5")
 
 
-def prompt(steps=3, seed=5):
+# Above 0.9999 KSampler takes the full schedule (comfy.samplers.KSampler.set_steps): the same
+# sigmas as 1.0, but another input signature, so no output cache can serve the sampler.
+FULL_SCHEDULE_DENOISE = 0.99999
+
+
+def prompt(steps=3, seed=5, denoise=1.0):
     """Tiny SD1.5 -> APG (momentum) -> CFGZeroStar -> SAG -> ToMe -> KSampler -> SaveLatent."""
     window = {"start_percent": 0.0, "end_percent": 1.0}
     return {
@@ -44,7 +52,7 @@ def prompt(steps=3, seed=5):
         "9": {"class_type": "KSampler",
               "inputs": {"model": ["5", 0], "seed": seed, "steps": steps, "cfg": 5.0, "sampler_name": "euler",
                          "scheduler": "normal", "positive": ["6", 0], "negative": ["7", 0],
-                         "latent_image": ["8", 0], "denoise": 1.0}},
+                         "latent_image": ["8", 0], "denoise": denoise}},
         "10": {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0], "filename_prefix": "lifecycle"}},
     }
 
@@ -105,7 +113,7 @@ def test_an_interrupted_run_leaves_the_cached_patched_model_as_fresh(caching_ser
     assert reached["value"] < reached["max"]
     assert set(PATCHES) <= cached_nodes(interrupted), "the long run did not reuse the patched MODEL"
 
-    again = caching_server.run(copy.deepcopy(prompt()))
+    again = caching_server.run(copy.deepcopy(prompt(denoise=FULL_SCHEDULE_DENOISE)))
     assert set(PATCHES) <= cached_nodes(again), "the rerun did not reuse the interrupted patched MODEL"
     assert "9" not in cached_nodes(again), "the sampler did not run again"
     actual = saved_latent(caching_server, again)

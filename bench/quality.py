@@ -1,0 +1,223 @@
+"""Speed against quality on the trained reference models (``sd15_shapes``, ``flux_shapes``).
+
+Every speed node and its core counterpart, and what the guidance nodes do to the
+picture: for each variant, every ``"<colour> <shape>"`` prompt with ``--seeds`` seeds
+(18 x 16 = 288 samples by default), euler, 20 steps, the recommended CFG (variants
+marked "CFG 1" at CFG 1), the same initial noise for every variant, through ComfyUI's
+own sampler. Per variant: model evaluations (batch rows at the network's first layer,
+as a share of the full-compute run), wall time, prompt accuracy (the oracle classifier
+reads colour and shape), FID on the classifier's features against 2,000 held-out real
+pictures, and PSNR against the full-compute picture of the same seed.
+
+    .venv/bin/python bench/quality.py                       # both models, every variant
+    .venv/bin/python bench/quality.py --models sd15_shapes --seeds 4 --variants full stepcache
+    .venv/bin/python bench/quality.py --replot              # table and chart again from results/quality.json
+
+Writes ``results/quality.json``, ``quality.md`` and ``quality.png`` (``--publish``: also to ``figures/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import _common
+
+UNET, DIT = "sd15_shapes", "flux_shapes"
+BOTH = (UNET, DIT)
+
+
+@dataclass(frozen=True)
+class Variant:
+    key: str
+    label: str
+    models: Tuple[str, ...]
+    kind: str                     # "reference", "ours", "core": how the chart marks it
+    group: str                    # "speed" or "guidance"
+    make: Callable                # (model, name) -> patched model
+    cfg: Optional[float] = None   # None: the model's recommended CFG
+
+
+def ours(node_id: str, **inputs):
+    def make(model, _name):
+        from devtools.testkit.shapes import evaluate
+        from patchlab.nodes import NODE_CLASS_MAPPINGS
+
+        return evaluate.with_defaults(NODE_CLASS_MAPPINGS[node_id], model, **inputs)
+    return make
+
+
+def core(node_id: str, **inputs):
+    def make(model, _name):
+        import nodes as comfy_nodes
+        from devtools import checks
+
+        return checks.run_node(comfy_nodes.NODE_CLASS_MAPPINGS[node_id], model=model, **inputs)[0]
+    return make
+
+
+def unpatched(model, _name):
+    return model
+
+
+CORE_CACHE = _common.CORE_CACHE_DEFAULTS
+FULL = {"start_percent": 0.0, "end_percent": 1.0}
+VARIANTS: List[Variant] = [
+    Variant("full", "full compute", BOTH, "reference", "speed", unpatched),
+    Variant("cfg1", "CFG 1 (no negative pass)", BOTH, "reference", "speed", unpatched, cfg=1.0),
+    Variant("tome", "ToMe 0.5 (PatchLab)", (UNET,), "ours", "speed",
+            ours("PatchLab_TokenMerging", ratio=0.5, max_downsample=1)),
+    Variant("todo", "ToDo 2x (PatchLab)", (UNET,), "ours", "speed",
+            ours("PatchLab_TokenDownsampling", max_downsample=1)),
+    Variant("core_tome", "ToMe 0.5 (core TomePatchModel)", (UNET,), "core", "speed", core("TomePatchModel", ratio=0.5)),
+    Variant("stepcache", "StepCache defaults (PatchLab)", BOTH, "ours", "speed", ours("PatchLab_StepCache")),
+    *[Variant(f"stepcache_{mode}_{t}", f"StepCache {mode} {t}", BOTH, "ours", "speed",
+              ours("PatchLab_StepCache", threshold=t, reuse=mode))
+      for mode in ("forecast", "reuse") for t in (0.1, 0.2, 0.5, 0.8)],
+    *[Variant(f"deepcache_{i}", f"DeepCache interval {i} (PatchLab)", (UNET,), "ours", "speed",
+              ours("PatchLab_DeepCache", interval=i)) for i in (2, 3, 5)],
+    Variant("core_easycache", "EasyCache (core, defaults)", BOTH, "core", "speed", core("EasyCache", **CORE_CACHE)),
+    Variant("core_lazycache", "LazyCache (core, defaults)", BOTH, "core", "speed", core("LazyCache", **CORE_CACHE)),
+    Variant("guidance_interval", "GuidanceInterval defaults (PatchLab)", BOTH, "ours", "speed",
+            ours("PatchLab_GuidanceInterval")),
+    Variant("adaptive_guidance", "AdaptiveGuidance defaults (PatchLab)", BOTH, "ours", "speed",
+            ours("PatchLab_AdaptiveGuidance")),
+    Variant("renorm_paper", "RenormCFG truncating the last 30 % (PatchLab)", BOTH, "ours", "speed",
+            ours("PatchLab_RenormCFG", cfg_trunc=70.0, renorm_cfg=0.0, truncate="paper", **FULL)),
+    # guidance nodes: what they do to accuracy and FID
+    *[Variant(f"{key}{suffix}", f"{label}{' at CFG 1' if cfg else ''}", models, "ours", "guidance", ours(node), cfg)
+      for key, label, node, models in (
+          ("sag", "SAG (PatchLab)", "PatchLab_SelfAttentionGuidance", (UNET,)),
+          ("pag", "PAG (PatchLab)", "PatchLab_PerturbedAttentionGuidance", BOTH),
+          ("seg", "SEG (PatchLab)", "PatchLab_SmoothedEnergyGuidance", BOTH),
+          ("slg", "SLG (PatchLab)", "PatchLab_SkipLayerGuidance", BOTH))
+      for suffix, cfg in (("", None), ("_cfg1", 1.0))],
+    *[Variant(key, label, models, "ours", "guidance", ours(node))
+      for key, label, node, models in (
+          ("rescale_cfg", "RescaleCFG", "PatchLab_RescaleCFG", BOTH),
+          ("cfg_norm", "CFGNorm", "PatchLab_CFGNorm", BOTH),
+          ("apg", "APG", "PatchLab_AdaptiveProjectedGuidance", BOTH),
+          ("tcfg", "TCFG", "PatchLab_TangentialDampingCFG", BOTH),
+          ("mahiro", "Mahiro", "PatchLab_Mahiro", BOTH),
+          ("cfg_zero_star", "CFGZeroStar", "PatchLab_CFGZeroStar", BOTH),
+          ("fresca", "FreSca", "PatchLab_FreSca", BOTH),
+          ("freeu", "FreeU", "PatchLab_FreeU", (UNET,)),
+          ("freeu_v2", "FreeU_V2", "PatchLab_FreeU_V2", (UNET,)))],
+]
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(BOTH), choices=list(BOTH))
+    parser.add_argument("--variants", nargs="+", help="variant keys (default: all; 'full' always runs)")
+    parser.add_argument("--seeds", type=int, default=16, help="seeds per prompt (18 prompts)")
+    parser.add_argument("--name", default="quality")
+    parser.add_argument("--publish", action="store_true", help="copy NAME.json/.md/.png to bench/figures/")
+    parser.add_argument("--replot", action="store_true", help="only redraw NAME.md and NAME.png")
+    return parser.parse_args()
+
+
+def run(args) -> Dict:
+    from devtools.testkit.counting import count_rows
+    from devtools.testkit.shapes import evaluate, models, oracle
+
+    classifier = oracle.load()
+    reference = oracle.reference_set()
+    prompts = evaluate.prompt_grid(args.seeds)
+    wanted = set(args.variants or [v.key for v in VARIANTS]) | {"full"}
+    results: Dict[str, Dict] = {}
+    for name in args.models:
+        trained = models.load(name)
+        rows_full, full = None, None
+        results[name] = {}
+        for variant in VARIANTS:
+            if variant.key not in wanted or name not in variant.models:
+                continue
+            try:
+                patched = variant.make(trained.model, name)
+            except Exception as error:  # noqa: BLE001 - a node refusing a model is a result too
+                results[name][variant.key] = {"label": variant.label, "error": f"{type(error).__name__}: {error}"}
+                print(f"{name} {variant.key}: {error}")
+                continue
+            start = time.perf_counter()
+            with count_rows(trained.model) as count:
+                samples = evaluate.sample(trained, prompts, model=patched, cfg=variant.cfg)
+            wall = time.perf_counter() - start
+            if variant.key == "full":
+                rows_full, full = count.rows, samples
+            result = evaluate.judge(samples, classifier, reference, full)
+            result.update(label=variant.label, kind=variant.kind, group=variant.group, rows=count.rows,
+                          evaluations=round(count.rows / rows_full, 4), wall_s=round(wall, 2),
+                          cfg=variant.cfg or evaluate.RECOMMENDED_CFG[name])
+            results[name][variant.key] = result
+            print(f"{name} {variant.key}: {json.dumps(result)}", flush=True)
+    return results
+
+
+def write_table_and_chart(payload: Dict, name: str) -> None:
+    results = payload["results"]
+    lines = [f"# {name}: speed against quality on the trained reference models", "",
+             f"{payload['samples_per_variant']} samples per variant (18 prompts x {payload['seeds']} seeds), euler, "
+             f"20 steps, {payload['device']}. Evaluations: rows at the network's first layer against the full run; "
+             "PSNR against the full run's picture of the same seed (100 dB = identical); FID on the oracle "
+             "classifier's features against 2,000 held-out pictures.", ""]
+    for model, variants in results.items():
+        lines += [f"## {model}", "", "| variant | CFG | evaluations | wall s | colour | shape | both | FID | PSNR dB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in variants.values():
+            if "error" in r:
+                lines.append(f"| {r['label']} | | refused: {r['error'][:80]} | | | | | | |")
+                continue
+            lines.append(f"| {r['label']} | {r['cfg']:g} | {r['evaluations']:.0%} | {r['wall_s']:.1f} | "
+                         f"{r['accuracy_colour']:.1%} | {r['accuracy_shape']:.1%} | {r['accuracy_both']:.1%} | "
+                         f"{r['fid']:.2f} | {r.get('psnr_db', float('nan')):.1f} |")
+        lines.append("")
+    out = _common.RESULTS_DIR / f"{name}.md"
+    out.write_text("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), squeeze=False)
+    for ax, (model, variants) in zip(axes[0], results.items()):
+        for key, r in variants.items():
+            if "error" in r or r["group"] != "speed" or key == "full":
+                continue
+            style = {"ours": ("o", "tab:blue"), "core": ("s", "tab:red"), "reference": ("x", "black")}[r["kind"]]
+            ax.scatter(1 - r["evaluations"], min(r["psnr_db"], 60), marker=style[0], color=style[1])
+            ax.annotate(r["label"].replace(" (PatchLab)", "").replace(" (core, defaults)", " core"),
+                        (1 - r["evaluations"], min(r["psnr_db"], 60)), fontsize=6, xytext=(3, 2),
+                        textcoords="offset points")
+        ax.set_title(f"{model}: PSNR vs evaluations saved (blue ours, red core)")
+        ax.set_xlabel("share of model evaluations saved")
+        ax.set_ylabel("PSNR against full compute (dB)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(_common.RESULTS_DIR / f"{name}.png", dpi=110)
+
+
+def main():
+    args = parse_args()
+    path = _common.RESULTS_DIR / f"{args.name}.json"
+    if args.replot:
+        payload = json.loads(path.read_text())
+    else:
+        _common.boot(cpu=True)
+        results = run(args)
+        payload = {"seeds": args.seeds, "samples_per_variant": 18 * args.seeds, "results": results}
+        _common.write_results(args.name, payload)
+        payload = json.loads(path.read_text())
+    write_table_and_chart(payload, args.name)
+    if args.publish:
+        figures = _common.REPO_ROOT / "bench" / "figures"
+        for suffix in (".json", ".md", ".png"):
+            shutil.copy(_common.RESULTS_DIR / f"{args.name}{suffix}", figures / f"{args.name}{suffix}")
+
+
+if __name__ == "__main__":
+    main()

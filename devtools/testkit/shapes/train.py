@@ -1,0 +1,230 @@
+"""Train a reference model on the procedural shapes: ``python -m devtools.testkit.shapes.train NAME``.
+
+One loop (after lucidrains' denoising-diffusion-pytorch): draw a batch of pictures, map
+them to the latent the network sees, noise them with the model's own
+``model_sampling.noise_scaling`` at a random sigma, run ComfyUI's network the way
+``BaseModel._apply_model`` does, regress its raw output on the target (the noise for
+eps models, noise - x0 for flow models), AdamW with warm-up and cosine decay, an EMA of
+the weights, which is what is saved. Prompts are dropped for classifier-free guidance:
+10 % empty, 10 % colour only, 10 % shape only.
+
+Writes ``devtools/testkit/shapes/weights/NAME.safetensors`` and its manifest ``NAME.json``
+(command, seed, steps, wall time, final loss); the quality figures are added by
+``python -m devtools.testkit.shapes.evaluate NAME``. Use as many OpenMP threads as free cores
+(``--threads``): two torch jobs sharing cores slow each other by an order of magnitude.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DROP_ALL, DROP_COLOUR, DROP_SHAPE = 0.10, 0.10, 0.10
+
+
+def prompt_words(colour: torch.Tensor, shape: torch.Tensor, generator: torch.Generator):
+    """Per picture, the words of its prompt after the guidance dropout."""
+    from . import data
+
+    draws = torch.rand(len(colour), generator=generator)
+    out = []
+    for c, s, u in zip(colour.tolist(), shape.tolist(), draws.tolist()):
+        if u < DROP_ALL:
+            out.append([])
+        elif u < DROP_ALL + DROP_COLOUR:
+            out.append([data.SHAPES[s]])
+        elif u < DROP_ALL + DROP_COLOUR + DROP_SHAPE:
+            out.append([data.COLOUR_NAMES[c]])
+        else:
+            out.append([data.COLOUR_NAMES[c], data.SHAPES[s]])
+    return out
+
+
+def sample_sigmas(model_sampling, batch: int, flow: bool, generator: torch.Generator) -> torch.Tensor:
+    """Training sigmas [B]: a uniform discrete timestep (eps), or a logit-normal t through the model's shift (flow)."""
+    if flow:
+        t = torch.sigmoid(torch.randn(batch, generator=generator))
+        return model_sampling.sigma(t)
+    index = torch.randint(len(model_sampling.sigmas), (batch,), generator=generator)
+    return model_sampling.sigmas[index]
+
+
+def _saved_copies(enabled: bool):
+    """Autograd keeps its own copy of every tensor it saves: Flux's blocks add their residuals in
+    place (``img += ...``) into tensors their norms saved for the backward pass."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+
+
+def initialise(network: torch.nn.Module, seed: int) -> None:
+    """Fan-in scaled normal weights (the test kit's), then a zero output layer."""
+    from .. import tiny_models
+
+    tiny_models.randomize(network, seed)
+    last = network.out[-1] if hasattr(network, "out") else network.final_layer.linear
+    with torch.no_grad():
+        for p in last.parameters():
+            p.zero_()
+
+
+@contextlib.contextmanager
+def _fast_attention():
+    """Train with PyTorch's scaled_dot_product_attention (ComfyUI's --cpu default, sub-quadratic
+    attention, is several times slower backwards); ComfyUI's choice comes back afterwards."""
+    import comfy.ldm.flux.math
+    import comfy.ldm.modules.attention as attention
+
+    saved = attention.optimized_attention, comfy.ldm.flux.math.optimized_attention
+    attention.optimized_attention = comfy.ldm.flux.math.optimized_attention = attention.attention_pytorch
+    try:
+        yield
+    finally:
+        attention.optimized_attention, comfy.ldm.flux.math.optimized_attention = saved
+
+
+def train(name: str, steps: int, batch: int = 32, seed: int = 0, lr: Optional[float] = None,
+          ema_decay: float = 0.998, warmup: int = 200, save_to: Optional[Path] = None,
+          save_every: int = 500, progress: Optional[Callable[[int, float], None]] = None,
+          resume: Optional[Path] = None, weighting: str = "uniform") -> Dict:
+    """Train ``name`` for ``steps`` steps; returns the run's facts (and saves the EMA weights if ``save_to``).
+
+    ``resume``: start from a saved file (its EMA weights and word table) instead of fresh weights;
+    the learning-rate schedule (warm-up, cosine decay) starts again over ``steps``.
+    ``weighting``: ``uniform`` (plain MSE on the network's output) or ``high-noise``: eps models
+    weight each picture by min(1 + sigma^2, 25), the weighting a v-prediction loss gives the same
+    error, capped. An eps network's error at sigma 14 is 14 times larger in the picture it implies
+    (x0 = x - sigma * eps), and uniform weighting leaves the colour of the whole picture poorly
+    predicted at the start of sampling.
+    """
+    from . import data, models
+
+    torch.manual_seed(seed)
+    s = models.spec(name)
+    if resume is not None:
+        loaded = models.load(name, path=resume, check=False)
+        patcher, table = loaded.model, loaded.table
+    else:
+        patcher = models.build(name)
+    base = patcher.model
+    network = base.diffusion_model
+    if resume is None:
+        initialise(network, seed)
+        table = models.word_table(name, seed)
+    network.train()
+    ema = copy.deepcopy(network).eval().requires_grad_(False)
+    flow = s.pooled_dim is not None  # the Flux layout (velocity); the UNet predicts eps
+    ms = base.model_sampling
+    optimiser = torch.optim.AdamW(network.parameters(), lr=lr or s.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda i: min(1.0, (i + 1) / warmup) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))))
+    pictures = data.stream(batch, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    start = time.monotonic()
+    running = None
+    for step in range(steps):
+        b = next(pictures)
+        x0 = models.rgb_to_internal(b.images, s.latent_channels)
+        context = models.encode_words(table, prompt_words(b.colour, b.shape, generator))
+        sigma = sample_sigmas(ms, batch, flow, generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        x = ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
+        extra = {"y": models.pooled(context)} if flow else {}
+        with _fast_attention(), _saved_copies(flow):
+            out = network(ms.calculate_input(sigma.view(-1, 1, 1, 1), x), ms.timestep(sigma).float(),
+                          context=context, **extra)
+        target = noise - x0 if flow else noise
+        per_picture = (out.float() - target).square().flatten(1).mean(1)
+        if weighting == "high-noise" and not flow:
+            per_picture = per_picture * (1 + sigma.square()).clamp(max=25.0)
+        loss = per_picture.mean()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+        optimiser.step()
+        schedule.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), network.parameters()):
+                e.lerp_(p, 1 - decay)
+        running = loss.item() if running is None else 0.99 * running + 0.01 * loss.item()
+        if progress is not None:
+            progress(step, running)
+        if save_to is not None and (step + 1) % save_every == 0:
+            models.save(name, ema, table, save_to)
+    facts = {"model": name, "seed": seed, "steps": steps, "batch": batch, "lr": lr or s.lr, "weighting": weighting,
+             "ema_decay": ema_decay, "wall_s": round(time.monotonic() - start, 1),
+             "final_loss_ema100": round(running, 5) if running is not None else None,
+             "threads": torch.get_num_threads(),
+             "parameters": sum(p.numel() for p in network.parameters())}
+    if save_to is not None:
+        models.save(name, ema, table, save_to)
+    return facts
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", help="sd15_shapes or flux_shapes")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the manifest's recipe)")
+    parser.add_argument("--batch", type=int, default=None, help="pictures per step (default: the recipe's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="OpenMP threads (as many as free cores)")
+    parser.add_argument("--weighting", choices=["uniform", "high-noise"], default="uniform",
+                        help="loss weighting over sigma (see train())")
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="continue from this weights file (e.g. the committed one) with a fresh schedule")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="weights file (default: the committed one; its manifest is rewritten)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+
+    from . import models
+
+    steps = args.steps or RECIPES[args.name]["steps"]
+    batch = args.batch or RECIPES[args.name]["batch"]
+    out = args.out or models.weights_path(args.name)
+
+    def progress(step: int, loss: float) -> None:
+        if step % 200 == 0 or step == steps - 1:
+            log.info("%s step %d/%d loss %.5f", args.name, step, steps, loss)
+
+    facts = train(args.name, steps, batch=batch, seed=args.seed, save_to=out, progress=progress,
+                  resume=args.resume, weighting=args.weighting)
+    facts["command"] = "python -m devtools.testkit.shapes.train " + " ".join(argv if argv is not None else sys.argv[1:])
+    facts["sha256"] = models.sha256(out)
+    if args.out is None:
+        path = models.manifest_path(args.name)
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        if args.resume is not None and old:  # a continued run: keep the earlier stages
+            stages = old.pop("stages", [{k: v for k, v in old.items() if k not in ("sha256", "quality")}])
+            facts["stages"] = stages + [dict(facts)]
+            facts["steps"] = sum(stage["steps"] for stage in facts["stages"])
+            facts["wall_s"] = round(sum(stage["wall_s"] for stage in facts["stages"]), 1)
+            facts["command"] = " && ".join(stage["command"] for stage in facts["stages"])
+            old = {}
+        path.write_text(json.dumps({**old, **facts}, indent=2) + "\n")
+    log.info("%s", json.dumps(facts))
+    return 0
+
+
+# Sized to train both models at once in about 80 minutes, one thread each, on the 2-core machine.
+RECIPES = {"sd15_shapes": {"steps": 2000, "batch": 16}, "flux_shapes": {"steps": 2200, "batch": 16}}
+
+if __name__ == "__main__":
+    from devtools import bootstrap
+
+    bootstrap.import_comfyui()
+    sys.exit(main())

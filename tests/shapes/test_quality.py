@@ -1,0 +1,130 @@
+"""Quality on the trained reference models: what a node does to the picture, judged by the oracle.
+
+Small and deterministic: every "<colour> <shape>" prompt with two seeds (36 samples),
+euler, 20 steps, the model's recommended CFG, through ComfyUI's own sampler. The floors are
+the values measured on the committed weights (manifests' "quality") less a margin: they
+guard against regressions. The bar issue 21 sets for the models themselves (90 % colour,
+80 % shape) is a strict xfail until the models are trained far enough to meet it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from devtools.testkit.shapes import evaluate, models, oracle
+from patchlab.nodes import cfg as cfg_nodes
+from patchlab.nodes import deep_cache as dc_nodes
+from patchlab.nodes import guidance_skip as skip_nodes
+from patchlab.nodes import step_cache as sc_nodes
+
+PROMPTS = evaluate.prompt_grid(2)
+SPEC_COLOUR, SPEC_SHAPE = 0.90, 0.80
+# Measured with these 36 samples on the committed weights (both right, colour, shape), less 5 points.
+# Measured 2026-12-05: sd15_shapes colour 44.4 %, shape 77.8 %; flux_shapes colour 100 %, shape 75.0 %.
+FLOORS = {"sd15_shapes": {"accuracy_colour": 0.39, "accuracy_shape": 0.72},
+          "flux_shapes": {"accuracy_colour": 0.95, "accuracy_shape": 0.70}}
+MEETS_SPEC = {"sd15_shapes": False, "flux_shapes": False}
+# Largest drop in prompt accuracy (both right) a speed node may cost at its defaults.
+ACCURACY_MARGIN = 0.05
+# PSNR floors (dB) against the full-compute pictures of the same seeds: measured, less 2 dB.
+# Measured: StepCache 32.8 (sd15_shapes) and 35.6 dB (flux_shapes), DeepCache 31.4 dB.
+PSNR_FLOOR = {("StepCache", "sd15_shapes"): 30.8, ("StepCache", "flux_shapes"): 33.6,
+              ("DeepCache", "sd15_shapes"): 29.4}
+# Where a node at its defaults costs more than ACCURACY_MARGIN today (measured on these 36 samples): strict
+# xfails, so the test fails the day the defaults or the models change the answer. Issue 21, item 7.
+OVER_MARGIN = {
+    ("StepCache", "flux_shapes"): "75.0 % -> 69.4 % of prompts right (2 of 36 samples)",
+    ("GuidanceInterval", "sd15_shapes"): "38.9 % -> 27.8 %",
+    ("GuidanceInterval", "flux_shapes"): "75.0 % -> 69.4 %",
+    ("AdaptiveGuidance", "sd15_shapes"): "38.9 % -> 19.4 %: the 0.991 threshold stops CFG too early here",
+    ("AdaptiveGuidance", "flux_shapes"): "75.0 % -> 63.9 %: the 0.991 threshold stops CFG too early here",
+}
+
+
+def over_margin(label, name):
+    reason = OVER_MARGIN.get((label, name))
+    return pytest.mark.xfail(strict=True, reason=f"{label} on {name}: {reason}") if reason else ()
+
+
+@functools.cache
+def trained(name):
+    return models.load(name)
+
+
+@functools.cache
+def classifier():
+    return oracle.load()
+
+
+@functools.cache
+def reference():
+    return oracle.reference_set(1000)
+
+
+@functools.cache
+def full(name, cfg=None):
+    return evaluate.sample(trained(name), PROMPTS, cfg=cfg)
+
+
+def judged(name, model=None, cfg=None, against_full=True):
+    samples = full(name, cfg) if model is None else evaluate.sample(trained(name), PROMPTS, model=model, cfg=cfg)
+    return evaluate.judge(samples, classifier(), reference(), full(name) if against_full else None)
+
+
+@pytest.mark.parametrize("name", models.NAMES)
+def test_uncached_samples_keep_their_measured_prompt_accuracy(name):
+    result = judged(name)
+    for key, floor in FLOORS[name].items():
+        assert result[key] >= floor, result
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if MEETS_SPEC[n] else pytest.mark.xfail(
+    strict=True, reason="not trained far enough yet for issue 21's bar")) for n in models.NAMES])
+def test_uncached_samples_draw_90_percent_of_colours_and_80_percent_of_shapes_right(name):
+    result = judged(name)
+    assert result["accuracy_colour"] >= SPEC_COLOUR and result["accuracy_shape"] >= SPEC_SHAPE, result
+
+
+@pytest.mark.parametrize("name", models.NAMES)
+def test_guidance_matters_cfg_1_is_worse_than_the_recommended_cfg(name):
+    guided, plain = judged(name), judged(name, cfg=1.0, against_full=False)
+    assert plain["accuracy_both"] < guided["accuracy_both"] or plain["fid"] > guided["fid"], (plain, guided)
+
+
+SPEED_NODES = [
+    ("StepCache", sc_nodes.StepCache, "sd15_shapes"),
+    ("StepCache", sc_nodes.StepCache, "flux_shapes"),
+    ("DeepCache", dc_nodes.DeepCache, "sd15_shapes"),
+]
+
+
+@pytest.mark.parametrize("label,node,name", SPEED_NODES, ids=[f"{a}-{c}" for a, _, c in SPEED_NODES])
+def test_step_caches_at_their_defaults_keep_psnr_above_the_measured_floor(label, node, name):
+    result = judged(name, evaluate.with_defaults(node, trained(name).model))
+    assert result["psnr_db"] >= PSNR_FLOOR[(label, name)], result
+
+
+@pytest.mark.parametrize("label,node,name", [pytest.param(a, b, c, marks=over_margin(a, c)) for a, b, c in SPEED_NODES],
+                         ids=[f"{a}-{c}" for a, _, c in SPEED_NODES])
+def test_step_caches_at_their_defaults_keep_prompt_accuracy_within_5_points(label, node, name):
+    base = judged(name)
+    result = judged(name, evaluate.with_defaults(node, trained(name).model))
+    assert result["accuracy_both"] >= base["accuracy_both"] - ACCURACY_MARGIN, (result, base)
+
+
+SKIP_NODES = [
+    ("GuidanceInterval", skip_nodes.GuidanceInterval),
+    ("AdaptiveGuidance", skip_nodes.AdaptiveGuidance),
+    ("RenormCFG", cfg_nodes.RenormCFG),
+]
+
+
+@pytest.mark.parametrize("label,node,name", [pytest.param(a, b, n, marks=over_margin(a, n))
+                                             for a, b in SKIP_NODES for n in models.NAMES],
+                         ids=[f"{a}-{n}" for a, _ in SKIP_NODES for n in models.NAMES])
+def test_guidance_skipping_at_its_defaults_keeps_prompt_accuracy_within_5_points(label, node, name):
+    base = judged(name)
+    result = judged(name, evaluate.with_defaults(node, trained(name).model))
+    assert result["accuracy_both"] >= base["accuracy_both"] - ACCURACY_MARGIN, (result, base)
