@@ -35,6 +35,7 @@ import comfy.supported_models
 import torch
 import torch.nn.functional as F
 
+from .. import tiny_models
 from . import data
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -67,13 +68,8 @@ class Spec:
 SPECS = {
     "sd15_shapes": Spec(
         name="sd15_shapes", config_class=_SD15Shapes, context_dim=64, latent_channels=4,
-        unet_config={"use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
-                     "use_spatial_transformer": True, "legacy": False, "use_temporal_attention": False,
-                     "use_temporal_resblock": False, "adm_in_channels": None, "model_channels": 32,
-                     "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
-                     "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
-                     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-                     "use_linear_in_transformer": False, "context_dim": 64},
+        # the test kit's tiny SD1.5 layout (widths 32/64/128/128, context 64), trained
+        unet_config=dict(tiny_models.LAYOUTS["sd15"].unet_config),
     ),
     "flux_shapes": Spec(
         name="flux_shapes", config_class=_FluxShapes, context_dim=64, latent_channels=16, pooled_dim=64,
@@ -92,23 +88,10 @@ def spec(name: str) -> Spec:
     return SPECS[name]
 
 
-def _unet_config(s: Spec) -> Dict:
-    config = dict(s.unet_config)
-    if config.get("image_model") == "flux":
-        import dataclasses
-
-        import comfy.ldm.flux.model
-
-        known = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
-        if "txt_ids_dims" in known:  # newer ComfyUI releases require it (Flux.1: none)
-            config.setdefault("txt_ids_dims", [])
-    return config
-
-
 def build(name: str, dtype: torch.dtype = torch.float32) -> comfy.model_patcher.ModelPatcher:
     """The model with uninitialised weights, in a real ModelPatcher (train or load into it)."""
     s = spec(name)
-    config = s.config_class(_unet_config(s))
+    config = s.config_class(tiny_models._unet_config(s))  # completed for newer ComfyUI releases
     config.set_inference_dtype(dtype, None)
     model = config.get_model({})
     model.to(dtype)
