@@ -18,11 +18,17 @@ makes sure its hooks are installed:
 Extra passes: PAG, SEG and SLG perturb the positive prediction on the same input, so their
 rows share one batched model call (``x`` repeated once per spec, the specs carried in
 ``transformer_options["patchlab_guidance_pass"]``). SAG's pass uses the negative
-conditioning on a blurred input and runs on its own, tagged as uncond.
+conditioning on a blurred input and runs on its own, tagged as uncond. Next to ComfyUI's
+``NAGuidance`` (0.14+), which guides self-attention only in calls that hold both prompts,
+the extra pass carries the negative rows too, so both sides of ``positive - perturbed``
+are NAG-guided (one more row per spec and image).
 
-SAG's record is keyed by the sampling run (its ``sample_sigmas`` tensor) and holds only
-the attention mass per token of the uncond rows ([B, tokens]); the runner pops it each
-step, and what a cancelled run leaves is dropped when that run's tensors are freed.
+SAG's record is keyed by the sampling run and holds only the attention mass per token of
+the uncond rows ([B, tokens]); the runner pops it each step. The run's key is a token an
+``OUTER_SAMPLE`` wrapper puts into the run's ``transformer_options`` and takes out again
+(with what an interrupted run left recorded) when the run ends: ComfyUI hands that same
+object to every device of a multi-GPU split (0.23+), which gives each device its own copy
+of ``sample_sigmas``, so the tensor cannot serve as the key.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
+import comfy.patcher_extension
 import comfy.samplers
 import torch
 from comfy.ldm.modules.attention import optimized_attention
@@ -46,7 +53,11 @@ from .window import SigmaWindow
 log = logging.getLogger(__name__)
 
 SPECS_KEY = "patchlab_attention_guidance"
+RUN_KEY = "patchlab_attention_run"          # transformer_options: the run's _Run token
+WRAPPER_KEY = "patchlab_attention_guidance"
+OUTER = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
 PASS_KEY = dit_attention.PASS_KEY
+CORE_NAG_MODULE = "nodes_nag"
 PERTURBED = ("pag", "seg", "slg")  # kinds whose rows share one batched extra pass on the positive
 Key = Tuple[str, int, int]
 STAGES = ("input", "middle", "output")
@@ -159,7 +170,7 @@ class RecordStore:
         self._lock = threading.Lock()
         self._records: Dict[int, list] = {}
 
-    def add(self, run_key: Optional[torch.Tensor], mass: torch.Tensor, grid: Tuple[int, int]) -> None:
+    def add(self, run_key: Optional[object], mass: torch.Tensor, grid: Tuple[int, int]) -> None:
         ident = id(run_key)
         with self._lock:
             record = self._records.get(ident)
@@ -171,7 +182,7 @@ class RecordStore:
                 record[0] = record[0] + mass.to(record[0].device)
                 record[1] += 1
 
-    def pop(self, run_key: Optional[torch.Tensor]):
+    def pop(self, run_key: Optional[object]):
         """(mean mass [B, tokens], token grid) recorded this step for the run, or None."""
         with self._lock:
             record = self._records.pop(id(run_key), None)
@@ -180,6 +191,10 @@ class RecordStore:
     def _drop(self, ident: int) -> None:
         with self._lock:
             self._records.pop(ident, None)
+
+    def discard(self, run_key: object) -> None:
+        """Forget what ``run_key``'s run recorded (an interrupted run's last step)."""
+        self._drop(id(run_key))
 
     def __len__(self) -> int:
         return len(self._records)
@@ -263,7 +278,7 @@ def _record(q, k, extra, key, specs) -> None:
     grid = _grid(extra, k.shape[1])
     if grid is None:
         return
-    run_key = extra.get("sample_sigmas")
+    run_key = current_run(extra)
     for chunk, tag in enumerate(cond_or_uncond):
         if tag != 1:
             continue
@@ -288,6 +303,37 @@ def make_replace(previous=None):
     return attn1_replace
 
 
+# --- the run -----------------------------------------------------------------------------------
+
+class _Run:
+    """One sampling run's key (weak-referenceable; the same object on every copy of the options)."""
+
+    __slots__ = ("__weakref__",)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def current_run(transformer_options: Dict) -> Optional[object]:
+    """The run's token; without the wrapper (a caller outside ComfyUI's sampler) its ``sample_sigmas``."""
+    run = transformer_options.get(RUN_KEY)
+    return run if run is not None else transformer_options.get("sample_sigmas")
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: a fresh run token for the run; what the run recorded is dropped after it."""
+    options = executor.class_obj.model_options.setdefault("transformer_options", {})
+    run = _Run()
+    options[RUN_KEY] = run
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        options.pop(RUN_KEY, None)
+        for spec in options.get(SPECS_KEY, ()):
+            if spec.store is not None:
+                spec.store.discard(run)
+
+
 # --- the post-CFG runner --------------------------------------------------------------------
 
 def extra_pass_options(model_options: Dict, groups: Tuple[GuidanceSpec, ...]) -> Dict:
@@ -298,12 +344,32 @@ def extra_pass_options(model_options: Dict, groups: Tuple[GuidanceSpec, ...]) ->
     return options
 
 
+def core_nag(model_options: Dict) -> bool:
+    """Whether ComfyUI's NAGuidance (comfy_extras/nodes_nag.py, ComfyUI 0.14+) patches this model's self-attention."""
+    patches = model_options.get("transformer_options", {}).get("patches", {}).get("attn1_output_patch", [])
+    for fn in patches:
+        module = str(getattr(fn, "__module__", "") or "")
+        if (re.split(r"[./\\]", module)[-1] == CORE_NAG_MODULE
+                and str(getattr(fn, "__qualname__", "")).startswith("NAGuidance.")):
+            return True
+    return False
+
+
 def perturbed_predictions(args, specs: List[GuidanceSpec]) -> List[torch.Tensor]:
-    """The positive prediction under each spec's perturbation, all specs in one batched model call."""
+    """The positive prediction under each spec's perturbation, all specs in one batched model call.
+
+    Under ComfyUI's NAGuidance the negative rows go into the extra call too: that node guides
+    self-attention only in calls holding both the positive and the negative, and the
+    guidance direction ``positive - perturbed`` must compare two NAG-guided predictions
+    (else it would carry NAG's own change and strengthen NAG by the guidance scale).
+    """
     x, sigma, n = args["input"], args["sigma"], len(specs)
     repeated = x.repeat((n,) + (1,) * (x.ndim - 1))
     options = extra_pass_options(args["model_options"], tuple(specs))
-    (out,) = comfy.samplers.calc_cond_batch(args["model"], [args["cond"]], repeated, sigma.repeat(n), options)
+    conds = [args["cond"]]
+    if args.get("uncond") is not None and core_nag(args["model_options"]):
+        conds.append(args["uncond"])
+    out = comfy.samplers.calc_cond_batch(args["model"], conds, repeated, sigma.repeat(n), options)[0]
     return list(out.chunk(n))
 
 
@@ -330,13 +396,13 @@ def sag_term(spec: GuidanceSpec, record, args) -> Optional[torch.Tensor]:
 
 
 class _RunLog:
-    """One INFO line per sampling run (keyed by its ``sample_sigmas`` tensor, forgotten with it)."""
+    """One INFO line per sampling run (keyed by its run token, forgotten with it)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._seen = set()
 
-    def first(self, run_key: Optional[torch.Tensor]) -> bool:
+    def first(self, run_key: Optional[object]) -> bool:
         if run_key is None:
             return False
         ident = id(run_key)
@@ -362,7 +428,7 @@ def guidance_runner(args) -> torch.Tensor:
     """Post-CFG: add the guidance of every attention-guidance spec active at this step."""
     transformer_options = args["model_options"].get("transformer_options", {})
     specs = transformer_options.get(SPECS_KEY, ())
-    run_key = transformer_options.get("sample_sigmas")
+    run_key = current_run(transformer_options)
     records = {id(s): s.store.pop(run_key) for s in specs if s.kind == "sag"}
     result = args["denoised"]
     active = [s for s in specs if s.scale != 0 and s.window.contains(args["sigma"])]
@@ -449,6 +515,8 @@ def with_guidance(model, spec: GuidanceSpec):
         dit_attention.install_replaces(patched, spec.blocks)
     transformer_options = options.setdefault("transformer_options", {})
     transformer_options[SPECS_KEY] = tuple(transformer_options.get(SPECS_KEY, ())) + (spec,)
+    if not patched.get_wrappers(OUTER, WRAPPER_KEY):
+        patched.add_wrapper_with_key(OUTER, WRAPPER_KEY, outer_sample_wrapper)
     runners = [f for f in options.get("sampler_post_cfg_function", []) if getattr(f, "patchlab_attention_runner", 0)]
     if not runners:
         patched.set_model_sampler_post_cfg_function(guidance_runner, disable_cfg1_optimization=spec.kind == "sag")

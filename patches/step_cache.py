@@ -32,6 +32,10 @@ and every indicator is per batch item; a call reuses only when every item of eve
 chunk is below the threshold, the sigma of every item is in the window and no chunk
 has reached ``max_consecutive``. Chunked cond/uncond calls decide separately.
 
+One step cache per model: StepCache refuses a model that carries ComfyUI's EasyCache or
+LazyCache, when the node runs (the core cache came first) and when sampling starts (it
+came after), with a RuntimeError that says to keep one of them.
+
 Indicators:
 
 * ``input``: relative L1 change of the network input since the chunk's last full
@@ -80,6 +84,8 @@ FIRST_BLOCK_DITS = {
     "CameraWanModel": "Wan camera", "HumoWanModel": "Wan HuMo", "HunyuanVideo": "HunyuanVideo",
     "LTXVModel": "LTX-Video", "AsymmDiTJoint": "Mochi",
 }
+# Wrapper keys of ComfyUI's own step caches (comfy_extras/nodes_easycache.py): one step cache per model.
+CORE_CACHES = {"easycache": "EasyCache", "lazycache": "LazyCache"}
 FIRST_BLOCK_FAMILIES = ("SD1.x/SD2.x/SDXL UNets, Flux, Chroma, SD3/SD3.5, AuraFlow, Qwen-Image, Wan 2.x (not S2V), "
                         "HunyuanVideo, LTX-Video, Mochi")
 _warned = set()
@@ -332,9 +338,30 @@ def _transformer_options(args, kwargs) -> Optional[Dict]:
 
 # --- the wrappers ---------------------------------------------------------------------------
 
+def core_caches(model) -> List[str]:
+    """The names of ComfyUI's step caches (EasyCache, LazyCache) whose wrappers ``model`` carries."""
+    found = set()
+    for by_key in getattr(model, "wrappers", {}).values():
+        for key, functions in by_key.items():
+            if key in CORE_CACHES and functions:
+                found.add(CORE_CACHES[key])
+    return sorted(found)
+
+
+def refuse_double_cache(node_id: str, caches: List[str]) -> None:
+    """A RuntimeError when a core step cache sits on the same model: two caches would reuse steps twice."""
+    if caches:
+        names = " and ".join(caches)
+        raise RuntimeError(
+            f"{node_id}: this model also has ComfyUI's {names}. Two step caches on one model would each reuse "
+            f"predictions the other already reused, compounding their errors. Keep one: take {names} or "
+            f"{node_id} out of the model's chain.")
+
+
 def outer_sample_wrapper(spec: CacheSpec):
     def wrapper(executor, *args, **kwargs):
         guider = executor.class_obj
+        refuse_double_cache(spec.node_id, core_caches(guider.model_patcher))  # applied after this node
         options = guider.model_options.setdefault("transformer_options", {})
         state = RunState(spec)
         options[STATE_KEY] = state
@@ -474,6 +501,7 @@ def with_step_cache(model, spec: CacheSpec):
                 f"{spec.node_id}: indicator 'first block' needs a hook at the network's first block, which this "
                 f"model ({type(model.model).__name__}, network {network}) does not offer. Supported: "
                 f"{FIRST_BLOCK_FAMILIES}. Use indicator 'input' for this model (it works on every model).")
+    refuse_double_cache(spec.node_id, core_caches(model))
     patched = model.clone()
     for wrapper_type in WRAPPER_TYPES:
         patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
