@@ -1,10 +1,18 @@
-"""The DiT layouts of the test kit (SD3 MMDiT, Lumina 2 NextDiT, Qwen-Image): real models that sample like KSampler."""
+"""The DiT layouts of the test kit: real models of each family that sample like KSampler.
+
+SD3 MMDiT, Lumina 2 NextDiT, Qwen-Image, Wan 2.1 and 2.2 (video), HunyuanVideo (video), Z-Image,
+Flux.2 and Chroma.
+"""
 
 from __future__ import annotations
 
+import comfy.ldm.chroma.model
+import comfy.ldm.flux.model
+import comfy.ldm.hunyuan_video.model
 import comfy.ldm.lumina.model
 import comfy.ldm.modules.diffusionmodules.mmdit
 import comfy.ldm.qwen_image.model
+import comfy.ldm.wan.model
 import comfy.model_base
 import comfy.model_patcher
 import comfy.model_sampling
@@ -20,13 +28,20 @@ DIT_LAYOUTS = [
     ("sd3", comfy.model_base.SD3, comfy.ldm.modules.diffusionmodules.mmdit.MMDiT, "x_embedder"),
     ("lumina2", comfy.model_base.Lumina2, comfy.ldm.lumina.model.NextDiT, "x_embedder"),
     ("qwen_image", comfy.model_base.QwenImage, comfy.ldm.qwen_image.model.QwenImageTransformer2DModel, "img_in"),
+    ("wan21", comfy.model_base.WAN21, comfy.ldm.wan.model.WanModel, "patch_embedding"),
+    ("wan22", comfy.model_base.WAN22, comfy.ldm.wan.model.WanModel, "patch_embedding"),
+    ("hunyuan_video", comfy.model_base.HunyuanVideo, comfy.ldm.hunyuan_video.model.HunyuanVideo, "img_in"),
+    ("zimage", comfy.model_base.Lumina2, comfy.ldm.lumina.model.NextDiT, "x_embedder"),
+    ("flux2", comfy.model_base.Flux2, comfy.ldm.flux.model.Flux, "img_in"),
+    ("chroma", comfy.model_base.Chroma, comfy.ldm.chroma.model.Chroma, "img_in"),
 ]
 NAMES = [entry[0] for entry in DIT_LAYOUTS]
-# Qwen-Image is a FLUX-type model (flow with a resolution-independent shift) with a frame axis in its latent.
-SAMPLING = {"sd3": comfy.model_sampling.ModelSamplingDiscreteFlow,
-            "lumina2": comfy.model_sampling.ModelSamplingDiscreteFlow,
-            "qwen_image": comfy.model_sampling.ModelSamplingFlux}
-FRAMES = {"qwen_image": (1,)}
+# Qwen-Image, Flux.2 and Chroma are FLUX-type models (flow with a resolution-dependent shift); the rest
+# discrete flow with a fixed shift.
+FLUX_TYPE = {"qwen_image", "flux2", "chroma"}
+CHANNELS = {"wan22": 48, "flux2": 128}
+# Latent frames: Qwen-Image has a frame axis of one; the video layouts sample three latent frames.
+FRAMES = {"qwen_image": (1,), "wan21": (3,), "wan22": (3,), "hunyuan_video": (3,)}
 
 
 def record_calls(model):
@@ -49,10 +64,12 @@ def test_dit_layout_is_a_real_comfyui_model_of_its_family(tiny_model, layout, ba
 
 
 @pytest.mark.parametrize("layout", NAMES)
-def test_dit_layout_is_a_16_channel_flow_model(tiny_model, layout):
+def test_dit_layout_is_a_flow_model_with_its_family_latent(tiny_model, layout):
     model = tiny_model(layout)
-    assert model.model.latent_format.latent_channels == 16
-    assert isinstance(model.model.model_sampling, SAMPLING[layout])
+    assert model.model.latent_format.latent_channels == CHANNELS.get(layout, 16)
+    sampling = comfy.model_sampling.ModelSamplingFlux if layout in FLUX_TYPE else \
+        comfy.model_sampling.ModelSamplingDiscreteFlow
+    assert isinstance(model.model.model_sampling, sampling)
 
 
 def test_sd3_layout_has_joint_blocks_with_sd35_dual_attention_in_the_first(tiny_model):
@@ -83,10 +100,47 @@ def test_qwen_image_layout_has_only_double_stream_blocks_taking_the_conditioning
     assert network.img_in.in_features == 16 * 2 * 2
 
 
+@pytest.mark.parametrize("layout", ["wan21", "wan22"])
+def test_wan_layouts_have_blocks_with_self_and_cross_attention_over_3d_patches(tiny_model, layout):
+    network = tiny_model(layout).model.diffusion_model
+    assert len(network.blocks) == 2
+    assert all(hasattr(block, "self_attn") and hasattr(block, "cross_attn") for block in network.blocks)
+    assert network.patch_embedding.kernel_size == (1, 2, 2)
+    assert network.text_embedding[0].in_features == tiny_models.layout(layout).context_dim
+
+
+def test_hunyuan_video_layout_has_double_and_single_stream_blocks_and_a_token_refiner(tiny_model):
+    network = tiny_model("hunyuan_video").model.diffusion_model
+    assert (len(network.double_blocks), len(network.single_blocks)) == (1, 2)
+    assert hasattr(network.txt_in, "individual_token_refiner")
+    assert network.vector_in.in_layer.in_features == tiny_models.layout("hunyuan_video").pooled_dim
+
+
+def test_zimage_layout_is_nextdit_with_z_image_modulation_at_width_256(tiny_model):
+    network = tiny_model("zimage").model.diffusion_model
+    assert network.dim == 256
+    assert network.layers[0].adaLN_modulation[0].in_features == 256  # Z-Image's 256-wide time embedding
+    assert (len(network.context_refiner), len(network.noise_refiner), len(network.layers)) == (1, 1, 2)
+
+
+def test_flux2_layout_shares_its_modulation_across_blocks_and_takes_no_vector(tiny_model):
+    network = tiny_model("flux2").model.diffusion_model
+    assert hasattr(network, "double_stream_modulation_img") and hasattr(network, "single_stream_modulation")
+    assert network.vector_in is None
+    assert network.patch_size == 1 and network.img_in.in_features == 128
+
+
+def test_chroma_layout_computes_its_modulation_with_the_approximator(tiny_model):
+    network = tiny_model("chroma").model.diffusion_model
+    assert hasattr(network, "distilled_guidance_layer")
+    assert not hasattr(network, "vector_in") and not hasattr(network, "guidance_in")
+    assert (len(network.double_blocks), len(network.single_blocks)) == (1, 2)
+
+
 @pytest.mark.parametrize("layout", NAMES)
 def test_dit_layout_samples_finite_latents_of_the_latent_shape(tiny_model, layout):
     result = sample(tiny_model(layout, chunked=True), layout, steps=4, cfg=5.0, height=10, width=14, batch=2)
-    assert result.shape == (2, 16, *FRAMES.get(layout, ()), 10, 14)
+    assert result.shape == (2, CHANNELS.get(layout, 16), *FRAMES.get(layout, ()), 10, 14)
     assert torch.isfinite(result).all()
 
 

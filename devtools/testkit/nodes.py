@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from . import tiny_models
 
 CATEGORY = "PatchLab/testing"
-VAE_FACTOR = 8
 
 
 class TinyClip:
@@ -32,21 +31,25 @@ class TinyVAE:
     """What TinyCheckpoint returns as VAE: a fixed linear map between latent channels and RGB."""
 
     def __init__(self, layout_name: str):
-        channels = tiny_models.layout(layout_name).latent_channels
+        spec = tiny_models.layout(layout_name)
+        channels = spec.latent_channels
+        self.factor = spec.vae_factor
         self.to_rgb = torch.randn(channels, 3, generator=torch.Generator().manual_seed(channels)) / channels ** 0.5
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        """[B, C, h, w] latent (or a one-frame [B, C, 1, h, w] video latent) -> [B, 8h, 8w, 3] image in [0, 1]."""
+        """[B, C, h, w] latent (or a [B, C, T, h, w] video latent: B*T frames) -> [B, f*h, f*w, 3] image in [0, 1].
+
+        ``f`` is the family's VAE factor (8; 16 for Wan 2.2 and Flux.2)."""
         if samples.ndim == 5:
             samples = samples.movedim(2, 1).flatten(0, 1)
         rgb = torch.einsum("bchw,cr->bhwr", samples.float(), self.to_rgb)
         rgb = torch.sigmoid(rgb).permute(0, 3, 1, 2)
-        return F.interpolate(rgb, scale_factor=VAE_FACTOR, mode="nearest").permute(0, 2, 3, 1).contiguous()
+        return F.interpolate(rgb, scale_factor=self.factor, mode="nearest").permute(0, 2, 3, 1).contiguous()
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[B, H, W, 3] image -> [B, C, H/8, W/8] latent (a least-squares inverse of decode's map)."""
+        """[B, H, W, 3] image -> [B, C, H/f, W/f] latent (a least-squares inverse of decode's map)."""
         x = pixels[..., :3].float().permute(0, 3, 1, 2)
-        x = F.avg_pool2d(x, VAE_FACTOR, ceil_mode=True).clamp(1e-4, 1 - 1e-4)
+        x = F.avg_pool2d(x, self.factor, ceil_mode=True).clamp(1e-4, 1 - 1e-4)
         logits = torch.logit(x)
         return torch.einsum("brhw,rc->bchw", logits, torch.linalg.pinv(self.to_rgb))
 
@@ -102,8 +105,9 @@ class TinyCheckpoint:
     def INPUT_TYPES(cls):
         return {"required": {
             "layout": (list(tiny_models.LAYOUTS) + list(_trained_names()),
-                       {"tooltip": "Block layout: sd15, sdxl, flux, sd3 (MMDiT), lumina2 (NextDiT) or qwen_image "
-                                   "(random weights), or a trained reference model: sd15_shapes (SD1.5-layout "
+                       {"tooltip": "Block layout (random weights): sd15, sdxl, flux, sd3 (MMDiT), lumina2 (NextDiT), "
+                                   "qwen_image, wan21, wan22 (video, 48 channels), hunyuan_video, zimage, flux2, "
+                                   "chroma; or a trained reference model: sd15_shapes (SD1.5-layout "
                                    "UNet) or flux_shapes (Flux-layout DiT), prompts like 'red circle'."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
                              "tooltip": "Seed of the random weights (ignored by the trained models)."}),

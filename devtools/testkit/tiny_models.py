@@ -4,7 +4,9 @@ The layouts keep the block structure of the real models (so every hook path runs
 SD1.5's transformer at full resolution, SDXL's 2/10-deep transformer stacks and
 10-block middle, Flux's double and single stream blocks, SD3's MMDiT joint blocks,
 Lumina 2's context/noise refiners before its single-stream layers, Qwen-Image's
-double-stream-only stack) and shrink the widths, so
+double-stream-only stack, Wan's self/cross-attention blocks over a [T, h, w] video latent,
+HunyuanVideo's double and single stream blocks over frames, Z-Image's NextDiT with its own
+modulation, Flux.2's shared modulation, Chroma's modulation approximator) and shrink the widths, so
 a sampling step takes milliseconds on a CPU. The result is a real
 ``comfy.model_patcher.ModelPatcher`` around a real ``comfy.model_base`` model.
 """
@@ -32,6 +34,8 @@ class Layout:
     latent_channels: int = 4
     tokens: int = 16
     extra_cond: Dict = field(default_factory=dict)
+    frames: int = 0          # video layouts: latent frames of an empty latent ([B, C, T, h, w]); 0 = image
+    vae_factor: int = 8      # pixels per latent cell of the family's VAE (16 for Wan 2.2 and Flux.2)
 
 
 class _TinySD15(comfy.supported_models.SD15):
@@ -56,6 +60,35 @@ class _TinyLumina2(comfy.supported_models.Lumina2):
 
 class _TinyQwenImage(comfy.supported_models.QwenImage):
     pass
+
+
+class _TinyWan21(comfy.supported_models.WAN21_T2V):
+    pass
+
+
+class _TinyWan22(comfy.supported_models.WAN22_T2V):
+    pass
+
+
+class _TinyHunyuanVideo(comfy.supported_models.HunyuanVideo):
+    pass
+
+
+class _TinyZImage(comfy.supported_models.ZImage):
+    pass
+
+
+class _TinyFlux2(comfy.supported_models.Flux2):
+    pass
+
+
+class _TinyChroma(comfy.supported_models.Chroma):
+    pass
+
+
+_WAN = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "dim": 64, "ffn_dim": 128,
+        "freq_dim": 256, "text_dim": 32, "num_heads": 4, "num_layers": 2, "window_size": (-1, -1), "qk_norm": True,
+        "cross_attn_norm": True, "eps": 1e-6}
 
 
 _UNET_COMMON = {
@@ -129,23 +162,87 @@ LAYOUTS = {
                      "num_layers": 3, "attention_head_dim": 16, "num_attention_heads": 4,
                      "joint_attention_dim": 32, "axes_dims_rope": [4, 6, 6]},
     ),
+    # Wan 2.1 t2v: 16-channel video latent [B, 16, T, h, w], (1, 2, 2) patches, two blocks each
+    # with self-attention, cross-attention to the text (T5 width shrunk to 32) and a feed-forward;
+    # 4 heads of 16 (rotary split 8/4/4 over frames, rows, columns).
+    "wan21": Layout(
+        name="wan21", config_class=_TinyWan21, context_dim=32, latent_channels=16, frames=3,
+        unet_config={**_WAN, "in_dim": 16, "out_dim": 16},
+    ),
+    # Wan 2.2 TI2V 5B: the same blocks over Wan 2.2's 48-channel latent (16x16 pixels per cell).
+    "wan22": Layout(
+        name="wan22", config_class=_TinyWan22, context_dim=32, latent_channels=48, frames=3, vae_factor=16,
+        unet_config={**_WAN, "in_dim": 48, "out_dim": 48},
+    ),
+    # HunyuanVideo (1.0): 16-channel video latent, (1, 2, 2) patches, the text through the token
+    # refiner, one double and two single stream blocks, pooled vector (CLIP-L, shrunk to 32) and
+    # guidance embedding. HunyuanVideo 1.5 is the same network class with a 32-channel latent and a
+    # vision input, which the hooks do not see.
+    "hunyuan_video": Layout(
+        name="hunyuan_video", config_class=_TinyHunyuanVideo, context_dim=32, pooled_dim=32, latent_channels=16,
+        frames=3, extra_cond={"guidance": 6.0},
+        unet_config={"image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "patch_size": [1, 2, 2],
+                     "vec_in_dim": 32, "axes_dim": [4, 6, 6], "context_in_dim": 32, "hidden_size": 64,
+                     "mlp_ratio": 2.0, "num_heads": 4, "depth": 1, "depth_single_blocks": 2, "theta": 256,
+                     "qkv_bias": True, "guidance_embed": True, "meanflow": False, "byt5": False,
+                     "use_cond_type_embedding": False, "vision_in_dim": None},
+    ),
+    # Z-Image (Turbo): Lumina 2's NextDiT with Z-Image's modulation, whose 256-wide time embedding
+    # sets the smallest width (dim 256, 4 heads of 64); one refiner each, two layers; Qwen3 text
+    # shrunk to 32.
+    "zimage": Layout(
+        name="zimage", config_class=_TinyZImage, context_dim=32, latent_channels=16,
+        unet_config={"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": 32,
+                     "n_layers": 2, "n_refiner_layers": 1, "n_heads": 4, "n_kv_heads": 4, "axes_dims": [16, 24, 24],
+                     "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0,
+                     "qk_norm": True, "z_image_modulation": True, "time_scale": 1000.0},
+    ),
+    # Flux.2: 128-channel latent (16x16 pixels per cell), 1x1 patches, modulation shared by all
+    # blocks (global_modulation), SiLU-gated MLPs without biases, four rotary axes, guidance
+    # embedding; one double and two single stream blocks. Its text (Mistral) is padded to 512 tokens
+    # by ComfyUI; the pooled output is required by the model class but unused.
+    "flux2": Layout(
+        name="flux2", config_class=_TinyFlux2, context_dim=32, pooled_dim=32, latent_channels=128, vae_factor=16,
+        extra_cond={"guidance": 4.0},
+        unet_config={"image_model": "flux2", "in_channels": 128, "out_channels": 128, "vec_in_dim": None,
+                     "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 3.0, "num_heads": 4, "depth": 1,
+                     "depth_single_blocks": 2, "axes_dim": [4, 4, 4, 4], "theta": 2000, "patch_size": 1,
+                     "qkv_bias": False, "guidance_embed": True, "global_modulation": True, "mlp_silu_act": True,
+                     "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0},
+    ),
+    # Chroma: Flux's blocks (one double, two single) with the per-block modulation computed by
+    # the distilled approximator MLP instead of a vector input; no guidance embedding (real CFG).
+    "chroma": Layout(
+        name="chroma", config_class=_TinyChroma, context_dim=32, pooled_dim=32, latent_channels=16,
+        unet_config={"image_model": "chroma", "in_channels": 64, "out_channels": 64, "in_dim": 64, "out_dim": 64,
+                     "hidden_dim": 64, "n_layers": 2, "hidden_size": 64, "context_in_dim": 32,
+                     "axes_dim": [4, 6, 6], "num_heads": 4, "depth": 1, "depth_single_blocks": 2, "patch_size": 2,
+                     "qkv_bias": True, "mlp_ratio": 2.0, "theta": 10000},
+    ),
 }
 
 
-# Flux.1 values of FluxParams fields that newer ComfyUI releases added as required.
-FLUX1_NEWER_FIELDS = {"txt_ids_dims": []}
+# Fields that newer ComfyUI releases added as required to a family's parameter dataclass, with the
+# values their model detection gives the real checkpoints: image_model -> (module, dataclass, fields).
+NEWER_FIELDS = {
+    "flux": ("comfy.ldm.flux.model", "FluxParams", {"txt_ids_dims": []}),
+    "flux2": ("comfy.ldm.flux.model", "FluxParams", {"txt_ids_dims": [3]}),
+    "chroma": ("comfy.ldm.chroma.model", "ChromaParams", {"txt_ids_dims": [], "vec_in_dim": None}),
+    "hunyuan_video": ("comfy.ldm.hunyuan_video.model", "HunyuanVideoParams", {"meanflow_sum": False}),
+}
+FLUX1_NEWER_FIELDS = NEWER_FIELDS["flux"][2]
 
 
 def _unet_config(spec: Layout) -> Dict:
     """The layout's unet config, completed with fields this ComfyUI's model class requires."""
+    import dataclasses
+    import importlib
+
     config = dict(spec.unet_config)
-    if config.get("image_model") == "flux":
-        import dataclasses
-
-        import comfy.ldm.flux.model
-
-        known = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
-        config.update({k: v for k, v in FLUX1_NEWER_FIELDS.items() if k in known and k not in config})
+    if config.get("image_model") in NEWER_FIELDS:
+        module, name, fields = NEWER_FIELDS[config["image_model"]]
+        known = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
+        config.update({k: v for k, v in fields.items() if k in known and k not in config})
     return config
 
 
@@ -216,7 +313,6 @@ def build_model(layout_name: str = "sd15", seed: int = 0, dtype: torch.dtype = t
     offload = comfy.model_management.unet_offload_device()
     model = config.get_model({})
     randomize(model, seed, gain)
-    model.to(dtype)
     if chunked:
         model.memory_usage_factor = CHUNKED
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=offload)
@@ -239,9 +335,14 @@ def conditioning(layout_name: str, seed: int = 0, batch: int = 1, tokens: Option
     return [[context, extras]]
 
 
-def empty_latent(layout_name: str, height: int = 16, width: int = 16, batch: int = 1) -> torch.Tensor:
-    """Zeros [batch, C, height, width] in latent units (8x smaller than pixels)."""
-    return torch.zeros(batch, layout(layout_name).latent_channels, height, width)
+def empty_latent(layout_name: str, height: int = 16, width: int = 16, batch: int = 1,
+                 frames: Optional[int] = None) -> torch.Tensor:
+    """Zeros [batch, C, height, width] in latent units, [batch, C, frames, height, width] for video layouts."""
+    spec = layout(layout_name)
+    frames = spec.frames if frames is None else frames
+    if frames:
+        return torch.zeros(batch, spec.latent_channels, frames, height, width)
+    return torch.zeros(batch, spec.latent_channels, height, width)
 
 
 def build_controlnet(layout_name: str = "sdxl", seed: int = 1, hint_channels: int = 3):
