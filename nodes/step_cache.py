@@ -39,7 +39,8 @@ class StepCache:
                 "tooltip": "What decides a reuse. input: relative change of the model input since the last full "
                            "evaluation (free, every model). first block: the network runs its first block and the "
                            "change of that block's residual decides (costs one block per step, follows the model "
-                           "more closely; UNets, Flux, SD3, AuraFlow, Qwen-Image, Wan, HunyuanVideo, LTX-V, Mochi).",
+                           "more closely; UNets, Flux, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, Wan 2.1/2.2, "
+                           "HunyuanVideo; not Z-Image/Lumina 2).",
             }),
             "threshold": ("FLOAT", {
                 "default": 0.3, "min": 0.0, "max": 10.0, "step": 0.005,

@@ -152,8 +152,8 @@ def resolve_blocks(model, text: str, node_id: str, dit: bool = True) -> FrozenSe
     if dit and dit_attention.family(model) is not None:
         return frozenset(dit_attention.resolve(model, parse_blocks(text), node_id))
     supported = ("UNet models (SD1.x, SD2.x, SDXL and their fine-tunes)" if not dit else
-                 "UNet models (SD1.x, SD2.x, SDXL) and the DiTs Flux (and Flux-style models), SD3/SD3.5 "
-                 "and Qwen-Image")
+                 "UNet models (SD1.x, SD2.x, SDXL) and the DiTs Flux, Flux.2, Chroma, SD3/SD3.5 and Qwen-Image "
+                 "(Wan, HunyuanVideo and Z-Image/Lumina 2 not yet)")
     raise RuntimeError(
         f"{node_id} supports {supported}; this model is "
         f"{type(model.model).__name__} with a {type(model.model.diffusion_model).__name__} network, which has "

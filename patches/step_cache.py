@@ -86,8 +86,8 @@ FIRST_BLOCK_DITS = {
 }
 # Wrapper keys of ComfyUI's own step caches (comfy_extras/nodes_easycache.py): one step cache per model.
 CORE_CACHES = {"easycache": "EasyCache", "lazycache": "LazyCache"}
-FIRST_BLOCK_FAMILIES = ("SD1.x/SD2.x/SDXL UNets, Flux, Chroma, SD3/SD3.5, AuraFlow, Qwen-Image, Wan 2.x (not S2V), "
-                        "HunyuanVideo, LTX-Video, Mochi")
+FIRST_BLOCK_FAMILIES = ("SD1.x/SD2.x/SDXL UNets, Flux, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, Wan 2.1/2.2 (not S2V), "
+                        "HunyuanVideo (tested); AuraFlow, LTX-Video, Mochi (same hook, untested)")
 _warned = set()
 
 

@@ -1,0 +1,92 @@
+"""PatchLab_StepCache on the families people run now: Wan 2.1 and 2.2, HunyuanVideo, Z-Image, Flux.2, Chroma, Qwen-Image.
+
+Exactness at threshold 0, rows counted at the first layer (and at the last, where the first
+block runs on every step) against the decisions the run logs, the clear error where a family
+has no first-block hook, and a change of frame count and size between runs of one patched
+video model.
+"""
+
+import logging
+import re
+
+import pytest
+import torch
+
+from devtools import checks
+from devtools.sampling import sample
+from devtools.testkit import tiny_models
+from devtools.testkit.counting import count_rows
+from patchlab.nodes import step_cache as nodes
+
+LAYOUTS = ["wan21", "wan22", "hunyuan_video", "zimage", "flux2", "chroma", "qwen_image"]
+FIRST_BLOCK = ["wan21", "wan22", "hunyuan_video", "flux2", "chroma", "qwen_image"]
+VIDEO = ["wan21", "wan22", "hunyuan_video"]
+LAST = {"wan21": "head", "wan22": "head", "hunyuan_video": "final_layer", "zimage": "final_layer",
+        "flux2": "final_layer", "chroma": "final_layer", "qwen_image": "proj_out"}
+BASE = {"indicator": "input", "threshold": 0.5, "max_consecutive": 2, "reuse": "forecast", "start_percent": 0.0,
+        "end_percent": 1.0}
+LOG = re.compile(r"PatchLab_StepCache: reused (\d+) of (\d+) steps \((\d+) partly\); model calls: (\d+) full, (\d+) "
+                 r"reused; rows: (\d+) evaluated, (\d+) reused")
+
+
+@pytest.fixture(autouse=True)
+def info_logs(caplog):
+    caplog.set_level(logging.INFO, logger="patchlab.patches.step_cache")
+
+
+def cache(model, **overrides):
+    return checks.run_node(nodes.StepCache, model=model, **{**BASE, **overrides})[0]
+
+
+def logged_run(caplog):
+    (match,) = [m for m in (LOG.search(r.getMessage()) for r in caplog.records) if m]
+    caplog.clear()
+    keys = ("reused_steps", "steps", "partly", "full_calls", "reused_calls", "full_rows", "reused_rows")
+    return dict(zip(keys, map(int, match.groups())))
+
+
+@pytest.mark.parametrize("layout,indicator", [(layout, "input") for layout in LAYOUTS] +
+                         [(layout, "first block") for layout in FIRST_BLOCK])
+def test_threshold_zero_equals_unpatched_exactly(tiny_model, layout, indicator):
+    model = tiny_model(layout)
+    expected = sample(model, layout, steps=6)
+    assert torch.equal(sample(cache(model, indicator=indicator, threshold=0.0), layout, steps=6), expected)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_input_indicator_rows_counted_match_the_decisions_logged(tiny_model, caplog, layout):
+    model = tiny_model(layout)
+    with count_rows(model) as counted:
+        sample(cache(model), layout, steps=10)
+    run = logged_run(caplog)
+    assert run["reused_steps"] > 0
+    assert counted.rows == run["full_rows"] and run["full_rows"] + run["reused_rows"] == 20
+
+
+@pytest.mark.parametrize("layout", FIRST_BLOCK)
+def test_first_block_rows_counted_match_the_decisions_logged(tiny_model, caplog, layout):
+    model = tiny_model(layout)
+    with count_rows(model) as first, count_rows(model, LAST[layout]) as last:
+        sample(cache(model, indicator="first block", threshold=2.0, max_consecutive=3), layout, steps=10)
+    run = logged_run(caplog)
+    assert run["reused_steps"] > 0
+    assert last.rows == run["full_rows"]
+    assert first.rows == run["full_rows"] + run["reused_rows"]  # the first block runs on every step
+
+
+def test_first_block_on_zimage_names_the_families_that_have_the_hook(tiny_model):
+    with pytest.raises(RuntimeError, match=r"first block.*NextDiT.*Wan.*HunyuanVideo.*indicator 'input'"):
+        cache(tiny_model("zimage"), indicator="first block")
+
+
+@pytest.mark.parametrize("indicator", ["input", "first block"])
+@pytest.mark.parametrize("layout", VIDEO)
+def test_frame_count_and_size_changes_between_runs_start_fresh(tiny_model, layout, indicator):
+    model = tiny_model(layout)
+    works = [(3, 8, 8), (5, 6, 10), (3, 8, 8)]
+    patched = cache(model, indicator=indicator, threshold=2.0 if indicator == "first block" else 0.5)
+    for frames, height, width in works:
+        latent = tiny_models.empty_latent(layout, height, width, frames=frames)
+        fresh = cache(model, indicator=indicator, threshold=2.0 if indicator == "first block" else 0.5)
+        expected = sample(fresh, layout, steps=6, latent=latent)
+        assert torch.equal(sample(patched, layout, steps=6, latent=latent), expected), (frames, height, width)
