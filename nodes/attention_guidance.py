@@ -99,9 +99,9 @@ class PerturbedAttentionGuidance(_AttentionGuidanceNode):
         "of chosen blocks replaced by the identity and guides away from that degraded prediction, which improves "
         "structure without a negative prompt. Any input, middle or output blocks (ComfyUI's node: middle only), a "
         "schedule window and an optional rescale; composes with SAG and shares its extra model call with SEG and "
-        "SLG. UNets (SD1.x, SD2.x, SDXL) and DiTs (Flux, Flux.2, Chroma, SD3/SD3.5, Qwen-Image): on DiTs each image token attends "
-        "to itself and the text only. Works at CFG 1 (guidance-distilled Flux). Rule of thumb on UNets: PAG "
-        "scale + CFG = your usual CFG."
+        "SLG. UNets (SD1.x, SD2.x, SDXL) and DiTs (Flux, Flux.2, Chroma, SD3/SD3.5, Qwen-Image): on DiTs each "
+        "image token attends to itself and the text only. Works at CFG 1 (guidance-distilled Flux). Rule of thumb "
+        "on UNets: PAG scale + CFG = your usual CFG."
     )
 
     @classmethod
@@ -137,8 +137,8 @@ class SmoothedEnergyGuidance(_AttentionGuidanceNode):
         "and guides away from that prediction, improving quality without a negative prompt and with fewer side "
         "effects than PAG at high scales. blur_sigma 9999 or more is the 'infinite blur' limit (uniform "
         "attention). Shares its extra model call with PAG and SLG. UNets (SD1.x, SD2.x, SDXL) and DiTs (Flux, "
-        "Flux.2, Chroma, SD3/SD3.5, Qwen-Image: the image-token queries are blurred on the image's patch grid, text tokens "
-        "untouched)."
+        "Flux.2, Chroma, SD3/SD3.5, Qwen-Image: the image-token queries are blurred on the image's patch grid, "
+        "text tokens untouched)."
     )
 
     @classmethod
@@ -174,8 +174,8 @@ class SkipLayerGuidance(_AttentionGuidanceNode):
         "chosen blocks skipped and guides away from that prediction, which sharpens anatomy and structure. "
         "The same result as ComfyUI's SkipLayerGuidanceDiT / SkipLayerGuidanceSD3 on one image, with rescaling "
         "statistics per image, no host sync per step, and its extra pass batched with PAG and SEG in one model "
-        "call. DiTs (Flux, Flux.2, Chroma, SD3/SD3.5, Qwen-Image: the block's output is its input) and UNets (the chosen "
-        "transformers' self- and cross-attention are removed). Use a short window early in the schedule."
+        "call. DiTs (Flux, Flux.2, Chroma, SD3/SD3.5, Qwen-Image: the block's output is its input) and UNets "
+        "(the chosen transformers' self- and cross-attention are removed). Use a short window early in the schedule."
     )
 
     @classmethod

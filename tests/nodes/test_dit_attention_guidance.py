@@ -239,7 +239,8 @@ def test_slg_rescaling_is_per_image_where_core_pools_the_batch(core_nodes, tiny_
 @pytest.mark.parametrize("layout", NOT_YET)
 @pytest.mark.parametrize("name", list(OURS))
 def test_a_family_without_block_addresses_is_refused_naming_the_supported_ones(tiny_model, layout, name):
-    with pytest.raises(RuntimeError, match=r"supports UNet models .* Flux, Flux.2, Chroma, SD3/SD3.5 and Qwen-Image .*; this model is"):
+    supported = r"supports UNet models .* Flux, Flux.2, Chroma, SD3/SD3.5 and Qwen-Image .*; this model is"
+    with pytest.raises(RuntimeError, match=supported):
         apply(tiny_model(layout), name)
 
 

@@ -1,4 +1,4 @@
-"""PatchLab_StepCache on the families people run now: Wan 2.1 and 2.2, HunyuanVideo, Z-Image, Flux.2, Chroma, Qwen-Image.
+"""PatchLab_StepCache on the families people run now: Wan 2.1/2.2, HunyuanVideo, Z-Image, Flux.2, Chroma, Qwen-Image.
 
 Exactness at threshold 0, rows counted at the first layer (and at the last, where the first
 block runs on every step) against the decisions the run logs, the clear error where a family
