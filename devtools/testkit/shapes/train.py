@@ -95,6 +95,22 @@ def _fast_attention():
         attention.optimized_attention, comfy.ldm.flux.math.optimized_attention = saved
 
 
+@contextlib.contextmanager
+def _in_training():
+    """ComfyUI's own training flag (newer releases: its fused rotary-embedding kernels have no backward
+    and are bypassed while ``comfy.model_management.in_training`` is set); restored afterwards."""
+    import comfy.model_management as mm
+
+    if not hasattr(mm, "in_training"):  # 0.3.75: plain torch everywhere
+        yield
+        return
+    saved, mm.in_training = mm.in_training, True
+    try:
+        yield
+    finally:
+        mm.in_training = saved
+
+
 def train(name: str, steps: int, batch: int = 32, seed: int = 0, lr: Optional[float] = None,
           ema_decay: float = 0.998, warmup: int = 200, save_to: Optional[Path] = None,
           save_every: int = 500, progress: Optional[Callable[[int, float], None]] = None,
@@ -142,7 +158,7 @@ def train(name: str, steps: int, batch: int = 32, seed: int = 0, lr: Optional[fl
         noise = torch.randn(x0.shape, generator=generator)
         x = ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
         extra = {"y": models.pooled(context)} if flow else {}
-        with _fast_attention(), _saved_copies(flow):
+        with _fast_attention(), _in_training(), _saved_copies(flow):
             out = network(ms.calculate_input(sigma.view(-1, 1, 1, 1), x), ms.timestep(sigma).float(),
                           context=context, **extra)
         target = noise - x0 if flow else noise
