@@ -74,17 +74,9 @@ INPUTS = {
 def unet_config(name: str) -> Dict:
     if name not in CONFIGS:
         raise ValueError(f"unknown bench model {name!r}; expected one of {', '.join(CONFIGS)}")
-    config = dict(CONFIGS[name])
-    if name == "flux":  # fields newer ComfyUI releases added to FluxParams, at their Flux.1 values
-        import dataclasses
+    from devtools.testkit.tiny_models import complete_unet_config
 
-        import comfy.ldm.flux.model
-
-        from devtools.testkit.tiny_models import FLUX1_NEWER_FIELDS
-
-        known = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
-        config.update({k: v for k, v in FLUX1_NEWER_FIELDS.items() if k in known and k not in config})
-    return config
+    return complete_unet_config(CONFIGS[name])  # fields newer ComfyUI releases added, at their real values
 
 
 def build(name: str, dtype=None, seed: int = 0):

@@ -230,15 +230,20 @@ NEWER_FIELDS = {
     "chroma": ("comfy.ldm.chroma.model", "ChromaParams", {"txt_ids_dims": [], "vec_in_dim": None}),
     "hunyuan_video": ("comfy.ldm.hunyuan_video.model", "HunyuanVideoParams", {"meanflow_sum": False}),
 }
-FLUX1_NEWER_FIELDS = NEWER_FIELDS["flux"][2]
 
 
 def _unet_config(spec: Layout) -> Dict:
     """The layout's unet config, completed with fields this ComfyUI's model class requires."""
+    return complete_unet_config(spec.unet_config)
+
+
+def complete_unet_config(unet_config: Dict) -> Dict:
+    """A copy of ``unet_config`` with the fields this ComfyUI's model class requires and the config lacks
+    (:data:`NEWER_FIELDS`); used by the test kit's layouts and the real-size bench models alike."""
     import dataclasses
     import importlib
 
-    config = dict(spec.unet_config)
+    config = dict(unet_config)
     if config.get("image_model") in NEWER_FIELDS:
         module, name, fields = NEWER_FIELDS[config["image_model"]]
         known = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
