@@ -231,21 +231,9 @@ def load(name: str, path: Optional[Path] = None, check: bool = True) -> Trained:
     tensors = load_file(str(path))
     table = tensors.pop("text_encoder.words")
     patcher = build(name)
-    network = patcher.model.diffusion_model
     state = {k[len("diffusion_model."):]: v.float() for k, v in tensors.items()}
-    network.load_state_dict(_renamed_norms(state, set(network.state_dict())), strict=True)
+    # ComfyUI's own key conversion for the family, as its loader applies it (newer releases call the
+    # qk-norm gain of Flux ``weight`` where 0.3.75, which wrote these files, calls it ``scale``).
+    state = patcher.model.model_config.process_unet_state_dict(state)
+    patcher.model.diffusion_model.load_state_dict(state, strict=True)
     return Trained(name, patcher, table)
-
-
-def _renamed_norms(state: Dict[str, torch.Tensor], expected: set) -> Dict[str, torch.Tensor]:
-    """The saved keys in this ComfyUI's names: newer releases call the RMSNorm gain of Flux's qk-norm
-    ``weight`` where 0.3.75 calls it ``scale`` (the files keep the names they were trained with)."""
-    out = {}
-    for key, value in state.items():
-        if key not in expected:
-            for old, new in ((".scale", ".weight"), (".weight", ".scale")):
-                if key.endswith(old) and key[:-len(old)] + new in expected:
-                    key = key[:-len(old)] + new
-                    break
-        out[key] = value
-    return out
