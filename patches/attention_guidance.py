@@ -47,7 +47,7 @@ from comfy.ldm.modules.attention import optimized_attention
 
 from ..kernels import attention as ka
 from ..kernels import guidance
-from . import dit_attention
+from . import core_nodes, dit_attention
 from .window import SigmaWindow
 
 log = logging.getLogger(__name__)
@@ -347,12 +347,7 @@ def extra_pass_options(model_options: Dict, groups: Tuple[GuidanceSpec, ...]) ->
 def core_nag(model_options: Dict) -> bool:
     """Whether ComfyUI's NAGuidance (comfy_extras/nodes_nag.py, ComfyUI 0.14+) patches this model's self-attention."""
     patches = model_options.get("transformer_options", {}).get("patches", {}).get("attn1_output_patch", [])
-    for fn in patches:
-        module = str(getattr(fn, "__module__", "") or "")
-        if (re.split(r"[./\\]", module)[-1] == CORE_NAG_MODULE
-                and str(getattr(fn, "__qualname__", "")).startswith("NAGuidance.")):
-            return True
-    return False
+    return any(core_nodes.made_by(fn, CORE_NAG_MODULE, "NAGuidance") for fn in patches)
 
 
 def perturbed_predictions(args, specs: List[GuidanceSpec]) -> List[torch.Tensor]:

@@ -34,7 +34,6 @@ Decisions are made once per model call for the whole batch: one host transfer pe
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -43,6 +42,7 @@ import comfy.patcher_extension
 import torch
 
 from ..kernels.guidance_skip import prediction_similarity
+from . import core_nodes
 from .window import SigmaWindow
 
 log = logging.getLogger(__name__)
@@ -207,17 +207,10 @@ def _warn_once(message: str) -> None:
         log.warning(message)
 
 
-def _is_core_sag(fn) -> bool:
-    """ComfyUI's SelfAttentionGuidance post-CFG function (its module is named by how ComfyUI loaded it)."""
-    module = str(getattr(fn, "__module__", "") or "")
-    return (re.split(r"[./\\]", module)[-1] == CORE_SAG_MODULE
-            and str(getattr(fn, "__qualname__", "")).startswith("SelfAttentionGuidance."))
-
-
 def negative_needed(model_options: Dict, sigmas: Sequence[float]) -> bool:
     """Whether another patch reads the negative prediction at this step (then it is computed)."""
     for fn in model_options.get("sampler_post_cfg_function", []):
-        if _is_core_sag(fn):
+        if core_nodes.made_by(fn, CORE_SAG_MODULE, "SelfAttentionGuidance"):
             _warn_once("PatchLab guidance skipping: ComfyUI's SelfAttentionGuidance needs the negative prediction "
                        "at every step, so no model evaluation is saved; PatchLab_SelfAttentionGuidance needs it "
                        "only inside its window")
