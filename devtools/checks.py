@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+import re
+from typing import Any, Dict, List, Tuple
 
 
 def run_node(node_class: type, **inputs: Any) -> Tuple:
@@ -36,3 +37,20 @@ def _freeze(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, tuple(_freeze(v) for v in value))
     return ("id", id(value))
+
+
+STEP_CACHE_LOG = re.compile(r"PatchLab_StepCache: reused (\d+) of (\d+) steps \((\d+) partly\); model calls: (\d+) "
+                            r"full, (\d+) reused; rows: (\d+) evaluated, (\d+) reused, (\d+) in extra passes")
+STEP_CACHE_KEYS = ("reused_steps", "steps", "partly", "full_calls", "reused_calls", "full_rows", "reused_rows",
+                   "extra_rows")
+
+
+def step_cache_runs(caplog) -> List[Dict[str, int]]:
+    """The StepCache log lines so far as dicts (one per run, :data:`STEP_CACHE_KEYS`), and clear the log."""
+    found = []
+    for record in caplog.records:
+        match = STEP_CACHE_LOG.search(record.getMessage())
+        if match:
+            found.append(dict(zip(STEP_CACHE_KEYS, map(int, match.groups()))))
+    caplog.clear()
+    return found

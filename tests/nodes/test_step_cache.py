@@ -1,7 +1,6 @@
 """PatchLab_StepCache on tiny SD1.5/SDXL/Flux/SD3/Lumina 2 models: exactness, counted rows, core caches, robustness."""
 
 import logging
-import re
 
 import comfy.sample
 import pytest
@@ -17,8 +16,6 @@ from patchlab.nodes import token_merging as tm_nodes
 
 BASE = {"indicator": "input", "threshold": 0.3, "max_consecutive": 2, "reuse": "forecast", "start_percent": 0.0,
         "end_percent": 1.0}
-LOG = re.compile(r"PatchLab_StepCache: reused (\d+) of (\d+) steps \((\d+) partly\); model calls: (\d+) full, (\d+) "
-                 r"reused; rows: (\d+) evaluated, (\d+) reused, (\d+) in extra passes")
 DEEP = {"sd15": "out", "sdxl": "out", "flux": "final_layer", "sd3": "final_layer"}
 LOGGER = "patchlab.patches.step_cache"
 DEFAULTS = {name: spec[1]["default"] for name, spec in nodes.StepCache.INPUT_TYPES()["required"].items()
@@ -33,17 +30,7 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-def runs(caplog):
-    """The StepCache log lines so far as dicts (one per run), and clear the log."""
-    found = []
-    for record in caplog.records:
-        match = LOG.search(record.getMessage())
-        if match:
-            keys = ("reused_steps", "steps", "partly", "full_calls", "reused_calls", "full_rows", "reused_rows",
-                    "extra_rows")
-            found.append(dict(zip(keys, map(int, match.groups()))))
-    caplog.clear()
-    return found
+runs = checks.step_cache_runs
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,6 @@ video model.
 """
 
 import logging
-import re
 
 import pytest
 import torch
@@ -25,8 +24,6 @@ LAST = {"wan21": "head", "wan22": "head", "hunyuan_video": "final_layer", "zimag
         "flux2": "final_layer", "chroma": "final_layer", "qwen_image": "proj_out"}
 BASE = {"indicator": "input", "threshold": 0.5, "max_consecutive": 2, "reuse": "forecast", "start_percent": 0.0,
         "end_percent": 1.0}
-LOG = re.compile(r"PatchLab_StepCache: reused (\d+) of (\d+) steps \((\d+) partly\); model calls: (\d+) full, (\d+) "
-                 r"reused; rows: (\d+) evaluated, (\d+) reused")
 
 
 @pytest.fixture(autouse=True)
@@ -39,10 +36,8 @@ def cache(model, **overrides):
 
 
 def logged_run(caplog):
-    (match,) = [m for m in (LOG.search(r.getMessage()) for r in caplog.records) if m]
-    caplog.clear()
-    keys = ("reused_steps", "steps", "partly", "full_calls", "reused_calls", "full_rows", "reused_rows")
-    return dict(zip(keys, map(int, match.groups())))
+    (run,) = checks.step_cache_runs(caplog)
+    return run
 
 
 @pytest.mark.parametrize("layout,indicator", [(layout, "input") for layout in LAYOUTS] +
