@@ -124,18 +124,25 @@ def degrade(x0: torch.Tensor, mask: torch.Tensor, blur_sigma: float, kernel_size
     return blurred * mask + x0 * (1 - mask)
 
 
-def blur_queries(q: torch.Tensor, grid: Tuple[int, int], sigma: float) -> torch.Tensor:
+def blur_queries(q: torch.Tensor, grid: Tuple[int, ...], sigma: float) -> torch.Tensor:
     """Smoothed Energy Guidance's query blur (Hong 2024, arXiv 2408.00760).
 
     Blurring the queries on the token grid blurs the attention energy landscape.
-    q [B, N, C] with N = h * w -> same shape and dtype. ``sigma >= INFINITE_BLUR``
-    replaces every query by the mean query (uniform attention weights' limit).
+    q [B, N, C] with N = h * w (``grid`` (h, w)) or N = t * h * w (``grid`` (t, h, w), a video's
+    frames in order) -> same shape and dtype. A video is blurred frame by frame: SEG smooths the
+    spatial energy landscape of a picture, and blurring across frames would average motion away
+    (at the infinite limit, the whole clip into one query). ``sigma >= INFINITE_BLUR`` replaces
+    every query by its frame's mean query (uniform attention weights' limit).
     """
+    frames, (height, width) = (grid[0], grid[1:]) if len(grid) == 3 else (1, grid)
+    batch, tokens, channels = q.shape
+    q = q.reshape(batch * frames, height * width, channels)
     if sigma >= INFINITE_BLUR:
-        return q.mean(dim=1, keepdim=True).expand_as(q).contiguous()
-    batch, tokens, width = q.shape
-    image = q.transpose(1, 2).reshape(batch, width, *grid)
-    return gaussian_blur(image, sigma).reshape(batch, width, tokens).transpose(1, 2).contiguous()
+        out = q.mean(dim=1, keepdim=True).expand_as(q)
+    else:
+        image = q.transpose(1, 2).reshape(batch * frames, channels, height, width)
+        out = gaussian_blur(image, sigma).reshape(batch * frames, channels, height * width).transpose(1, 2)
+    return out.reshape(batch, tokens, channels).contiguous()
 
 
 def joint_identity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: Tuple[int, int],
@@ -161,15 +168,15 @@ def joint_identity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return torch.cat(parts, dim=2).to(v.dtype)
 
 
-def blur_grid_queries(q: torch.Tensor, start: int, grid: Tuple[int, int], sigma: float) -> torch.Tensor:
+def blur_grid_queries(q: torch.Tensor, start: int, grid: Tuple[int, ...], sigma: float) -> torch.Tensor:
     """SEG on a DiT token sequence: blur the queries of the image grid, leave every other token as it is.
 
-    q [B, H, N, D] (heads split); tokens ``start .. start + h * w`` are the image's ``h x w``
-    grid, row-major. Returns a new tensor of q's shape and dtype (``sigma >= INFINITE_BLUR``:
-    every grid query becomes the grid's mean query).
+    q [B, H, N, D] (heads split); tokens ``start .. start + prod(grid)`` are the image's
+    ``h x w`` grid (or a video's ``t x h x w``, frame-major), row-major. Returns a new tensor of
+    q's shape and dtype (``sigma >= INFINITE_BLUR``: every grid query becomes its frame's mean query).
     """
     batch, heads, _, dim = q.shape
-    stop = start + grid[0] * grid[1]
+    stop = start + math.prod(grid)
     tokens = q[:, :, start:stop].transpose(1, 2).reshape(batch, stop - start, heads * dim)
     blurred = blur_queries(tokens, grid, sigma).reshape(batch, stop - start, heads, dim).transpose(1, 2)
     out = q.clone()

@@ -17,9 +17,11 @@ from ._common import (
 BLOCK_SYNTAX = ("Comma-separated UNet blocks: stage[.block[.transformer]] with stage input, middle or output, e.g. "
                 "'middle', 'input.4', 'output.1.0', or 'all'.")
 DIT_BLOCKS = ("Comma-separated blocks. UNets: stage[.block[.transformer]] with stage input, middle or output "
-              "('middle', 'input.4', 'output.1.0'); Flux: 'double.7', 'single.0-5'; SD3/SD3.5: 'joint.10'; Qwen-Image: "
-              "'double.24'; 'all'; 'auto' = the family's recommended blocks (UNet: middle; Flux: double.7-9; SD3: "
-              "joint.7-9; Qwen-Image: double.22-28; the same relative depth in shallower models).")
+              "('middle', 'input.4', 'output.1.0'); Flux, Flux.2, Chroma, HunyuanVideo: 'double.7', 'single.0-5'; "
+              "SD3/SD3.5: 'joint.10'; Qwen-Image, Wan: 'double.24'; Z-Image, Lumina 2: 'single.12'; 'all'; 'auto' = "
+              "the family's recommended blocks (UNet: middle; Flux, HunyuanVideo: double.7-9; SD3: joint.7-9; "
+              "starting points of ours, at the same relative depth: Qwen-Image double.22-28, Wan 1.3B/14B "
+              "double.11-14/14-18, Z-Image single.11-14; the same relative depth in shallower models).")
 
 
 class _AttentionGuidanceNode:
@@ -99,9 +101,10 @@ class PerturbedAttentionGuidance(_AttentionGuidanceNode):
         "of chosen blocks replaced by the identity and guides away from that degraded prediction, which improves "
         "structure without a negative prompt. Any input, middle or output blocks (ComfyUI's node: middle only), a "
         "schedule window and an optional rescale; composes with SAG and shares its extra model call with SEG and "
-        "SLG. UNets (SD1.x, SD2.x, SDXL) and DiTs (Flux, Flux.2, Chroma, SD3/SD3.5, Qwen-Image): on DiTs each "
-        "image token attends to itself and the text only. Works at CFG 1 (guidance-distilled Flux). Rule of thumb "
-        "on UNets: PAG scale + CFG = your usual CFG."
+        "SLG. UNets (SD1.x, SD2.x, SDXL) and DiTs (Flux, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, HunyuanVideo, "
+        "Z-Image, Lumina 2: each image token attends to itself and the text only; Wan 2.1/2.2: self-attention "
+        "becomes the identity, cross-attention to the text stays). Works at CFG 1 (guidance-distilled Flux). "
+        "Rule of thumb on UNets: PAG scale + CFG = your usual CFG."
     )
 
     @classmethod
@@ -137,8 +140,8 @@ class SmoothedEnergyGuidance(_AttentionGuidanceNode):
         "and guides away from that prediction, improving quality without a negative prompt and with fewer side "
         "effects than PAG at high scales. blur_sigma 9999 or more is the 'infinite blur' limit (uniform "
         "attention). Shares its extra model call with PAG and SLG. UNets (SD1.x, SD2.x, SDXL) and DiTs (Flux, "
-        "Flux.2, Chroma, SD3/SD3.5, Qwen-Image: the image-token queries are blurred on the image's patch grid, "
-        "text tokens untouched)."
+        "Flux.2, Chroma, SD3/SD3.5, Qwen-Image, Z-Image, Lumina 2: the image-token queries are blurred on the "
+        "image's patch grid, text tokens untouched; Wan 2.1/2.2, HunyuanVideo: frame by frame)."
     )
 
     @classmethod
@@ -174,7 +177,8 @@ class SkipLayerGuidance(_AttentionGuidanceNode):
         "chosen blocks skipped and guides away from that prediction, which sharpens anatomy and structure. "
         "The same result as ComfyUI's SkipLayerGuidanceDiT / SkipLayerGuidanceSD3 on one image, with rescaling "
         "statistics per image, no host sync per step, and its extra pass batched with PAG and SEG in one model "
-        "call. DiTs (Flux, Flux.2, Chroma, SD3/SD3.5, Qwen-Image: the block's output is its input) and UNets "
+        "call. DiTs (Flux, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, Wan 2.1/2.2, HunyuanVideo, Z-Image, Lumina 2: the "
+        "block's output is its input) and UNets "
         "(the chosen transformers' self- and cross-attention are removed). Use a short window early in the schedule."
     )
 

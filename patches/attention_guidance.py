@@ -11,7 +11,8 @@ makes sure its hooks are installed:
   records SAG's attention mass in normal passes or perturbs the rows of PatchLab's own
   extra passes. SLG adds attn1/attn2 **output patches** that remove the chosen
   transformers' attention in its rows.
-* DiTs (Flux, SD3, Qwen-Image): one **block replace** per chosen block, see :mod:`.dit_attention`.
+* DiTs (Flux, SD3, Qwen-Image, Wan, HunyuanVideo; Lumina 2 / Z-Image through a wrapper): one **block
+  replace** per chosen block, see :mod:`.dit_attention`.
 * one **post-CFG runner** that, once per step, runs the extra passes of every active
   spec and adds the guidance terms in the order the nodes were applied.
 
@@ -152,8 +153,8 @@ def resolve_blocks(model, text: str, node_id: str, dit: bool = True) -> FrozenSe
     if dit and dit_attention.family(model) is not None:
         return frozenset(dit_attention.resolve(model, parse_blocks(text), node_id))
     supported = ("UNet models (SD1.x, SD2.x, SDXL and their fine-tunes)" if not dit else
-                 "UNet models (SD1.x, SD2.x, SDXL) and the DiTs Flux, Flux.2, Chroma, SD3/SD3.5 and Qwen-Image "
-                 "(Wan, HunyuanVideo and Z-Image/Lumina 2 not yet)")
+                 "UNet models (SD1.x, SD2.x, SDXL) and the DiTs Flux, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, "
+                 "Wan 2.1/2.2, HunyuanVideo, Z-Image and Lumina 2")
     raise RuntimeError(
         f"{node_id} supports {supported}; this model is "
         f"{type(model.model).__name__} with a {type(model.model.diffusion_model).__name__} network, which has "

@@ -1,33 +1,43 @@
 """Attention guidance on DiTs: block addresses, the per-block replace and the attention override it installs.
 
-A DiT block is addressed as ``stack.index`` (``double.7``, ``single.0``, ``joint.10``; Qwen-Image's
-transformer blocks, double-stream blocks ComfyUI replaces as ``double_block``, are ``double.N``).
-PatchLab puts a ``patches_replace["dit"]`` block replace at every chosen block (chaining a
-replace another pack put there). In normal passes it only calls the block. In PatchLab's
-extra passes (``transformer_options["patchlab_guidance_pass"]`` holds the specs, one group
-of batch rows each) it acts on the rows of the specs that chose this block:
+A DiT block is addressed as ``stack.index`` (``double.7``, ``single.0``, ``joint.10``), the stacks
+named as ComfyUI's ``patches_replace["dit"]`` names them: Qwen-Image's transformer blocks and Wan's
+blocks are ``double.N`` (ComfyUI replaces them as ``double_block``); Lumina 2 / Z-Image's main
+layers, one stream of [text; image], are ``single.N``. PatchLab puts a block replace at every
+chosen block (chaining a replace another pack put there); Lumina 2's NextDiT has no block replace in
+0.3.75, so a DIFFUSION_MODEL wrapper wraps the chosen layers' ``forward`` for the length of
+PatchLab's own extra passes only, through the same function. In normal passes it only calls the
+block. In PatchLab's extra passes (``transformer_options["patchlab_guidance_pass"]`` holds the
+specs, one group of batch rows each) it acts on the rows of the specs that chose this block:
 
 * SLG rows: the block is skipped (its output is its input for those rows);
 * PAG / SEG rows: the block runs with an ``optimized_attention_override`` (chained to one
   already present) that, in those rows only, replaces image-to-image attention by the
-  identity (PAG: image tokens attend to the text and to themselves) or blurs the image
-  queries on the token grid (SEG). The override lives in a copy of ``transformer_options``
-  handed to this block only, so no other block sees it.
+  identity (PAG: image tokens attend to the text and to themselves; on Wan, whose
+  self-attention holds no text, the identity) or blurs the image queries on the token grid
+  (SEG). The override lives in a copy of ``transformer_options`` handed to this block only, so
+  no other block sees it. In a Wan block it acts in the block's first attention call only, the
+  self-attention (the cross-attention reads the text).
 
-Token layout: the block replace knows the text and image streams of its block (Flux double,
-SD3 joint and Qwen-Image blocks get both, and attend over [text; image]; Flux single blocks
-get their concatenation, and the text length comes from the conditioning, recorded by an
-APPLY_MODEL wrapper in extra passes together with the latent shape). The image grid is
-``ceil(H / p) x ceil(W / p)`` for patch size ``p`` (the models pad to whole patches), the
+Token layout (:class:`Stack`): Flux/HunyuanVideo double, SD3 joint and Qwen-Image blocks get both
+streams and attend over [text; image] ([image; text] where the block is ``flipped_img_txt``,
+HunyuanVideo); Flux and Lumina 2 single blocks get [text; image], the text length from the
+conditioning (recorded by an APPLY_MODEL wrapper in extra passes with the latent shape; Lumina 2
+pads it to a multiple of ``pad_tokens_multiple``); HunyuanVideo single blocks get [image; text],
+the image length from the latent's patch grid. The image grid is ``ceil(H / p) x ceil(W / p)``
+for patch size ``p`` (the models pad to whole patches), ``ceil(T / pt) x ...`` for a video, the
 first tokens of the image stream (Flux Kontext and Qwen-Image Edit reference tokens follow it
-and are treated as image tokens but not blurred). Qwen-Image's latent has a frame axis of
-length 1 ([B, C, 1, H, W]) and the same grid. Flux and Qwen-Image apply the rotary embedding
-before the attention call, so the queries SEG blurs carry it.
+and are treated as image tokens but not blurred; reference latents put ahead of the grid, as
+HunyuanVideo's ``ref_latent``, switch SEG's blur off with a warning). SEG blurs a video frame by
+frame (see :func:`kernels.attention.blur_queries`). Qwen-Image's latent has a frame axis of length 1
+([B, C, 1, H, W]) and a 2-D grid. The models apply the rotary embedding before the attention call,
+so the queries SEG blurs carry it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -40,15 +50,42 @@ log = logging.getLogger(__name__)
 PASS_KEY = "patchlab_guidance_pass"
 LATENT_KEY = "patchlab_latent_shape"
 TEXT_KEY = "patchlab_text_tokens"
+REFERENCE_KEY = "patchlab_reference_latents"
 WRAPPER_KEY = "patchlab_attention_guidance"
 DitKey = Tuple[str, int]
 
-# stack name -> (network attribute holding the blocks, patches_replace["dit"] block name)
+
+@dataclass(frozen=True)
+class Stack:
+    """One stack of blocks: the network attribute holding them, the ``patches_replace["dit"]`` name ComfyUI
+    offers for them (None: the network has no block replace; PatchLab wraps the blocks' forward during its
+    own extra passes), and where its attention finds text and image tokens:
+
+    * ``joint``: the block gets both streams (``img``, ``txt``) and attends over their concatenation;
+    * ``self``: the block gets the image stream and the cross-attention context; its first attention call
+      is image self-attention (Wan), later ones read the text;
+    * ``text_first`` / ``text_last``: one stream holding text and image (Flux and Lumina 2 single blocks put
+      the text first, HunyuanVideo's last).
+    """
+
+    attr: str
+    replace: Optional[str]
+    tokens: str
+
+
+# family -> {stack name: Stack}
 FAMILIES = {
-    "flux": {"double": ("double_blocks", "double_block"), "single": ("single_blocks", "single_block")},
-    "mmdit": {"joint": ("joint_blocks", "double_block")},
-    "qwen_image": {"double": ("transformer_blocks", "double_block")},
+    "flux": {"double": Stack("double_blocks", "double_block", "joint"),
+             "single": Stack("single_blocks", "single_block", "text_first")},
+    "mmdit": {"joint": Stack("joint_blocks", "double_block", "joint")},
+    "qwen_image": {"double": Stack("transformer_blocks", "double_block", "joint")},
+    "wan": {"double": Stack("blocks", "double_block", "self")},
+    "hunyuan_video": {"double": Stack("double_blocks", "double_block", "joint"),
+                      "single": Stack("single_blocks", "single_block", "text_last")},
+    "lumina2": {"single": Stack("layers", None, "text_first")},
 }
+# Wan networks whose forward offers the double_block replace with the image stream as "img" (0.3.75)
+WAN_NETWORKS = ("WanModel", "VaceWanModel", "CameraWanModel", "HumoWanModel")
 
 _warned = set()
 
@@ -61,16 +98,23 @@ def _warn_once(message: str) -> None:
 
 def family(model) -> Optional[str]:
     """Which supported DiT family the model's network is (None: not a supported DiT)."""
-    net = model.model.diffusion_model
-    module = type(net).__module__
-    # Flux.1/Flux 2 and Chroma put the text first in their single blocks (HunyuanVideo, with the same block
-    # names, puts it last and is not covered).
+    return network_family(model.model.diffusion_model)
+
+
+def network_family(net) -> Optional[str]:
+    module, name = type(net).__module__, type(net).__name__
+    if module.startswith("comfy.ldm.hunyuan_video.") and hasattr(net, "single_blocks"):
+        return "hunyuan_video"  # Flux's block classes, text last in the single blocks
     if module.startswith(("comfy.ldm.flux.", "comfy.ldm.chroma.")) and hasattr(net, "single_blocks"):
         return "flux"
     if module.startswith("comfy.ldm.modules.diffusionmodules.mmdit") and hasattr(net, "joint_blocks"):
         return "mmdit"
     if module.startswith("comfy.ldm.qwen_image.") and hasattr(net, "transformer_blocks"):
         return "qwen_image"
+    if module.startswith("comfy.ldm.wan.") and name in WAN_NETWORKS:
+        return "wan"
+    if module.startswith("comfy.ldm.lumina.") and hasattr(net, "layers"):
+        return "lumina2"
     return None
 
 
@@ -80,13 +124,19 @@ def stacks(model) -> Dict[str, int]:
     if name is None:
         return {}
     net = model.model.diffusion_model
-    return {stack: len(getattr(net, attr)) for stack, (attr, _) in FAMILIES[name].items()}
+    return {stack: len(getattr(net, s.attr)) for stack, s in FAMILIES[name].items()}
 
 
-def patch_size(model) -> int:
-    net = model.model.diffusion_model
+def patch_size(model) -> Tuple[int, int, int]:
+    return network_patch(model.model.diffusion_model)
+
+
+def network_patch(net) -> Tuple[int, int, int]:
+    """The network's patch (frames, height, width): an int ``p`` is ``(1, p, p)``."""
     size = getattr(net, "patch_size", 2)
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
+    if isinstance(size, (tuple, list)):
+        return (1, int(size[0]), int(size[1])) if len(size) == 2 else tuple(int(p) for p in size[-3:])
+    return (1, int(size), int(size))
 
 
 def describe(available: Dict[str, int]) -> str:
@@ -95,11 +145,13 @@ def describe(available: Dict[str, int]) -> str:
 
 
 def auto_blocks(model) -> List[DitKey]:
-    """The family's default: blocks 7-9 of the first stack (Flux double, SD3 joint), at the same relative depth
-    (7/19 to 9/19) in a shallower stack; the anchors' SLG layers and the middle of the stack PAG papers perturb.
-    Qwen-Image (no published value) takes that relative depth in its own stack: double.22-28 of 60."""
+    """The family's default: blocks 7-9 of the first stack (Flux double, SD3 joint; HunyuanVideo's Flux-like
+    double stack too, a starting point of ours), the anchors' SLG layers and the middle of the stack PAG papers
+    perturb; the same relative depth (7/19 to 9/19) in a shallower stack. Families without a published value
+    and deeper stacks take that relative depth in their first stack, starting points of ours: Qwen-Image
+    double.22-28 of 60, Wan 2.1 1.3B / 14B double.11-14 of 30 / 14-18 of 40, Z-Image single.11-14 of 30."""
     stack, count = next(iter(stacks(model).items()))
-    if count >= 10 and family(model) != "qwen_image":
+    if count >= 10 and family(model) in ("flux", "mmdit", "hunyuan_video"):
         return [(stack, i) for i in (7, 8, 9)]
     first = min(count - 1, int(count * 7 / 19))
     last = max(first, min(count - 1, int(count * 9 / 19)))
@@ -140,7 +192,8 @@ def resolve(model, entries, node_id: str) -> List[DitKey]:
 # --- the extra pass: latent shape and text length --------------------------------------------
 
 def apply_model_wrapper(executor, x, *args, **kwargs):
-    """APPLY_MODEL wrapper: in PatchLab's extra passes, hand the latent shape and text length to the blocks."""
+    """APPLY_MODEL wrapper: in PatchLab's extra passes, hand the latent shape and text length to the blocks
+    (and whether reference latents join the image stream, which moves the image grid)."""
     args = list(args)
     options = args[4] if len(args) > 4 else kwargs.get("transformer_options")
     if options is not None and options.get(PASS_KEY):
@@ -148,6 +201,7 @@ def apply_model_wrapper(executor, x, *args, **kwargs):
         options[LATENT_KEY] = tuple(x.shape)
         context = args[2] if len(args) > 2 else kwargs.get("c_crossattn")
         options[TEXT_KEY] = None if context is None else int(context.shape[1])
+        options[REFERENCE_KEY] = kwargs.get("ref_latent") is not None
         if len(args) > 4:
             args[4] = options
         else:
@@ -158,10 +212,12 @@ def apply_model_wrapper(executor, x, *args, **kwargs):
 apply_model_wrapper.patchlab_attention = True
 
 
-def install_wrapper(patched) -> None:
-    if not patched.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
-                                     apply_model_wrapper)
+def install_wrappers(patched, forward_wrapped: bool) -> None:
+    WrappersMP = comfy.patcher_extension.WrappersMP
+    if not patched.get_wrappers(WrappersMP.APPLY_MODEL, WRAPPER_KEY):
+        patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
+    if forward_wrapped and not patched.get_wrappers(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY):
+        patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model_wrapper)
 
 
 # --- the attention override -----------------------------------------------------------------------
@@ -173,7 +229,8 @@ class Tokens:
     joint: int                 # tokens of the joint (text + image) sequence
     text: Tuple[int, int]      # text range inside the joint sequence
     image: Tuple[int, int]     # image range inside the joint sequence (grid first, then reference tokens)
-    grid: Optional[Tuple[int, int]]  # the image's token grid, None when it cannot be placed
+    grid: Optional[Tuple[int, ...]]  # the image's token grid (h, w) or (t, h, w); None when it cannot be placed
+    calls: Optional[int] = None  # act in the block's first ``calls`` attention calls only (Wan: self-attention)
 
     def split(self, n: int):
         """(text range, image range) for an attention call over n tokens, or None for other calls."""
@@ -200,12 +257,19 @@ def _write(out, part: slice, tokens: Tuple[int, int], values, skip_output_reshap
 
 
 def make_override(previous, parts, tokens: Tokens):
-    """An ``optimized_attention_override`` perturbing ``parts`` [(batch-row slice, spec)] of this block's calls."""
+    """An ``optimized_attention_override`` perturbing ``parts`` [(batch-row slice, spec)] of this block's calls.
+
+    Made for one block call (it counts that call's attention calls when ``tokens.calls`` is set)."""
+    seen = [0]
+
     def attend(func, *args, **kwargs):
         return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
 
     def override(func, *args, **kwargs):
         out = attend(func, *args, **kwargs)
+        seen[0] += 1
+        if tokens.calls is not None and seen[0] > tokens.calls:
+            return out
         q, k, v = args[:3]
         heads = args[3] if len(args) > 3 else kwargs.get("heads")
         skip_reshape = kwargs.get("skip_reshape", False)
@@ -239,40 +303,63 @@ def make_override(previous, parts, tokens: Tokens):
     return override
 
 
-# --- the block replace -----------------------------------------------------------------------------
+# --- where the tokens are ------------------------------------------------------------------------
 
-def _grid(options: Dict, size: int, image_tokens: int) -> Optional[Tuple[int, int]]:
+def _grid(options: Dict, patch: Tuple[int, int, int], image_tokens: int) -> Optional[Tuple[int, ...]]:
+    """The image's token grid: (h, w) for a picture, (t, h, w) for a video (None: no grid SEG can blur)."""
     shape = options.get(LATENT_KEY)
-    if shape is not None and len(shape) == 5 and shape[2] == 1:  # Qwen-Image: [B, C, 1, H, W]
-        shape = shape[:2] + shape[3:]
-    if shape is None or len(shape) != 4:
-        _warn_once("Smoothed Energy Guidance blurs 2-D image latents only; this call's latent is not one")
+    if shape is None or len(shape) not in (4, 5):
+        _warn_once("Smoothed Energy Guidance blurs image and video latents only; this call's latent is neither")
         return None
-    grid = (-(-shape[-2] // size), -(-shape[-1] // size))
-    if grid[0] * grid[1] > image_tokens:
+    if options.get(REFERENCE_KEY):
+        _warn_once("Smoothed Energy Guidance: reference latents join this model's image tokens ahead of the "
+                   "picture's grid; no blur")
+        return None
+    frames = -(-shape[2] // patch[0]) if len(shape) == 5 else 1
+    grid = (-(-shape[-2] // patch[1]), -(-shape[-1] // patch[2]))
+    if frames > 1:
+        grid = (frames,) + grid
+    if math.prod(grid) > image_tokens:
         _warn_once("Smoothed Energy Guidance found fewer image tokens than the latent's patch grid; no blur")
         return None
     return grid
 
 
-def _tokens(stack: str, args: Dict, options: Dict, size: int, flipped: bool) -> Optional[Tokens]:
+def _tokens(stack: Stack, args: Dict, options: Dict, patch: Tuple[int, int, int], flipped: bool,
+            text_multiple: Optional[int]) -> Optional[Tokens]:
     img, txt = args.get("img"), args.get("txt")
-    if txt is not None:  # the block gets both streams (Flux double, SD3 joint)
+    if stack.tokens == "self":  # Wan: the image attends to itself, then reads the text in cross-attention
+        n_img = img.shape[1]
+        return Tokens(n_img, (0, 0), (0, n_img), _grid(options, patch, n_img), calls=1)
+    if stack.tokens == "joint":  # the block gets both streams (Flux/HunyuanVideo double, SD3 joint, Qwen-Image)
         n_txt, n_img = txt.shape[1], img.shape[1]
         if flipped:
             text, image = (n_img, n_img + n_txt), (0, n_img)
         else:
             text, image = (0, n_txt), (n_txt, n_txt + n_img)
-        return Tokens(n_txt + n_img, text, image, _grid(options, size, n_img))
+        return Tokens(n_txt + n_img, text, image, _grid(options, patch, n_img))
     n_joint = img.shape[1]
-    n_txt = options.get(TEXT_KEY) if stack == "single" else 0
+    if stack.tokens == "text_last":  # HunyuanVideo single blocks: [image; text], the image from the grid
+        grid = _grid(options, patch, n_joint)
+        if grid is None:
+            _warn_once("attention guidance could not place the image tokens of a single-stream block; it is "
+                       "left as is")
+            return None
+        n_img = math.prod(grid)
+        return Tokens(n_joint, (n_img, n_joint), (0, n_img), grid)
+    n_txt = options.get(TEXT_KEY)
+    if n_txt is not None and text_multiple:  # Lumina 2 / Z-Image pad the caption to a multiple of tokens
+        n_txt += -n_txt % text_multiple
     if n_txt is None or n_txt > n_joint:
         _warn_once("attention guidance could not tell text from image tokens in a DiT block; it is left as is")
         return None
-    return Tokens(n_joint, (0, n_txt), (n_txt, n_joint), _grid(options, size, n_joint - n_txt))
+    return Tokens(n_joint, (0, n_txt), (n_txt, n_joint), _grid(options, patch, n_joint - n_txt))
 
 
-def make_block_replace(key: DitKey, previous, size: int, flipped: bool = False):
+# --- the block replace -----------------------------------------------------------------------------
+
+def make_block_replace(key: DitKey, previous, stack: Stack, patch: Tuple[int, int, int], flipped: bool = False,
+                       text_multiple: Optional[int] = None):
     """The ``patches_replace["dit"]`` replace PatchLab puts at block ``key``, chaining ``previous`` (or None)."""
     def run(args, extra):
         return previous(args, extra) if previous is not None else extra["original_block"](args)
@@ -288,14 +375,15 @@ def make_block_replace(key: DitKey, previous, size: int, flipped: bool = False):
         rows = per_chunk // len(groups)
         slices = {g: [slice(c * per_chunk + g * rows, c * per_chunk + (g + 1) * rows) for c in range(chunks)]
                   for g in acting}
-        streams = [name for name in ("img", "txt") if args.get(name) is not None]
+        streams = [name for name in ("img", "txt") if args.get(name) is not None and stack.tokens != "self"]
+        streams = streams or ["img"]
         skipped = [part for g in acting if groups[g].kind == "slg" for part in slices[g]]
         if len(skipped) == chunks * len(groups):  # every row skips this block
             return {name: args[name] for name in streams}
         saved = [(part, {name: args[name][part].clone() for name in streams}) for part in skipped]
         parts = [(part, groups[g]) for g in acting if groups[g].kind in ("pag", "seg") for part in slices[g]]
         if parts:
-            tokens = _tokens(key[0], args, options, size, flipped)
+            tokens = _tokens(stack, args, options, patch, flipped, text_multiple)
             if tokens is not None:
                 inner = dict(options)
                 inner["optimized_attention_override"] = make_override(
@@ -318,17 +406,71 @@ def make_block_replace(key: DitKey, previous, size: int, flipped: bool = False):
 
 
 def install_replaces(patched, keys) -> None:
-    """Put PatchLab's block replace at every key (once; another pack's replace there is chained)."""
+    """Put PatchLab's block replace at every key (once; another pack's replace there is chained). Networks
+    without a block replace (Lumina 2 / Z-Image) get a DIFFUSION_MODEL wrapper instead, which wraps the chosen
+    blocks' forward for the length of PatchLab's extra passes."""
     name = family(patched)
     net = patched.model.diffusion_model
-    size = patch_size(patched)
+    patch = patch_size(patched)
     replaces = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    for stack, index in sorted(keys):
-        attr, block_name = FAMILIES[name][stack]
-        existing = replaces.get((block_name, index))
+    forward_wrapped = False
+    for stack_name, index in sorted(keys):
+        stack = FAMILIES[name][stack_name]
+        if stack.replace is None:
+            forward_wrapped = True
+            continue
+        existing = replaces.get((stack.replace, index))
         if existing is not None and getattr(existing, "patchlab_attention", False):
             continue
-        flipped = bool(getattr(getattr(net, attr)[index], "flipped_img_txt", False))
-        patched.set_model_patch_replace(make_block_replace((stack, index), existing, size, flipped),
-                                        "dit", block_name, index)
-    install_wrapper(patched)
+        flipped = bool(getattr(getattr(net, stack.attr)[index], "flipped_img_txt", False))
+        patched.set_model_patch_replace(make_block_replace((stack_name, index), existing, stack, patch, flipped),
+                                        "dit", stack.replace, index)
+    install_wrappers(patched, forward_wrapped)
+
+
+# --- networks without a block replace (Lumina 2 / Z-Image) ----------------------------------------------
+
+def diffusion_model_wrapper(executor, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper for networks without a block replace: in PatchLab's extra passes only, each
+    chosen block's ``forward`` is wrapped (an instance attribute, removed when the call returns) so it runs
+    through :func:`make_block_replace` exactly as a block replace would. Other calls run untouched."""
+    options = kwargs.get("transformer_options") or {}
+    groups = options.get(PASS_KEY)
+    net = executor.class_obj
+    model_family = network_family(net)
+    if not groups or model_family is None:
+        return executor(*args, **kwargs)
+    patch = network_patch(net)
+    text_multiple = getattr(net, "pad_tokens_multiple", None)
+    wrapped = []
+    try:
+        for stack_name, index in sorted({key for spec in groups for key in spec.blocks}):
+            stack = FAMILIES[model_family].get(stack_name)
+            if stack is None or stack.replace is not None or index >= len(getattr(net, stack.attr)):
+                continue
+            block = getattr(net, stack.attr)[index]
+            replace = make_block_replace((stack_name, index), None, stack, patch, text_multiple=text_multiple)
+            block.forward = _lumina_forward(block, replace)
+            wrapped.append(block)
+        return executor(*args, **kwargs)
+    finally:
+        for block in wrapped:
+            del block.forward
+
+
+diffusion_model_wrapper.patchlab_attention = True
+
+
+def _lumina_forward(block, replace):
+    """``JointTransformerBlock.forward(x, x_mask, freqs_cis, adaln_input, transformer_options)`` through ``replace``."""
+    original = type(block).forward
+
+    def forward(x, x_mask, freqs_cis, adaln_input=None, transformer_options=None):
+        def original_block(args):
+            return {"img": original(block, args["img"], x_mask, freqs_cis, adaln_input,
+                                    transformer_options=args["transformer_options"])}
+
+        return replace({"img": x, "transformer_options": transformer_options or {}},
+                       {"original_block": original_block})["img"]
+
+    return forward

@@ -58,6 +58,10 @@ class _TinyLumina2(comfy.supported_models.Lumina2):
     pass
 
 
+class _TinyAuraFlow(comfy.supported_models.AuraFlow):
+    pass
+
+
 class _TinyQwenImage(comfy.supported_models.QwenImage):
     pass
 
@@ -152,6 +156,13 @@ LAYOUTS = {
                      "multiple_of": 16, "ffn_dim_multiplier": 4.0, "qk_norm": True, "axes_dims": [4, 6, 6],
                      "axes_lens": [300, 512, 512], "rope_theta": 10000.0},
     ),
+    # AuraFlow: its own MMDiT (one double then one single layer), SDXL's 4-channel latent, 2x2 patches;
+    # a DiT none of the attention-guidance nodes addresses (their refusal is tested on it).
+    "auraflow": Layout(
+        name="auraflow", config_class=_TinyAuraFlow, context_dim=32,
+        unet_config={"in_channels": 4, "out_channels": 4, "patch_size": 2, "dim": 64, "n_layers": 2,
+                     "n_double_layers": 1, "n_heads": 4, "global_conddim": 64, "cond_seq_dim": 32, "max_seq": 256},
+    ),
     # Qwen-Image (MMDiT-style double-stream blocks only, no single-stream stack): 16-channel
     # latent with a frame axis ([B, 16, 1, H, W], Wan 2.1 latent format), 2x2 patches, three
     # transformer blocks over [text; image] joint attention with rotary embedding applied
@@ -189,13 +200,13 @@ LAYOUTS = {
     ),
     # Z-Image (Turbo): Lumina 2's NextDiT with Z-Image's modulation, whose 256-wide time embedding
     # sets the smallest width (dim 256, 4 heads of 64); one refiner each, two layers; Qwen3 text
-    # shrunk to 32.
+    # shrunk to 32; caption and image tokens padded to multiples of 32 (checkpoints with a cap_pad_token).
     "zimage": Layout(
         name="zimage", config_class=_TinyZImage, context_dim=32, latent_channels=16,
         unet_config={"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": 32,
                      "n_layers": 2, "n_refiner_layers": 1, "n_heads": 4, "n_kv_heads": 4, "axes_dims": [16, 24, 24],
                      "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0,
-                     "qk_norm": True, "z_image_modulation": True, "time_scale": 1000.0},
+                     "qk_norm": True, "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32},
     ),
     # Flux.2: 128-channel latent (16x16 pixels per cell), 1x1 patches, modulation shared by all
     # blocks (global_modulation), SiLU-gated MLPs without biases, four rotary axes, guidance

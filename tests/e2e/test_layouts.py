@@ -2,7 +2,8 @@
 
 The tiny checkpoint (Wan 2.1, Wan 2.2 5B, HunyuanVideo, Z-Image, Flux.2, Chroma) goes through the
 family's own empty-latent node, ComfyUI's KSampler and the test-kit VAE into a preview; the video
-layouts sample several latent frames, each previewed as a picture.
+layouts sample several latent frames, each previewed as a picture. PAG, SEG and SLG, stacked, sample
+through the server on the families whose blocks they newly address.
 """
 
 import pytest
@@ -43,5 +44,25 @@ def prompt(layout):
 def test_the_layout_samples_through_the_server(server, layout):
     _, _, pictures, size = LATENTS[layout]
     paths = server.output_images(server.run(prompt(layout)))
+    assert len(paths) == pictures
+    assert all(Image.open(path).size == (size, size) for path in paths)
+
+
+GUIDANCE = [("PatchLab_PerturbedAttentionGuidance", {"scale": 2.0, "blocks": "auto", "rescale": 0.0}),
+            ("PatchLab_SmoothedEnergyGuidance", {"scale": 2.0, "blur_sigma": 10.0, "blocks": "all"}),
+            ("PatchLab_SkipLayerGuidance", {"scale": 2.0, "blocks": "auto", "rescaling_scale": 0.0})]
+
+
+@pytest.mark.parametrize("layout", ["wan21", "wan22", "hunyuan_video", "zimage"])
+def test_attention_guidance_samples_through_the_server(server, layout):
+    graph = prompt(layout)
+    model = ["1", 0]
+    for number, (node, inputs) in enumerate(GUIDANCE, start=10):
+        graph[str(number)] = {"class_type": node, "inputs": {"model": model, **inputs, "start_percent": 0.0,
+                                                             "end_percent": 1.0}}
+        model = [str(number), 0]
+    graph["5"]["inputs"]["model"] = model
+    _, _, pictures, size = LATENTS[layout]
+    paths = server.output_images(server.run(graph))
     assert len(paths) == pictures
     assert all(Image.open(path).size == (size, size) for path in paths)

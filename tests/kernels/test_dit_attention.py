@@ -57,3 +57,23 @@ def test_infinite_grid_blur_is_the_mean_grid_query():
     q = rand(1, 2, 2 + 6, 4)
     out = ka.blur_grid_queries(q, 2, (2, 3), ka.INFINITE_BLUR)
     torch.testing.assert_close(out[:, :, 2:], q[:, :, 2:].mean(dim=2, keepdim=True).expand(1, 2, 6, 4))
+
+
+def test_a_video_grid_is_blurred_frame_by_frame():
+    """SEG on a [t, h, w] grid: each frame's queries are blurred on their own, as that frame alone would be."""
+    q = rand(2, 3, 1 + 3 * 6, 4)
+    out = ka.blur_grid_queries(q, 1, (3, 2, 3), sigma=2.0)
+    for frame in range(3):
+        tokens = slice(1 + 6 * frame, 1 + 6 * (frame + 1))
+        alone = ka.blur_grid_queries(q[:, :, tokens], 0, (2, 3), sigma=2.0)
+        torch.testing.assert_close(out[:, :, tokens], alone)
+    assert torch.equal(out[:, :, :1], q[:, :, :1])
+
+
+def test_infinite_video_blur_is_each_frames_mean_query():
+    q = rand(1, 2, 2 * 4, 4)
+    out = ka.blur_grid_queries(q, 0, (2, 2, 2), ka.INFINITE_BLUR)
+    for frame in range(2):
+        frame_tokens = slice(4 * frame, 4 * (frame + 1))
+        tokens = q[:, :, frame_tokens]
+        torch.testing.assert_close(out[:, :, frame_tokens], tokens.mean(dim=2, keepdim=True).expand_as(tokens))

@@ -1,4 +1,5 @@
-"""PAG, SEG and SLG on tiny DiTs (Flux, SD3/MMDiT, Qwen-Image): exactness, locality, batching, parity with core SLG."""
+"""PAG, SEG and SLG on tiny DiTs (Flux, Flux.2, Chroma, SD3/MMDiT, Qwen-Image, Wan 2.1/2.2, HunyuanVideo, Z-Image,
+Lumina 2): exactness, locality, batching, parity with core SLG."""
 
 import contextlib
 
@@ -20,10 +21,12 @@ SEG = {"scale": 3.0, "blur_sigma": 10.0, "blocks": "auto"}
 SLG = {"scale": 3.0, "blocks": "auto", "rescaling_scale": 0.0}
 OURS = {"PAG": (nodes.PerturbedAttentionGuidance, PAG), "SEG": (nodes.SmoothedEnergyGuidance, SEG),
         "SLG": (nodes.SkipLayerGuidance, SLG)}
-FAMILIES = ["flux", "sd3", "qwen_image", "flux2", "chroma"]
-# Flux and Flux.2: guidance-distilled, sampled at cfg 1 (no negative pass); Chroma: real CFG.
-CFG = {"flux": 1.0, "sd3": 4.0, "qwen_image": 4.0, "flux2": 1.0, "chroma": 4.0}
-NOT_YET = ["wan21", "hunyuan_video", "zimage"]  # no block addresses for these networks yet: refused before the run
+FAMILIES = ["flux", "sd3", "qwen_image", "flux2", "chroma", "wan21", "wan22", "hunyuan_video", "zimage", "lumina2"]
+# Flux, Flux.2, HunyuanVideo: guidance-distilled, and Z-Image Turbo: sampled at cfg 1 (no negative pass);
+# the others with real CFG.
+CFG = {"flux": 1.0, "sd3": 4.0, "qwen_image": 4.0, "flux2": 1.0, "chroma": 4.0, "wan21": 4.0, "wan22": 4.0,
+       "hunyuan_video": 1.0, "zimage": 1.0, "lumina2": 4.0}
+UNSUPPORTED = ["auraflow"]  # a DiT whose blocks no node addresses: refused before the run
 
 
 def close(actual, expected, rel=1e-4):
@@ -86,9 +89,11 @@ def test_batch_items_and_chunked_calls_match_batch_one_unchunked(tiny_model, fam
 @pytest.mark.parametrize("name", list(OURS))
 def test_odd_non_square_latents_work(family, name):
     layout, model = family
-    result = run(apply(model, name), layout, height=13, width=22)
+    # HunyuanVideo does not pad to whole patches (ComfyUI's own model fails on odd sizes): even, non-square
+    size = {"height": 12, "width": 22} if layout == "hunyuan_video" else {"height": 13, "width": 22}
+    result = run(apply(model, name), layout, **size)
     assert torch.isfinite(result).all()
-    assert not torch.allclose(result, run(model, layout, height=13, width=22), rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(result, run(model, layout, **size), rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -115,7 +120,9 @@ def attention_log(model):
     """Record every attention call as (block name, perturbed by PatchLab, in an extra pass)."""
     net = model.model.diffusion_model
     current, calls, handles = [None], [], []
-    for attr in ("double_blocks", "single_blocks", "joint_blocks", "transformer_blocks"):
+    handles.append(net.register_forward_pre_hook(lambda _m, _a: current.__setitem__(0, "outside a block")))
+    for attr in ("double_blocks", "single_blocks", "joint_blocks", "transformer_blocks", "blocks", "layers",
+                 "context_refiner", "noise_refiner"):
         for i, block in enumerate(getattr(net, attr, ())):
             name = f"{attr}.{i}"
             handles.append(block.register_forward_pre_hook(lambda _m, _a, name=name: current.__setitem__(0, name)))
@@ -141,7 +148,11 @@ def attention_log(model):
                                                   ("flux", "double.0", {"double_blocks.0"}),
                                                   ("sd3", "joint.0, joint.2", {"joint_blocks.0", "joint_blocks.2"}),
                                                   ("qwen_image", "double.0, double.2",
-                                                   {"transformer_blocks.0", "transformer_blocks.2"})])
+                                                   {"transformer_blocks.0", "transformer_blocks.2"}),
+                                                  ("wan21", "double.1", {"blocks.1"}),
+                                                  ("hunyuan_video", "single.1", {"single_blocks.1"}),
+                                                  ("hunyuan_video", "double.0", {"double_blocks.0"}),
+                                                  ("zimage", "single.1", {"layers.1"})])
 def test_only_the_chosen_blocks_see_perturbed_attention(tiny_model, name, layout, blocks, chosen):
     with attention_log(tiny_model(layout)) as (logged, calls):
         run(apply(logged, name, blocks=blocks), layout)
@@ -185,6 +196,94 @@ def test_pag_on_qwen_image_perturbs_the_image_tokens_and_leaves_the_text_tokens(
     assert [len(seen["text"]), len(seen["image"])] == [2, 2]
     close(seen["text"][1], seen["text"][0], rel=1e-5)
     assert not torch.allclose(seen["image"][1], seen["image"][0], rtol=1e-3, atol=1e-3)
+
+
+def test_pag_on_wan_makes_self_attention_the_identity_and_leaves_cross_attention(tiny_model):
+    """Wan's self-attention is its own call: PAG turns it into its values (the identity map over tokens); the
+    cross-attention that follows in the same block reads the text as in the unperturbed pass."""
+    model = tiny_model("wan21")
+    block = model.model.diffusion_model.blocks[1]
+    seen = {"self": [], "cross": []}
+
+    def record(kind):
+        return lambda module, args, kwargs, out: seen[kind].append((module, args[0].clone(), args[1], out.clone()))
+
+    handles = [block.self_attn.register_forward_hook(record("self"), with_kwargs=True),
+               block.cross_attn.register_forward_hook(record("cross"), with_kwargs=True)]
+    try:
+        sample(apply(model, "PAG", blocks="double.1"), "wan21", steps=1, cfg=1.0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # One step at CFG 1: the cond pass, then PAG's extra pass.
+    attn, x, _freqs, out = seen["self"][1]
+    with torch.no_grad():
+        close(out, attn.o(attn.v(x)), rel=1e-5)
+        attn, x, context, out = seen["cross"][1]
+        close(out, attn(x, context), rel=1e-5)
+    assert not torch.allclose(seen["self"][1][3], seen["self"][0][3], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("layout,module,image_first", [
+    ("hunyuan_video", lambda net: net.single_blocks[1].linear2, True),   # [image; text], attention then MLP
+    ("zimage", lambda net: net.layers[1].attention.out, False),          # [text (padded to 32); image (padded)]
+    ("lumina2", lambda net: net.layers[1].attention.out, False),
+])
+def test_pag_in_a_single_stream_block_perturbs_the_image_tokens_and_leaves_the_text_tokens(
+        tiny_model, layout, module, image_first):
+    model = tiny_model(layout)
+    net = model.model.diffusion_model
+    seen = []
+    handle = module(net).register_forward_pre_hook(lambda _m, a: seen.append(a[0].clone()))
+    try:
+        sample(apply(model, "PAG", blocks="single.1"), layout, steps=1, cfg=1.0)
+    finally:
+        handle.remove()
+    cond, extra = seen  # one step at CFG 1: the cond pass, then PAG's extra pass
+    width = getattr(net, "hidden_size", None) or net.dim
+    cond, extra = cond[..., :width], extra[..., :width]  # HunyuanVideo: the attention part of [attention; MLP]
+    image = 3 * 8 * 8 if layout == "hunyuan_video" else 8 * 8  # the latent's patch grid
+    text = cond.shape[1] - image - (-image % 32 if layout == "zimage" else 0)
+    image_rows, text_rows = (slice(0, image), slice(image, None)) if image_first else (
+        slice(text, text + image), slice(0, text))
+    close(extra[:, text_rows], cond[:, text_rows], rel=1e-5)
+    assert not torch.allclose(extra[:, image_rows], cond[:, image_rows], rtol=1e-3, atol=1e-3)
+
+
+def test_slg_on_z_image_passes_the_skipped_layers_input_through(tiny_model):
+    """Z-Image's NextDiT has no block replace: the layer's forward is wrapped in the extra pass only."""
+    model = tiny_model("zimage")
+    layer = model.model.diffusion_model.layers[1]
+    seen = []
+    handle = layer.register_forward_hook(lambda _m, args, out: seen.append((args[0].clone(), out.clone())))
+    try:
+        sample(apply(model, "SLG", blocks="single.1"), "zimage", steps=1, cfg=1.0)
+    finally:
+        handle.remove()
+    (cond_in, cond_out), (extra_in, extra_out) = seen
+    assert torch.equal(extra_out, extra_in)
+    assert not torch.allclose(cond_out, cond_in, rtol=1e-3, atol=1e-3)
+
+
+def test_z_image_layers_keep_their_own_forward_after_the_run(tiny_model):
+    model = tiny_model("zimage")
+    run(apply(apply(model, "PAG", blocks="single.0"), "SLG", blocks="single.1"), "zimage")
+    assert not any("forward" in vars(layer) for layer in model.model.diffusion_model.layers)
+
+
+@pytest.mark.parametrize("layout,blocks,core_layers", [
+    ("wan21", "double.1", {"double_layers": "1", "single_layers": ""}),
+    ("hunyuan_video", "double.0, single.1", {"double_layers": "0", "single_layers": "1"}),
+])
+def test_slg_matches_core_skip_layer_guidance_dit_on_video_models(core_nodes, tiny_model, layout, blocks, core_layers):
+    model = tiny_model(layout)
+    window = {"start_percent": 0.0, "end_percent": 0.6}
+    (core,) = checks.run_node(core_nodes["SkipLayerGuidanceDiT"], model=model, scale=3.0, rescaling_scale=0.0,
+                              **core_layers, **window)
+    ours = apply(model, "SLG", window, blocks=blocks)
+    result = sample(ours, layout, steps=6, cfg=CFG[layout])
+    close(result, sample(core, layout, steps=6, cfg=CFG[layout]), rel=1e-5)
+    assert not torch.allclose(result, sample(model, layout, steps=6, cfg=CFG[layout]), rtol=1e-3, atol=1e-3)
 
 
 # --- Skip-Layer Guidance: parity with core ---------------------------------------------------------------
@@ -236,10 +335,11 @@ def test_slg_rescaling_is_per_image_where_core_pools_the_batch(core_nodes, tiny_
                               rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("layout", NOT_YET)
+@pytest.mark.parametrize("layout", UNSUPPORTED)
 @pytest.mark.parametrize("name", list(OURS))
 def test_a_family_without_block_addresses_is_refused_naming_the_supported_ones(tiny_model, layout, name):
-    supported = r"supports UNet models .* Flux, Flux.2, Chroma, SD3/SD3.5 and Qwen-Image .*; this model is"
+    supported = (r"supports UNet models .* Flux, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, Wan 2.1/2.2, HunyuanVideo, "
+                 r"Z-Image and Lumina 2; this model is AuraFlow with a MMDiT network")
     with pytest.raises(RuntimeError, match=supported):
         apply(tiny_model(layout), name)
 
@@ -337,11 +437,14 @@ def test_sag_keeps_its_clear_error_on_dits(tiny_model):
 
 def test_an_unsupported_dit_gets_a_clear_error(tiny_model):
     with pytest.raises(RuntimeError, match="supports UNet models .* Flux, .*SD3.* Qwen-Image"):
-        apply(tiny_model("lumina2"), "PAG")
+        apply(tiny_model("auraflow"), "PAG")
 
 
 def test_the_seg_grid_follows_the_padded_patch_grid():
     options = {dit_attention.LATENT_KEY: (1, 16, 13, 22)}
-    assert dit_attention._grid(options, 2, 7 * 11) == (7, 11)
-    assert dit_attention._grid(options, 2, 7 * 11 + 4) == (7, 11)  # reference tokens after the grid
-    assert dit_attention._grid({dit_attention.LATENT_KEY: (1, 16, 1, 13, 22)}, 2, 7 * 11) == (7, 11)  # Qwen-Image
+    assert dit_attention._grid(options, (1, 2, 2), 7 * 11) == (7, 11)
+    assert dit_attention._grid(options, (1, 2, 2), 7 * 11 + 4) == (7, 11)  # reference tokens after the grid
+    qwen_image = {dit_attention.LATENT_KEY: (1, 16, 1, 13, 22)}
+    assert dit_attention._grid(qwen_image, (1, 2, 2), 7 * 11) == (7, 11)
+    video = {dit_attention.LATENT_KEY: (1, 16, 3, 13, 22)}  # Wan, HunyuanVideo: (1, 2, 2) patches
+    assert dit_attention._grid(video, (1, 2, 2), 3 * 7 * 11) == (3, 7, 11)
