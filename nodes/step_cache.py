@@ -40,7 +40,7 @@ class StepCache:
                            "evaluation (free, every model). first block: the network runs its first block and the "
                            "change of that block's residual decides (costs one block per step, follows the model "
                            "more closely; UNets, Flux, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, Wan 2.1/2.2, "
-                           "HunyuanVideo; not Z-Image/Lumina 2).",
+                           "HunyuanVideo, AuraFlow; not Z-Image/Lumina 2).",
             }),
             "threshold": ("FLOAT", {
                 "default": 0.3, "min": 0.0, "max": 10.0, "step": 0.005,

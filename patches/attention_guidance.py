@@ -48,7 +48,7 @@ from comfy.ldm.modules.attention import optimized_attention
 
 from ..kernels import attention as ka
 from ..kernels import guidance
-from . import core_nodes, dit_attention
+from . import core_nodes, dit_attention, families
 from .window import SigmaWindow
 
 log = logging.getLogger(__name__)
@@ -153,8 +153,8 @@ def resolve_blocks(model, text: str, node_id: str, dit: bool = True) -> FrozenSe
     if dit and dit_attention.family(model) is not None:
         return frozenset(dit_attention.resolve(model, parse_blocks(text), node_id))
     supported = ("UNet models (SD1.x, SD2.x, SDXL and their fine-tunes)" if not dit else
-                 "UNet models (SD1.x, SD2.x, SDXL) and the DiTs Flux, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, "
-                 "Wan 2.1/2.2, HunyuanVideo, Z-Image and Lumina 2")
+                 f"UNet models (SD1.x, SD2.x, SDXL) and the DiTs {families.labels(lambda f: f.stacks)} (untested: "
+                 f"{families.labels(lambda f: f.stacks, tested=False)})")
     raise RuntimeError(
         f"{node_id} supports {supported}; this model is "
         f"{type(model.model).__name__} with a {type(model.model.diffusion_model).__name__} network, which has "

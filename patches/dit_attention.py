@@ -44,6 +44,8 @@ from typing import Dict, List, Optional, Tuple
 import comfy.patcher_extension
 
 from ..kernels import attention as ka
+from . import families
+from .families import Stack
 
 log = logging.getLogger(__name__)
 
@@ -55,38 +57,6 @@ WRAPPER_KEY = "patchlab_attention_guidance"
 DitKey = Tuple[str, int]
 
 
-@dataclass(frozen=True)
-class Stack:
-    """One stack of blocks: the network attribute holding them, the ``patches_replace["dit"]`` name ComfyUI
-    offers for them (None: the network has no block replace; PatchLab wraps the blocks' forward during its
-    own extra passes), and where its attention finds text and image tokens:
-
-    * ``joint``: the block gets both streams (``img``, ``txt``) and attends over their concatenation;
-    * ``self``: the block gets the image stream and the cross-attention context; its first attention call
-      is image self-attention (Wan), later ones read the text;
-    * ``text_first`` / ``text_last``: one stream holding text and image (Flux and Lumina 2 single blocks put
-      the text first, HunyuanVideo's last).
-    """
-
-    attr: str
-    replace: Optional[str]
-    tokens: str
-
-
-# family -> {stack name: Stack}
-FAMILIES = {
-    "flux": {"double": Stack("double_blocks", "double_block", "joint"),
-             "single": Stack("single_blocks", "single_block", "text_first")},
-    "mmdit": {"joint": Stack("joint_blocks", "double_block", "joint")},
-    "qwen_image": {"double": Stack("transformer_blocks", "double_block", "joint")},
-    "wan": {"double": Stack("blocks", "double_block", "self")},
-    "hunyuan_video": {"double": Stack("double_blocks", "double_block", "joint"),
-                      "single": Stack("single_blocks", "single_block", "text_last")},
-    "lumina2": {"single": Stack("layers", None, "text_first")},
-}
-# Wan networks whose forward offers the double_block replace with the image stream as "img" (0.3.75)
-WAN_NETWORKS = ("WanModel", "VaceWanModel", "CameraWanModel", "HumoWanModel")
-
 _warned = set()
 
 
@@ -97,34 +67,24 @@ def _warn_once(message: str) -> None:
 
 
 def family(model) -> Optional[str]:
-    """Which supported DiT family the model's network is (None: not a supported DiT)."""
+    """Which supported DiT family (token layout) the model's network is (None: no blocks to address)."""
     return network_family(model.model.diffusion_model)
 
 
 def network_family(net) -> Optional[str]:
-    module, name = type(net).__module__, type(net).__name__
-    if module.startswith("comfy.ldm.hunyuan_video.") and hasattr(net, "single_blocks"):
-        return "hunyuan_video"  # Flux's block classes, text last in the single blocks
-    if module.startswith(("comfy.ldm.flux.", "comfy.ldm.chroma.")) and hasattr(net, "single_blocks"):
-        return "flux"
-    if module.startswith("comfy.ldm.modules.diffusionmodules.mmdit") and hasattr(net, "joint_blocks"):
-        return "mmdit"
-    if module.startswith("comfy.ldm.qwen_image.") and hasattr(net, "transformer_blocks"):
-        return "qwen_image"
-    if module.startswith("comfy.ldm.wan.") and name in WAN_NETWORKS:
-        return "wan"
-    if module.startswith("comfy.ldm.lumina.") and hasattr(net, "layers"):
-        return "lumina2"
-    return None
+    row = families.of_network(net)
+    return row.key if row is not None and row.stacks else None
+
+
+def _stacks_of(net) -> Dict[str, Stack]:
+    row = families.of_network(net)
+    return row.stacks if row is not None else {}
 
 
 def stacks(model) -> Dict[str, int]:
     """``{stack name: number of blocks}`` of a supported DiT (empty for any other model)."""
-    name = family(model)
-    if name is None:
-        return {}
     net = model.model.diffusion_model
-    return {stack: len(getattr(net, s.attr)) for stack, s in FAMILIES[name].items()}
+    return {stack: len(getattr(net, s.attr)) for stack, s in _stacks_of(net).items()}
 
 
 def patch_size(model) -> Tuple[int, int, int]:
@@ -409,13 +369,12 @@ def install_replaces(patched, keys) -> None:
     """Put PatchLab's block replace at every key (once; another pack's replace there is chained). Networks
     without a block replace (Lumina 2 / Z-Image) get a DIFFUSION_MODEL wrapper instead, which wraps the chosen
     blocks' forward for the length of PatchLab's extra passes."""
-    name = family(patched)
     net = patched.model.diffusion_model
     patch = patch_size(patched)
     replaces = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     forward_wrapped = False
     for stack_name, index in sorted(keys):
-        stack = FAMILIES[name][stack_name]
+        stack = _stacks_of(net)[stack_name]
         if stack.replace is None:
             forward_wrapped = True
             continue
@@ -437,15 +396,14 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     options = kwargs.get("transformer_options") or {}
     groups = options.get(PASS_KEY)
     net = executor.class_obj
-    model_family = network_family(net)
-    if not groups or model_family is None:
+    if not groups or network_family(net) is None:
         return executor(*args, **kwargs)
     patch = network_patch(net)
     text_multiple = getattr(net, "pad_tokens_multiple", None)
     wrapped = []
     try:
         for stack_name, index in sorted({key for spec in groups for key in spec.blocks}):
-            stack = FAMILIES[model_family].get(stack_name)
+            stack = _stacks_of(net).get(stack_name)
             if stack is None or stack.replace is not None or index >= len(getattr(net, stack.attr)):
                 continue
             block = getattr(net, stack.attr)[index]

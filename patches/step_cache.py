@@ -62,6 +62,7 @@ import comfy.patcher_extension
 import torch
 
 from ..kernels import step_cache as kc
+from . import families
 from .attention_guidance import PASS_KEY
 from .window import SigmaWindow
 
@@ -76,18 +77,11 @@ REUSE_MODES = ("forecast", "plain")
 WRAPPER_TYPES = (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.PREDICT_NOISE,
                  comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, comfy.patcher_extension.WrappersMP.APPLY_MODEL)
 
-# Networks whose forward honours patches_replace["dit"][("double_block", 0)] with transformer_options in its
-# arguments (ComfyUI 0.3.75), by class name -> family shown in messages.
-FIRST_BLOCK_DITS = {
-    "Flux": "Flux", "Chroma": "Chroma", "OpenAISignatureMMDITWrapper": "SD3/SD3.5", "MMDiT": "SD3/AuraFlow",
-    "QwenImageTransformer2DModel": "Qwen-Image", "WanModel": "Wan", "VaceWanModel": "Wan VACE",
-    "CameraWanModel": "Wan camera", "HumoWanModel": "Wan HuMo", "HunyuanVideo": "HunyuanVideo",
-    "LTXVModel": "LTX-Video", "AsymmDiTJoint": "Mochi",
-}
 # Wrapper keys of ComfyUI's own step caches (comfy_extras/nodes_easycache.py): one step cache per model.
 CORE_CACHES = {"easycache": "EasyCache", "lazycache": "LazyCache"}
-FIRST_BLOCK_FAMILIES = ("SD1.x/SD2.x/SDXL UNets, Flux, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, Wan 2.1/2.2 (not S2V), "
-                        "HunyuanVideo (tested); AuraFlow, LTX-Video, Mochi (same hook, untested)")
+# Where the 'first block' indicator reaches (patches/families.py: the DiTs with the double_block replace at 0)
+FIRST_BLOCK_FAMILIES = (f"SD1.x/SD2.x/SDXL UNets, {families.labels(lambda f: f.first_block)} (tested); "
+                        f"{families.labels(lambda f: f.first_block, tested=False)} (same hook, untested)")
 _warned = set()
 
 
@@ -485,7 +479,8 @@ def first_block_family(model) -> Optional[str]:
     name = type(network).__name__
     if name == "UNetModel" and len(getattr(network, "input_blocks", ())) >= 2:
         return "unet"
-    if name in FIRST_BLOCK_DITS:
+    row = families.of_network(network)
+    if row is not None and row.first_block:
         return "dit"
     return None
 

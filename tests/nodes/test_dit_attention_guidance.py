@@ -339,7 +339,8 @@ def test_slg_rescaling_is_per_image_where_core_pools_the_batch(core_nodes, tiny_
 @pytest.mark.parametrize("name", list(OURS))
 def test_a_family_without_block_addresses_is_refused_naming_the_supported_ones(tiny_model, layout, name):
     supported = (r"supports UNet models .* Flux, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, Wan 2.1/2.2, HunyuanVideo, "
-                 r"Z-Image and Lumina 2; this model is AuraFlow with a MMDiT network")
+                 r"Z-Image, Lumina 2 \(untested: Wan VACE / camera / HuMo\); this model is AuraFlow with a MMDiT "
+                 r"network")
     with pytest.raises(RuntimeError, match=supported):
         apply(tiny_model(layout), name)
 

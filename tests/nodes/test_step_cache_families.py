@@ -1,4 +1,5 @@
-"""PatchLab_StepCache on the families people run now: Wan 2.1/2.2, HunyuanVideo, Z-Image, Flux.2, Chroma, Qwen-Image.
+"""PatchLab_StepCache on the families people run now: Wan 2.1/2.2, HunyuanVideo, Z-Image, Flux.2, Chroma, Qwen-Image
+(and AuraFlow).
 
 Exactness at threshold 0, rows counted at the first layer (and at the last, where the first
 block runs on every step) against the decisions the run logs, the clear error where a family
@@ -17,11 +18,11 @@ from devtools.testkit import tiny_models
 from devtools.testkit.counting import count_rows
 from patchlab.nodes import step_cache as nodes
 
-LAYOUTS = ["wan21", "wan22", "hunyuan_video", "zimage", "flux2", "chroma", "qwen_image"]
-FIRST_BLOCK = ["wan21", "wan22", "hunyuan_video", "flux2", "chroma", "qwen_image"]
+LAYOUTS = ["wan21", "wan22", "hunyuan_video", "zimage", "flux2", "chroma", "qwen_image", "auraflow"]
+FIRST_BLOCK = ["wan21", "wan22", "hunyuan_video", "flux2", "chroma", "qwen_image", "auraflow"]
 VIDEO = ["wan21", "wan22", "hunyuan_video"]
 LAST = {"wan21": "head", "wan22": "head", "hunyuan_video": "final_layer", "zimage": "final_layer",
-        "flux2": "final_layer", "chroma": "final_layer", "qwen_image": "proj_out"}
+        "flux2": "final_layer", "chroma": "final_layer", "qwen_image": "proj_out", "auraflow": "final_linear"}
 BASE = {"indicator": "input", "threshold": 0.5, "max_consecutive": 2, "reuse": "forecast", "start_percent": 0.0,
         "end_percent": 1.0}
 
@@ -70,7 +71,9 @@ def test_first_block_rows_counted_match_the_decisions_logged(tiny_model, caplog,
 
 
 def test_first_block_on_zimage_names_the_families_that_have_the_hook(tiny_model):
-    with pytest.raises(RuntimeError, match=r"first block.*NextDiT.*Wan.*HunyuanVideo.*indicator 'input'"):
+    with pytest.raises(RuntimeError, match=r"first block.*NextDiT.*Wan 2.1/2.2, HunyuanVideo, AuraFlow \(tested\); "
+                                           r"Wan VACE / camera / HuMo, LTX-Video, Mochi \(same hook, untested\)"
+                                           r".*indicator 'input'"):
         cache(tiny_model("zimage"), indicator="first block")
 
 
