@@ -9,6 +9,7 @@ video model.
 
 import logging
 
+import comfy.samplers
 import pytest
 import torch
 
@@ -88,3 +89,41 @@ def test_frame_count_and_size_changes_between_runs_start_fresh(tiny_model, layou
         fresh = cache(model, indicator=indicator, threshold=2.0 if indicator == "first block" else 0.5)
         expected = sample(fresh, layout, steps=6, latent=latent)
         assert torch.equal(sample(patched, layout, steps=6, latent=latent), expected), (frames, height, width)
+
+
+# --- Wan 2.2's two experts ---------------------------------------------------------------------------------
+
+def advanced(core_nodes, model, latent, start, end, first_half):
+    """One KSamplerAdvanced of Wan 2.2's two-expert workflow: 10 steps, this sampler's part start..end."""
+    (out,) = checks.run_node(
+        core_nodes["KSamplerAdvanced"], model=model, add_noise="enable" if first_half else "disable", noise_seed=3,
+        steps=10, cfg=4.0, sampler_name="euler", scheduler="simple", positive=tiny_models.conditioning("wan22", seed=1),
+        negative=tiny_models.conditioning("wan22", seed=2), latent_image={"samples": latent}, start_at_step=start,
+        end_at_step=end, return_with_leftover_noise="enable" if first_half else "disable")
+    return out["samples"]
+
+
+def test_wan22_two_experts_each_cache_as_its_half_alone_and_never_across_the_switch(core_nodes, tiny_model, caplog):
+    """High-noise expert on steps 0-5, low-noise expert on 5-10, a StepCache on each (Wan 2.2's workflow): each
+    sampler's run decides as that half run alone, and the low-noise expert evaluates its first step in full
+    (nothing of the high-noise expert's is reused after the switch)."""
+    high, low = tiny_model("wan22", seed=0), tiny_model("wan22", seed=1)
+    latent = tiny_models.empty_latent("wan22")
+    full_steps = []
+    handle = low.model.diffusion_model.register_forward_pre_hook(lambda _m, args: full_steps.append(float(args[1][0])))
+    try:
+        middle = advanced(core_nodes, cache(high), latent, 0, 5, first_half=True)
+        result = advanced(core_nodes, cache(low), middle, 5, 10, first_half=False)
+    finally:
+        handle.remove()
+    together = checks.step_cache_runs(caplog)
+    sampling = low.model.model_sampling
+    switch = comfy.samplers.calculate_sigmas(sampling, "simple", 10)[5]  # the low-noise expert's first sigma
+    assert full_steps[0] == pytest.approx(float(sampling.timestep(switch)))
+    assert [run["steps"] for run in together] == [5, 5] and all(run["reused_steps"] > 0 for run in together)
+    alone_middle = advanced(core_nodes, cache(high), latent, 0, 5, first_half=True)
+    (alone_first,) = checks.step_cache_runs(caplog)
+    alone_result = advanced(core_nodes, cache(low), alone_middle, 5, 10, first_half=False)
+    (alone_second,) = checks.step_cache_runs(caplog)
+    assert torch.equal(middle, alone_middle) and torch.equal(result, alone_result)
+    assert together == [alone_first, alone_second]
