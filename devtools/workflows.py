@@ -29,7 +29,12 @@ TESTKIT_REPLACES = {
     "VAEDecode": "PatchLabTest_TinyVAEDecode",
     "VAEEncode": "PatchLabTest_TinyVAEEncode",
     "ControlNetLoader": "PatchLabTest_TinyControlNet",
+    "UNETLoader": "PatchLabTest_TinyDiffusionModel",
+    "CLIPLoader": "PatchLabTest_TinyTextEncoder",
+    "VAELoader": "PatchLabTest_TinyVAELoader",
 }
+# CLIPLoader's type -> the tiny layout whose text encoder stands in for it.
+CLIP_TYPE_LAYOUTS = {"wan": "wan21", "lumina2": "zimage", "hunyuan_video": "hunyuan_video", "qwen_image": "qwen_image"}
 
 # Checkpoint names the example workflows use -> tiny layout standing in for them.
 CHECKPOINT_LAYOUTS = {
@@ -41,7 +46,9 @@ CHECKPOINT_LAYOUTS = {
 }
 
 # Nodes whose tensor size or cost the test kit shrinks: class -> inputs to cap.
-SIZE_INPUTS = {"EmptyLatentImage": ("width", "height"), "EmptySD3LatentImage": ("width", "height")}
+SIZE_INPUTS = {"EmptyLatentImage": ("width", "height"), "EmptySD3LatentImage": ("width", "height"),
+               "EmptyHunyuanLatentVideo": ("width", "height"), "Wan22ImageToVideoLatent": ("width", "height")}
+LENGTH_INPUTS = {"EmptyHunyuanLatentVideo": "length", "Wan22ImageToVideoLatent": "length"}  # frames, capped at 9
 STEP_INPUTS = {"KSampler": ("steps",), "KSamplerAdvanced": ("steps",)}
 
 
@@ -135,6 +142,16 @@ def layout_for_checkpoint(name: str) -> str:
         return "sd3"
     if "lumina" in lowered:
         return "lumina2"
+    if "z_image" in lowered or "zimage" in lowered:
+        return "zimage"
+    if "wan2.2_ti2v" in lowered or "wan2.2_vae" in lowered:
+        return "wan22"  # Wan 2.2 5B and its 48-channel VAE (the 14B experts are Wan 2.1 networks)
+    if "wan" in lowered:
+        return "wan21"
+    if "hunyuan" in lowered:
+        return "hunyuan_video"
+    if lowered == "ae.safetensors":
+        return "zimage"  # the Flux VAE, which Z-Image uses
     if "qwen" in lowered:
         return "qwen_image"
     if any(key in lowered for key in ("flux", "aura")):
@@ -172,8 +189,17 @@ def use_testkit(prompt: Dict, max_side: int = 128, max_steps: int = 3, trained: 
         if kind == "CheckpointLoaderSimple":
             layout = layout_for_checkpoint(inputs["ckpt_name"])
             node["inputs"] = {"layout": TRAINED_LAYOUTS[layout] if node_id in shapes_models else layout, "seed": 0}
+        if kind == "UNETLoader":
+            name = inputs["unet_name"]
+            node["inputs"] = {"layout": layout_for_checkpoint(name), "seed": 1 if "low_noise" in name else 0}
+        if kind == "CLIPLoader":
+            node["inputs"] = {"layout": CLIP_TYPE_LAYOUTS.get(inputs.get("type"), "sd15")}
+        if kind == "VAELoader":
+            node["inputs"] = {"layout": layout_for_checkpoint(inputs["vae_name"])}
         if kind in TESTKIT_REPLACES:
             node["class_type"] = TESTKIT_REPLACES[kind]
+        if kind in LENGTH_INPUTS and isinstance(inputs.get(LENGTH_INPUTS[kind]), int):
+            inputs[LENGTH_INPUTS[kind]] = min(inputs[LENGTH_INPUTS[kind]], 9)
         if kind in SIZE_INPUTS and all(isinstance(inputs.get(k), int) for k in SIZE_INPUTS[kind]):
             width, height = inputs["width"], inputs["height"]
             scale = min(1.0, max_side / max(width, height))
@@ -182,8 +208,18 @@ def use_testkit(prompt: Dict, max_side: int = 128, max_steps: int = 3, trained: 
         shapes = node.pop("_shapes_steps", False)
         for name in STEP_INPUTS.get(kind, ()):
             if isinstance(inputs.get(name), int):
+                before = inputs[name]
                 inputs[name] = 20 if shapes else min(inputs[name], max_steps)
+                _scale_step_range(inputs, before, inputs[name])
     return prompt
+
+
+def _scale_step_range(inputs: Dict, before: int, after: int) -> None:
+    """KSamplerAdvanced's start/end steps follow a change of its steps (Wan 2.2's expert switch stays halfway)."""
+    for name in ("start_at_step", "end_at_step"):
+        value = inputs.get(name)
+        if isinstance(value, int) and before and value < before:
+            inputs[name] = round(value * after / before)
 
 
 def _upstream(prompt: Dict, node_id: str) -> set:

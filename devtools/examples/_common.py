@@ -15,6 +15,14 @@ AURAFLOW = "aura_flow_0.3.safetensors"
 PLAYGROUND = "playground-v2.5-1024px-aesthetic.fp16.safetensors"
 SD21_V = "v2-1_768-ema-pruned.safetensors"
 CASCADE = "stable_cascade_stage_c.safetensors"
+# Split files (UNETLoader / CLIPLoader / VAELoader), as ComfyUI's own templates for these families load them
+WAN22_HIGH = "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"
+WAN22_LOW = "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"
+WAN_TEXT = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+WAN21_VAE = "wan_2.1_vae.safetensors"
+ZIMAGE = "z_image_turbo_bf16.safetensors"
+ZIMAGE_TEXT = "qwen_3_4b.safetensors"
+FLUX_VAE = "ae.safetensors"
 
 POSITIVE = "a lighthouse on a rocky coast at dusk, detailed, soft light"
 NEGATIVE = "blurry, low quality, watermark"
@@ -53,3 +61,10 @@ def schedule_preview(wf: Builder, model, compare, prefix: str, scheduler: str = 
                      log_scale=log_scale, compare_model=compare)
     wf.add("SaveImage", images=preview[0], filename_prefix=f"PatchLab/{prefix}_schedule")
     return preview
+
+
+def split_files(wf: Builder, unet: str, text: str, clip_type: str, vae: str) -> Tuple[NodeRef, NodeRef, NodeRef]:
+    """A diffusion model, text encoder and VAE loaded from their own files: (MODEL, CLIP, VAE) node refs."""
+    return (wf.add("UNETLoader", unet_name=unet, weight_dtype="default"),
+            wf.add("CLIPLoader", clip_name=text, type=clip_type, device="default"),
+            wf.add("VAELoader", vae_name=vae))

@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 from ..workflows import Builder
-from ._common import FLUX, SD3, SD15, SDXL, checkpoint, example, prompts, sample_and_save
+from ._common import (
+    FLUX,
+    FLUX_VAE,
+    SD3,
+    SD15,
+    SDXL,
+    ZIMAGE,
+    ZIMAGE_TEXT,
+    checkpoint,
+    example,
+    prompts,
+    sample_and_save,
+    split_files,
+)
 from ._common import NEGATIVE as NEGATIVE_TEXT
 
 
@@ -76,3 +89,22 @@ def attention_guidance_sd35(wf: Builder) -> None:
             "for 1-15 % of the schedule, PAG at a gentle 1.5 on the same blocks; both in one extra call per step.")
     guided(wf, SD3, "attention_guidance_sd35", 4.5, 1024, SLG, DIT_PAG, latent_node="EmptySD3LatentImage",
            scheduler="simple", steps=25)
+
+
+@example("attention_guidance_zimage")
+def attention_guidance_zimage(wf: Builder) -> None:
+    wf.note("Skip-Layer Guidance, Z-Image Turbo", "Z-Image Turbo samples at CFG 1, so there is no negative pass; SLG "
+            "adds one extra pass with the chosen layers skipped, early in the schedule ('auto': single.11-14 of 30, "
+            "a starting point of ours). ComfyUI's own SkipLayerGuidanceDiT has no layer to skip on this model.")
+    model, clip, vae = split_files(wf, ZIMAGE, ZIMAGE_TEXT, "lumina2", FLUX_VAE)
+    shifted = wf.add("ModelSamplingAuraFlow", model=model[0], shift=3.0)
+    guided_model = wf.add("PatchLab_SkipLayerGuidance", model=shifted[0], scale=2.0, blocks="auto",
+                          start_percent=0.01, end_percent=0.3, rescaling_scale=0.0)
+    positive = wf.add("CLIPTextEncode", text="a lighthouse on a rocky coast at dusk, detailed", clip=clip[0])
+    negative = wf.add("CLIPTextEncode", text="", clip=clip[0])
+    latent = wf.add("EmptySD3LatentImage", width=1024, height=1024, batch_size=1)
+    samples = wf.add("KSampler", model=guided_model[0], seed=42, steps=9, cfg=1.0, sampler_name="res_multistep",
+                     scheduler="simple", positive=positive[0], negative=negative[0], latent_image=latent[0],
+                     denoise=1.0)
+    image = wf.add("VAEDecode", samples=samples[0], vae=vae[0])
+    wf.add("SaveImage", images=image[0], filename_prefix="PatchLab/attention_guidance_zimage")

@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 from ..workflows import Builder
-from ._common import FLUX, SDXL, checkpoint, example, prompts, sample_and_save
+from ._common import (
+    FLUX,
+    SDXL,
+    WAN21_VAE,
+    WAN22_HIGH,
+    WAN22_LOW,
+    WAN_TEXT,
+    checkpoint,
+    example,
+    prompts,
+    sample_and_save,
+    split_files,
+)
 
 STEP_CACHE = {"indicator": "input", "threshold": 0.25, "max_consecutive": 2, "reuse": "forecast",
               "start_percent": 0.0, "end_percent": 1.0}
@@ -40,3 +52,28 @@ def step_cache_flux(wf: Builder) -> None:
                                                           "threshold": 0.2})
     latent = wf.add("EmptySD3LatentImage", width=1024, height=1024, batch_size=1)
     sample_and_save(wf, model[0], ckpt, positive[0], negative[0], latent[0], "step_cache_flux", steps=20, cfg=1.0)
+
+
+@example("step_cache_wan22_experts")
+def step_cache_wan22_experts(wf: Builder) -> None:
+    wf.note("Step Cache, Wan 2.2 14B (two experts)", "Wan 2.2 runs a high-noise expert on the first half of the "
+            "steps and a low-noise expert on the second (two KSamplerAdvanced). Put a StepCache on each expert: "
+            "each sampler is its own run with its own cache, and the low-noise expert evaluates its first step in "
+            "full (nothing of the high-noise expert's is reused after the switch).")
+    high, clip, vae = split_files(wf, WAN22_HIGH, WAN_TEXT, "wan", WAN21_VAE)
+    low = wf.add("UNETLoader", unet_name=WAN22_LOW, weight_dtype="default")
+    positive = wf.add("CLIPTextEncode", text="a red fox running through fresh snow, cinematic", clip=clip[0])
+    negative = wf.add("CLIPTextEncode", text="blurry, static, low quality", clip=clip[0])
+    experts = []
+    for expert in (high, low):
+        shifted = wf.add("ModelSamplingSD3", model=expert[0], shift=8.0)
+        experts.append(wf.add("PatchLab_StepCache", model=shifted[0], **STEP_CACHE))
+    latent = wf.add("EmptyHunyuanLatentVideo", width=640, height=640, length=81, batch_size=1)
+    common = {"noise_seed": 42, "steps": 20, "cfg": 3.5, "sampler_name": "euler", "scheduler": "simple",
+              "positive": positive[0], "negative": negative[0]}
+    first = wf.add("KSamplerAdvanced", model=experts[0][0], add_noise="enable", latent_image=latent[0],
+                   start_at_step=0, end_at_step=10, return_with_leftover_noise="enable", **common)
+    second = wf.add("KSamplerAdvanced", model=experts[1][0], add_noise="disable", latent_image=first[0],
+                    start_at_step=10, end_at_step=10000, return_with_leftover_noise="disable", **common)
+    frames = wf.add("VAEDecode", samples=second[0], vae=vae[0])
+    wf.add("SaveImage", images=frames[0], filename_prefix="PatchLab/step_cache_wan22_experts")

@@ -117,6 +117,52 @@ class TinyCheckpoint:
         return _checkpoint(layout, seed)
 
 
+class TinyDiffusionModel:
+    DESCRIPTION = "A tiny random-weight diffusion model of a real layout, alone (test only; stands in for UNETLoader)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "layout": (list(tiny_models.LAYOUTS), {"tooltip": "Block layout (random weights), as TinyCheckpoint's."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
+                             "tooltip": "Seed of the random weights (two experts of one family: two seeds)."}),
+        }}
+
+    def load(self, layout, seed):
+        return (_checkpoint(layout, seed)[0],)
+
+
+class TinyTextEncoder:
+    DESCRIPTION = "The text encoder of a tiny layout, alone (test only; stands in for CLIPLoader)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"layout": (list(tiny_models.LAYOUTS), {"tooltip": "The layout it encodes for."})}}
+
+    def load(self, layout):
+        return (TinyClip(layout),)
+
+
+class TinyVAELoader:
+    DESCRIPTION = "The VAE of a tiny layout, alone (test only; stands in for VAELoader)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"layout": (list(tiny_models.LAYOUTS), {"tooltip": "The layout whose latent it maps."})}}
+
+    def load(self, layout):
+        return (TinyVAE(layout),)
+
+
 class TinyTextEncode:
     DESCRIPTION = "Seeded embeddings for a text (test only)."
     CATEGORY = CATEGORY
@@ -186,6 +232,9 @@ class TinyControlNet:
 NODE_CLASS_MAPPINGS = {
     "PatchLabTest_TinyControlNet": TinyControlNet,
     "PatchLabTest_TinyCheckpoint": TinyCheckpoint,
+    "PatchLabTest_TinyDiffusionModel": TinyDiffusionModel,
+    "PatchLabTest_TinyTextEncoder": TinyTextEncoder,
+    "PatchLabTest_TinyVAELoader": TinyVAELoader,
     "PatchLabTest_TinyTextEncode": TinyTextEncode,
     "PatchLabTest_TinyVAEDecode": TinyVAEDecode,
     "PatchLabTest_TinyVAEEncode": TinyVAEEncode,
