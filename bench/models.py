@@ -16,11 +16,15 @@ name           architecture                                                param
 ``flux``       Flux.1-dev width (hidden 3072, 24 heads, MLP ratio 4),      1.6 B at
                depth reduced to ``FLUX_DEPTH`` double / ``FLUX_SINGLE``    2 / 4
                single blocks (Flux.1 has 19 / 38)                          blocks
+``wan``        Wan 2.1 T2V 1.3B width (dim 1536, 12 heads, FFN 8960,       0.27 B at
+               4096-d T5 context), depth reduced to ``WAN_DEPTH`` blocks   4 blocks
+               (the 1.3B model has 30)
 =============  ==========================================================  ==========
 
 The Flux-width model's cost per block is the real one; a whole Flux.1 evaluation costs
 about (19 + 38 / 2) / (FLUX_DEPTH + FLUX_SINGLE / 2) times more (a single block is about
-half a double block).
+half a double block). Likewise a whole Wan 2.1 1.3B evaluation costs about 30 / WAN_DEPTH
+times the Wan-width model's blocks (plus the same embeddings and head).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Dict, Optional
 
 FLUX_DEPTH = 2
 FLUX_SINGLE = 4
+WAN_DEPTH = 4
 
 _UNET_COMMON = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
@@ -50,6 +55,9 @@ CONFIGS: Dict[str, Dict] = {
              "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24,
              "depth": FLUX_DEPTH, "depth_single_blocks": FLUX_SINGLE, "axes_dim": [16, 56, 56], "theta": 10000,
              "patch_size": 2, "qkv_bias": True},
+    "wan": {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 16, "out_dim": 16,
+            "dim": 1536, "ffn_dim": 8960, "freq_dim": 256, "text_dim": 4096, "num_heads": 12,
+            "num_layers": WAN_DEPTH, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6},
 }
 
 
@@ -68,6 +76,7 @@ INPUTS = {
     "sd15": Inputs(latent_channels=4, context_tokens=77, context_dim=768),
     "sdxl": Inputs(latent_channels=4, context_tokens=77, context_dim=2048, pooled_dim=1280),
     "flux": Inputs(latent_channels=16, context_tokens=256, context_dim=4096, pooled_dim=768, guidance=3.5),
+    "wan": Inputs(latent_channels=16, context_tokens=512, context_dim=4096),
 }
 
 
@@ -130,3 +139,10 @@ def empty_latent(name: str, pixels: int, batch: int = 1):
     import torch
 
     return torch.zeros(batch, INPUTS[name].latent_channels, pixels // 8, pixels // 8)
+
+
+def empty_video_latent(name: str, width: int, height: int, frames: int, batch: int = 1):
+    """Zeros for a ``frames``-frame video (Wan 2.1's VAE: 8x in space, 4x in time, the first frame alone)."""
+    import torch
+
+    return torch.zeros(batch, INPUTS[name].latent_channels, (frames - 1) // 4 + 1, height // 8, width // 8)
