@@ -182,3 +182,23 @@ def blur_grid_queries(q: torch.Tensor, start: int, grid: Tuple[int, ...], sigma:
     out = q.clone()
     out[:, :, start:stop] = blurred
     return out
+
+
+def normalized_attention_guidance(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: float, tau: float,
+                                  alpha: float) -> torch.Tensor:
+    """Normalized Attention Guidance (Chen et al. 2025, arXiv 2505.21179) on attention outputs.
+
+    ``z_pos``, ``z_neg`` [..., C]: the same queries attending to the positive and the negative prompt's
+    keys and values (e.g. [B, N, C]). Per token, ``z~ = s * z+ - (s - 1) * z-``; where
+    ``||z~||_1 / ||z+||_1`` exceeds ``tau`` it is scaled down to exactly ``tau``; the result is
+    ``alpha * z~ + (1 - alpha) * z+``. ``scale`` 1 or ``alpha`` 0 give ``z+`` itself. Norms in float32;
+    a token whose ``z+`` is zero keeps ``z+`` (its ratio is undefined). Returns z_pos's shape and dtype.
+    """
+    pos, neg = z_pos.float(), z_neg.float()
+    guided = pos * scale - neg * (scale - 1.0)
+    norm_pos = pos.abs().sum(dim=-1, keepdim=True)
+    norm_guided = guided.abs().sum(dim=-1, keepdim=True)
+    ratio = norm_guided / norm_pos.clamp_min(torch.finfo(torch.float32).tiny)
+    shrink = torch.where(ratio > tau, tau / ratio.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(ratio))
+    guided = torch.where(norm_pos > 0, guided * shrink, pos)
+    return (alpha * guided + (1.0 - alpha) * pos).to(z_pos.dtype)

@@ -107,3 +107,40 @@ def test_query_blur_smooths_on_the_token_grid():
     blurred = ka.blur_queries(q, (3, 4), 1.0)
     expected = ka.gaussian_blur(q.transpose(1, 2).reshape(1, 8, 3, 4), 1.0).reshape(1, 8, 12).transpose(1, 2)
     torch.testing.assert_close(blurred, expected)
+
+
+# --- Normalized Attention Guidance -------------------------------------------------------------------
+
+def nag_inputs(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 5, 8, generator=generator), torch.randn(2, 5, 8, generator=generator)
+
+
+def test_nag_at_scale_one_or_alpha_zero_is_the_positive_output():
+    pos, neg = nag_inputs()
+    assert torch.equal(ka.normalized_attention_guidance(pos, neg, 1.0, 2.5, 0.25), pos)
+    assert torch.equal(ka.normalized_attention_guidance(pos, neg, 5.0, 2.5, 0.0), pos)
+
+
+def test_nag_extrapolates_away_from_the_negative_below_the_norm_cap():
+    pos, neg = nag_inputs()
+    out = ka.normalized_attention_guidance(pos, neg, 2.0, 1e9, 1.0)
+    torch.testing.assert_close(out, 2 * pos - neg)
+
+
+def test_nag_caps_each_tokens_l1_norm_ratio_at_tau():
+    pos, neg = nag_inputs()
+    out = ka.normalized_attention_guidance(pos, neg, 8.0, 2.0, 1.0)
+    ratio = out.abs().sum(-1) / pos.abs().sum(-1)
+    uncapped = (8 * pos - 7 * neg).abs().sum(-1) / pos.abs().sum(-1)
+    torch.testing.assert_close(ratio, uncapped.clamp(max=2.0))
+
+
+def test_nag_blends_with_alpha_and_keeps_a_zero_token_finite_in_half_precision():
+    pos, neg = nag_inputs()
+    pos[0, 0] = 0
+    capped = ka.normalized_attention_guidance(pos, neg, 4.0, 2.5, 1.0)
+    out = ka.normalized_attention_guidance(pos.half(), neg.half(), 4.0, 2.5, 0.3)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), 0.3 * capped + 0.7 * pos, rtol=2e-3, atol=2e-3)
+    assert torch.equal(capped[0, 0], pos[0, 0])
