@@ -77,7 +77,7 @@ VARIANTS: List[Variant] = [
     Variant("stepcache", "StepCache defaults (PatchLab)", BOTH, "ours", "speed", ours("PatchLab_StepCache")),
     *[Variant(f"stepcache_{mode}_{t}", f"StepCache {mode} {t}", BOTH, "ours", "speed",
               ours("PatchLab_StepCache", threshold=t, reuse=mode))
-      for mode in ("forecast", "reuse") for t in (0.1, 0.2, 0.5, 0.8)],
+      for mode in ("forecast", "plain") for t in (0.1, 0.2, 0.5, 0.8)],
     *[Variant(f"deepcache_{i}", f"DeepCache interval {i} (PatchLab)", (UNET,), "ours", "speed",
               ours("PatchLab_DeepCache", interval=i)) for i in (2, 3, 5)],
     Variant("core_easycache", "EasyCache (core, defaults)", BOTH, "core", "speed", core("EasyCache", **CORE_CACHE)),
@@ -178,27 +178,44 @@ def write_table_and_chart(payload: Dict, name: str) -> None:
         lines.append("")
     out = _common.RESULTS_DIR / f"{name}.md"
     out.write_text("\n".join(lines))
-    import matplotlib
+    _chart(results, _common.RESULTS_DIR / f"{name}.png")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), squeeze=False)
-    for ax, (model, variants) in zip(axes[0], results.items()):
-        for key, r in variants.items():
-            if "error" in r or r["group"] != "speed" or key == "full":
-                continue
-            style = {"ours": ("o", "tab:blue"), "core": ("s", "tab:red"), "reference": ("x", "black")}[r["kind"]]
-            ax.scatter(1 - r["evaluations"], min(r["psnr_db"], 60), marker=style[0], color=style[1])
-            ax.annotate(r["label"].replace(" (PatchLab)", "").replace(" (core, defaults)", " core"),
-                        (1 - r["evaluations"], min(r["psnr_db"], 60)), fontsize=6, xytext=(3, 2),
-                        textcoords="offset points")
-        ax.set_title(f"{model}: PSNR vs evaluations saved (blue ours, red core)")
-        ax.set_xlabel("share of model evaluations saved")
-        ax.set_ylabel("PSNR against full compute (dB)")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(_common.RESULTS_DIR / f"{name}.png", dpi=110)
+def _chart(results: Dict, path) -> None:
+    """PSNR against the share of evaluations saved, one panel per model (PIL, as bench/run.py draws its charts)."""
+    from PIL import Image, ImageDraw
+
+    panel_w, panel_h, margin = 560, 420, 60
+    image = Image.new("RGB", (panel_w * len(results), panel_h + 30), "white")
+    pen = ImageDraw.Draw(image)
+    colours = {"ours": (31, 119, 180), "core": (214, 39, 40), "reference": (0, 0, 0)}
+    for panel, (model, variants) in enumerate(results.items()):
+        left, top = panel * panel_w + margin, 30
+        width, height = panel_w - margin - 20, panel_h - margin - 10
+        points = [(1 - r["evaluations"], min(r["psnr_db"], 60.0), r) for key, r in variants.items()
+                  if "error" not in r and r["group"] == "speed" and key != "full"]
+        top_db = max([p[1] for p in points] + [40.0])
+
+        def at(saved, db, left=left, top=top, width=width, height=height, top_db=top_db):
+            return left + saved / 0.8 * width, top + height - db / top_db * height
+
+        pen.text((left, 8), f"{model}: PSNR vs evaluations saved (blue ours, red core)", fill="black")
+        pen.line([(left, top), (left, top + height), (left + width, top + height)], fill="black")
+        for tick in range(0, 9, 2):
+            x, y = at(tick / 10, 0)
+            pen.text((x - 8, y + 4), f"{tick * 10}%", fill="black")
+        for db in range(0, int(top_db) + 1, 10):
+            x, y = at(0, db)
+            pen.text((x - 28, y - 6), f"{db} dB", fill="black")
+            pen.line([(x, y), (left + width, y)], fill=(225, 225, 225))
+        for saved, db, r in points:
+            x, y = at(saved, db)
+            colour = colours[r["kind"]]
+            pen.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+            label = r["label"].replace(" (PatchLab)", "").replace(" (core, defaults)", " core")
+            pen.text((x + 5, y - 5), label[:34], fill=colour)
+        pen.text((left + width / 2 - 80, top + height + 22), "share of model evaluations saved", fill="black")
+    image.save(path)
 
 
 def main():
