@@ -86,6 +86,8 @@ VARIANTS: List[Variant] = [
             ours("PatchLab_GuidanceInterval")),
     Variant("adaptive_guidance", "AdaptiveGuidance defaults (PatchLab)", BOTH, "ours", "speed",
             ours("PatchLab_AdaptiveGuidance")),
+    *[Variant(f"adaptive_guidance_{t}", f"AdaptiveGuidance {t}", BOTH, "ours", "speed",
+              ours("PatchLab_AdaptiveGuidance", threshold=t)) for t in (0.995, 0.998, 0.999)],
     Variant("renorm_paper", "RenormCFG truncating the last 30 % (PatchLab)", BOTH, "ours", "speed",
             ours("PatchLab_RenormCFG", cfg_trunc=70.0, renorm_cfg=0.0, truncate="paper", **FULL)),
     # guidance nodes: what they do to accuracy and FID
