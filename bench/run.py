@@ -128,14 +128,16 @@ def sampler_run(model, family: str, pixels: int, steps: int, keep: Dict = None):
     """
     import comfy.sample
 
+    from devtools.sampling import server_sample
+
     latent = models.empty_latent(family, pixels)
     noise = comfy.sample.prepare_noise(latent, 0)
     cfg = 1.0 if family == "flux" else 7.0
     positive, negative = models.conditioning(family, 1), models.conditioning(family, 2)
 
     def run():
-        out = comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
-                                  disable_pbar=True, seed=0)
+        out = server_sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                            disable_pbar=True, seed=0)
         if keep is not None:
             keep["latent"] = out
         return out

@@ -52,12 +52,12 @@ def distance(out, reference):
 def main():
     args = parse_args()
     _common.boot()
-    import comfy.sample
     import models
     import torch
 
     import nodes as comfy_nodes
     from devtools import checks
+    from devtools.sampling import server_sample
     from devtools.testkit.counting import count_rows
     from patchlab.nodes import attention_guidance as ag_nodes
     from patchlab.nodes.step_cache import StepCache
@@ -69,8 +69,8 @@ def main():
 
     def run(patched, steps):
         with count_rows(model, "head") as counted:  # the output layer: a first-block reuse stops before it
-            out = comfy.sample.sample(patched, noise, steps, args.cfg, "euler", "simple", positive, negative,
-                                      latent, disable_pbar=True, seed=0)
+            out = server_sample(patched, noise, steps, args.cfg, "euler", "simple", positive, negative, latent,
+                                disable_pbar=True, seed=0)
         return out, counted.rows
 
     results = {"caches": [], "guidance": []}

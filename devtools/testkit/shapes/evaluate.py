@@ -54,7 +54,7 @@ def sample(trained: models.Trained, prompts: Sequence[str], model=None, steps: i
            cfg: Optional[float] = None, sampler: str = "euler", scheduler: str = "normal", seed: int = 0,
            negative: str = "", chunk: int = 64, size: int = 16) -> Samples:
     """Sample one picture per prompt with ``model`` (default: the trained model itself, unpatched)."""
-    import comfy.sample
+    from ...sampling import server_sample
 
     model = trained.model if model is None else model
     cfg = RECOMMENDED_CFG[trained.name] if cfg is None else cfg
@@ -66,8 +66,8 @@ def sample(trained: models.Trained, prompts: Sequence[str], model=None, steps: i
         positive = _batched(trained, part)
         uncond = _batched(trained, [negative] * len(part))
         empty = torch.zeros(len(part), channels, size, size)
-        latents.append(comfy.sample.sample(model, noise[start:start + len(part)], steps, cfg, sampler, scheduler,
-                                           positive, uncond, empty, disable_pbar=True, seed=seed))
+        latents.append(server_sample(model, noise[start:start + len(part)], steps, cfg, sampler, scheduler,
+                                     positive, uncond, empty, disable_pbar=True, seed=seed))
     latent = torch.cat(latents)
     pictures = oracle.to_pictures(trained.decode(latent), size)
     return Samples(pictures, list(prompts), latent)
