@@ -420,13 +420,14 @@ diffusion_model_wrapper.patchlab_attention = True
 
 
 def _lumina_forward(block, replace):
-    """``JointTransformerBlock.forward(x, x_mask, freqs_cis, adaln_input, transformer_options)`` through ``replace``."""
+    """``JointTransformerBlock.forward(x, x_mask, freqs_cis, adaln_input, ..., transformer_options)`` through
+    ``replace`` (the arguments after ``x`` are passed on as given: newer releases add keyword arguments)."""
     original = type(block).forward
 
-    def forward(x, x_mask, freqs_cis, adaln_input=None, transformer_options=None):
-        def original_block(args):
-            return {"img": original(block, args["img"], x_mask, freqs_cis, adaln_input,
-                                    transformer_options=args["transformer_options"])}
+    def forward(x, *args, transformer_options=None, **kwargs):
+        def original_block(block_args):
+            return {"img": original(block, block_args["img"], *args,
+                                    transformer_options=block_args["transformer_options"], **kwargs)}
 
         return replace({"img": x, "transformer_options": transformer_options or {}},
                        {"original_block": original_block})["img"]
