@@ -68,11 +68,7 @@ def _warn_once(message: str) -> None:
 
 def family(model) -> Optional[str]:
     """Which supported DiT family (token layout) the model's network is (None: no blocks to address)."""
-    return network_family(model.model.diffusion_model)
-
-
-def network_family(net) -> Optional[str]:
-    row = families.of_network(net)
+    row = families.of_model(model)
     return row.key if row is not None and row.stacks else None
 
 
@@ -372,9 +368,10 @@ def install_replaces(patched, keys) -> None:
     net = patched.model.diffusion_model
     patch = patch_size(patched)
     replaces = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    net_stacks = _stacks_of(net)
     forward_wrapped = False
     for stack_name, index in sorted(keys):
-        stack = _stacks_of(net)[stack_name]
+        stack = net_stacks[stack_name]
         if stack.replace is None:
             forward_wrapped = True
             continue
@@ -396,14 +393,15 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     options = kwargs.get("transformer_options") or {}
     groups = options.get(PASS_KEY)
     net = executor.class_obj
-    if not groups or network_family(net) is None:
+    net_stacks = _stacks_of(net)
+    if not groups or not net_stacks:
         return executor(*args, **kwargs)
     patch = network_patch(net)
     text_multiple = getattr(net, "pad_tokens_multiple", None)
     wrapped = []
     try:
         for stack_name, index in sorted({key for spec in groups for key in spec.blocks}):
-            stack = _stacks_of(net).get(stack_name)
+            stack = net_stacks.get(stack_name)
             if stack is None or stack.replace is not None or index >= len(getattr(net, stack.attr)):
                 continue
             block = getattr(net, stack.attr)[index]

@@ -63,8 +63,13 @@ def schedule_preview(wf: Builder, model, compare, prefix: str, scheduler: str = 
     return preview
 
 
+def diffusion_model(wf: Builder, name: str) -> NodeRef:
+    """A diffusion model loaded alone from its file (UNETLoader)."""
+    return wf.add("UNETLoader", unet_name=name, weight_dtype="default")
+
+
 def split_files(wf: Builder, unet: str, text: str, clip_type: str, vae: str) -> Tuple[NodeRef, NodeRef, NodeRef]:
     """A diffusion model, text encoder and VAE loaded from their own files: (MODEL, CLIP, VAE) node refs."""
-    return (wf.add("UNETLoader", unet_name=unet, weight_dtype="default"),
+    return (diffusion_model(wf, unet),
             wf.add("CLIPLoader", clip_name=text, type=clip_type, device="default"),
             wf.add("VAELoader", vae_name=vae))

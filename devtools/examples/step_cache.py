@@ -11,6 +11,7 @@ from ._common import (
     WAN22_LOW,
     WAN_TEXT,
     checkpoint,
+    diffusion_model,
     example,
     prompts,
     sample_and_save,
@@ -61,7 +62,7 @@ def step_cache_wan22_experts(wf: Builder) -> None:
             "each sampler is its own run with its own cache, and the low-noise expert evaluates its first step in "
             "full (nothing of the high-noise expert's is reused after the switch).")
     high, clip, vae = split_files(wf, WAN22_HIGH, WAN_TEXT, "wan", WAN21_VAE)
-    low = wf.add("UNETLoader", unet_name=WAN22_LOW, weight_dtype="default")
+    low = diffusion_model(wf, WAN22_LOW)
     positive = wf.add("CLIPTextEncode", text="a red fox running through fresh snow, cinematic", clip=clip[0])
     negative = wf.add("CLIPTextEncode", text="blurry, static, low quality", clip=clip[0])
     experts = []
