@@ -125,6 +125,9 @@ CASES: List[Case] = [
     Case("PatchLab_PerturbedAttentionGuidance", {**PAG, "blocks": "auto"}, layout="flux"),
     Case("PatchLab_SkipLayerGuidance", {"scale": 3.0, "blocks": "auto", "rescaling_scale": 0.5, **FULL},
          layout="flux"),
+    Case("PatchLab_NormalizedAttentionGuidance", {"scale": 5.0, "tau": 2.5, "alpha": 0.5, **FULL}),
+    Case("PatchLab_NormalizedAttentionGuidance", {"scale": 5.0, "tau": 2.5, "alpha": 0.5, "start_percent": 0.0,
+                                                  "end_percent": 0.6}, layout="wan21", chunked=True),
     # stateless
     Case("PatchLab_RescaleCFG", {"multiplier": 0.7, **FULL}),
     Case("PatchLab_FreeU_V2", {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2, **FULL}),

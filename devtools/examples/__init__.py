@@ -15,8 +15,8 @@ from typing import Dict, List, Tuple
 from ..workflows import Builder
 from ._common import EXAMPLES
 
-FAMILIES = ["model_sampling", "cfg", "guidance_skip", "attention_guidance", "token_merging", "step_cache", "deep_cache",
-            "instantid"]
+FAMILIES = ["model_sampling", "cfg", "guidance_skip", "attention_guidance", "nag", "token_merging", "step_cache",
+            "deep_cache", "instantid"]
 
 
 def build_all(object_info: Dict) -> List[Tuple[str, Dict]]:

@@ -1,0 +1,76 @@
+"""Normalized Attention Guidance: negative prompts that work at CFG 1."""
+
+from __future__ import annotations
+
+from ..patches import nag
+from ..patches.window import SigmaWindow
+from ._common import MODEL_INPUT, MODEL_OUTPUT_TOOLTIP, category, check_window, percent_inputs
+
+
+class NormalizedAttentionGuidance:
+    NODE_ID = nag.NODE_ID
+    DISPLAY_NAME = "Normalized Attention Guidance (PatchLab)"
+    CATEGORY = category("guidance")
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = (MODEL_OUTPUT_TOOLTIP,)
+    FUNCTION = "patch"
+    DESCRIPTION = (
+        "Normalized Attention Guidance (Chen et al. 2025, arXiv 2505.21179): makes the negative prompt work where "
+        "CFG is off (CFG 1: guidance-distilled and few-step models, Wan with speed LoRAs). In every attention that "
+        "reads the text, the same queries also attend to the negative prompt; the result is pushed away from it "
+        "(Z = s*Z+ - (s-1)*Z-), its L1 norm per token capped at tau times the positive's and blended by alpha. "
+        "The negative is the sampler's own negative conditioning (also at CFG 1) or the optional 'negative' "
+        "input. It costs one more cross-attention per layer, never a second model pass (ComfyUI's NAGuidance "
+        "runs the whole negative pass). Works with the plain KSampler and every sampler node; at CFG > 1 it "
+        "guides the positive branch. UNets (SD1.x, SD2.x, SDXL) and Wan 2.1/2.2 text-to-video."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": MODEL_INPUT,
+                "scale": ("FLOAT", {
+                    "default": 5.0, "min": 1.0, "max": 50.0, "step": 0.1,
+                    "tooltip": "How far to push away from the negative prompt. 1 disables it. The paper's "
+                               "demos: Flux schnell/dev 5, SD3.5 Turbo 5, SDXL DMD2 3, Wan 2.1 9 (at CFG 5) to 11 "
+                               "(CausVid, CFG 1); SD1.5: start at 3 (a starting point of ours).",
+                }),
+                "tau": ("FLOAT", {
+                    "default": 2.5, "min": 1.0, "max": 10.0, "step": 0.05,
+                    "tooltip": "Cap on each token's L1 norm relative to the positive attention output: higher "
+                               "lets the guidance go further. The reference code uses 2.5 for every family.",
+                }),
+                "alpha": ("FLOAT", {
+                    "default": 0.25, "min": 0.0, "max": 1.0, "step": 0.01,
+                    "tooltip": "Blend of the guided features into the positive ones. 0 disables it; the reference "
+                               "code uses 0.25 (Flux, Wan), up to 0.5 for UNets.",
+                }),
+                **percent_inputs("NAG"),
+            },
+            "optional": {
+                "negative": ("CONDITIONING", {
+                    "tooltip": "The prompt to guide away from. Unconnected: the sampler's negative conditioning "
+                               "(its first entry). Connect one for samplers without a negative (BasicGuider) or to "
+                               "use a different negative for NAG than for CFG.",
+                }),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None):
+        return check_window(cls, start_percent, end_percent)
+
+    def patch(self, model, scale, tau, alpha, start_percent, end_percent, negative=None):
+        tensor = None
+        if negative is not None:
+            if not negative or negative[0][0] is None:
+                raise ValueError(f"{self.NODE_ID}: the 'negative' input holds no prompt; connect a CLIPTextEncode "
+                                 "output or leave it unconnected to use the sampler's negative")
+            tensor = negative[0][0]
+        window = SigmaWindow.from_percents(model, start_percent, end_percent)
+        spec = nag.NagSpec(scale=scale, tau=tau, alpha=alpha, window=window, negative=tensor)
+        return (nag.with_nag(model, spec),)
+
+
+NODES = [NormalizedAttentionGuidance]

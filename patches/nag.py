@@ -1,0 +1,326 @@
+"""Normalized Attention Guidance (Chen et al. 2025, arXiv 2505.21179) as a MODEL patch.
+
+In every attention that reads the text, the same queries attend once more, to the *negative*
+prompt's keys and values: ``Z+ = Attn(Q, K+, V+)``, ``Z- = Attn(Q, K-, V-)``, combined per token
+by :func:`kernels.attention.normalized_attention_guidance` before the layer's output projection
+(as the paper's reference code). Only the rows of the positive prompt are guided (chunks tagged
+cond in ``cond_or_uncond``: at CFG 1 every row, at CFG > 1 the positive branch; the negative
+branch of CFG stays plain, and PatchLab's PAG/SEG/SLG/TPG extra passes, tagged cond, are guided
+as the positive they are compared with).
+
+Where the pieces come from:
+
+* the negative prompt: a ``SAMPLER_SAMPLE`` wrapper reads the guider's processed ``negative``
+  conditioning (present at CFG 1 too, where ComfyUI leaves it out of the model calls), or the
+  node's own ``negative`` input, and puts its tensor into that run's copy of the model options;
+* per model call, an ``APPLY_MODEL`` wrapper checks the schedule window once and maps the
+  negative into the network's text space (UNets: as it is; Wan: the network's ``text_embedding``),
+  handing it and the running network (whose layers project it) to the layers;
+* UNets (SD1.x, SD2.x, SDXL): an **attn2 replace** at every transformer (chaining one another
+  pack put there) projects K- and V- with that transformer's own ``attn2.to_k`` / ``to_v``;
+* Wan 2.1 / 2.2 text-to-video: a ``double_block`` **block replace** on every block installs an
+  ``optimized_attention_override`` for that block call which acts in its second attention call,
+  the cross-attention (K- and V- through the block's ``cross_attn.k`` / ``norm_k`` / ``v``).
+
+The negative prompt never runs as a pass of its own: per guided layer, the K/V projections of
+its tokens and one more cross-attention of the positive rows. A step a step cache reuses is not
+re-guided: the cached prediction already carries the guidance of the step it came from.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import comfy.patcher_extension
+import comfy.utils
+import torch
+from comfy.ldm.modules.attention import optimized_attention
+
+from ..kernels import attention as ka
+from . import attention_guidance, families
+from .window import SigmaWindow
+
+log = logging.getLogger(__name__)
+
+SPEC_KEY = "patchlab_nag"                 # transformer_options: the NagSpec
+NEGATIVE_KEY = "patchlab_nag_negative"    # a run's options: the negative prompt's tensor [B, T, C]
+CALL_KEY = "patchlab_nag_call"            # a model call's options: the negative in the network's text space
+WRAPPER_KEY = "patchlab_nag"
+NODE_ID = "PatchLab_NormalizedAttentionGuidance"
+WRAPPERS = comfy.patcher_extension.WrappersMP
+WAN_CROSS_ATTENTION = "WanT2VCrossAttention"
+
+
+@dataclass(frozen=True, eq=False)
+class NagSpec:
+    """The node's settings; ``negative``: the node's own negative prompt tensor (None: the sampler's)."""
+
+    scale: float
+    tau: float
+    alpha: float
+    window: SigmaWindow
+    negative: Optional[torch.Tensor] = None
+
+    @property
+    def is_off(self) -> bool:
+        return self.scale == 1.0 or self.alpha == 0.0
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+@dataclass(frozen=True, eq=False)
+class NagCall:
+    """One model call's NAG inputs: the negative in the network's text space [B-, T, C], the running network."""
+
+    spec: NagSpec
+    context: torch.Tensor
+    network: torch.nn.Module
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+_warned = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+# --- which family ---------------------------------------------------------------------------------
+
+def family(model) -> str:
+    """``unet`` or ``wan``; RuntimeError naming the supported families for any other model."""
+    if attention_guidance.transformer_keys(model):
+        return "unet"
+    net = model.model.diffusion_model
+    row = families.of_network(net)
+    if row is not None and row.key == "wan":
+        kinds = {type(block.cross_attn).__name__ for block in net.blocks}
+        if kinds != {WAN_CROSS_ATTENTION}:
+            raise RuntimeError(f"{NODE_ID} supports Wan text-to-video models (Wan 2.1 T2V, Wan 2.2 T2V / TI2V); "
+                               f"this Wan model's cross-attention is {', '.join(sorted(kinds))} (image-to-video with "
+                               "CLIP vision features), which it does not guide yet. Remove the node for this model.")
+        return "wan"
+    raise RuntimeError(
+        f"{NODE_ID} supports UNet models (SD1.x, SD2.x, SDXL) and Wan 2.1/2.2 text-to-video, whose text enters "
+        f"through cross-attention; this model is {type(model.model).__name__} with a {type(net).__name__} network. "
+        "Joint-attention DiTs (Flux, SD3.5, Qwen-Image, HunyuanVideo, Z-Image) are not supported yet: use "
+        "ComfyUI's NAGuidance (0.14+) there, or remove the node.")
+
+
+# --- the negative prompt, per run -------------------------------------------------------------------
+
+def _cond_tensor(cond: Dict) -> Optional[torch.Tensor]:
+    """A processed conditioning entry's cross-attention tensor (the model's own ``c_crossattn``)."""
+    model_cond = cond.get("model_conds", {}).get("c_crossattn")
+    tensor = getattr(model_cond, "cond", None)
+    return tensor if tensor is not None else cond.get("cross_attn")
+
+
+def negative_tensor(spec: NagSpec, guider) -> torch.Tensor:
+    """The negative prompt NAG guides away from: the node's, else the sampler's first negative entry."""
+    if spec.negative is not None:
+        tensor = spec.negative
+    else:
+        entries = [c for c in (getattr(guider, "conds", None) or {}).get("negative", []) or []
+                   if _cond_tensor(c) is not None]
+        if not entries:
+            raise RuntimeError(f"{NODE_ID}: no negative prompt reached the sampler (a BasicGuider has none). "
+                               "Connect a negative prompt to the node's optional 'negative' input, or sample with "
+                               "KSampler / CFGGuider and a negative.")
+        if len(entries) > 1:
+            _warn_once(f"{NODE_ID}: the negative conditioning has {len(entries)} entries (combined or area "
+                       "prompts); NAG uses the first. Connect one prompt to the node's 'negative' input to choose.")
+        tensor = _cond_tensor(entries[0])
+    if tensor.ndim != 3:
+        raise ValueError(f"{NODE_ID}: the negative prompt's tensor has shape {tuple(tensor.shape)}; a text "
+                         "encoder's output [batch, tokens, channels] is needed (connect a CLIPTextEncode output)")
+    if not torch.isfinite(tensor).all():  # once per run
+        raise ValueError(f"{NODE_ID}: the negative prompt holds NaN or infinite values; re-encode it")
+    return tensor
+
+
+def sampler_sample_wrapper(executor, guider, sigmas, extra_args, *args, **kwargs):
+    """SAMPLER_SAMPLE wrapper: put the run's negative prompt into this run's (copied) model options."""
+    options = extra_args.get("model_options", {})
+    transformer_options = options.get("transformer_options", {})
+    spec = transformer_options.get(SPEC_KEY)
+    if spec is None or spec.is_off:
+        return executor(guider, sigmas, extra_args, *args, **kwargs)
+    negative = negative_tensor(spec, guider)
+    extra_args = {**extra_args, "model_options": {
+        **options, "transformer_options": {**transformer_options, NEGATIVE_KEY: negative}}}
+    return executor(guider, sigmas, extra_args, *args, **kwargs)
+
+
+# --- per model call -------------------------------------------------------------------------------------
+
+def _text_space(net, negative: torch.Tensor) -> torch.Tensor:
+    """The negative prompt as the network's attention layers read it (Wan embeds its text first)."""
+    embed = getattr(net, "text_embedding", None)
+    return embed(negative) if embed is not None else negative
+
+
+def apply_model_wrapper(executor, x, t, *args, **kwargs):
+    """APPLY_MODEL wrapper: inside the window, hand the layers the negative in the network's text space."""
+    args = list(args)
+    options = args[3] if len(args) > 3 else kwargs.get("transformer_options")
+    spec = options.get(SPEC_KEY) if options else None
+    negative = options.get(NEGATIVE_KEY) if options else None
+    if spec is None or negative is None or spec.is_off or not spec.window.contains(t):
+        return executor(x, t, *args, **kwargs)
+    base = executor.class_obj
+    dtype = base.manual_cast_dtype if base.manual_cast_dtype is not None else base.get_dtype()
+    net = base.diffusion_model
+    context = _text_space(net, negative.to(device=x.device, dtype=dtype))
+    options = {**options, CALL_KEY: NagCall(spec, context, net)}
+    if len(args) > 3:
+        args[3] = options
+    else:
+        kwargs["transformer_options"] = options
+    return executor(x, t, *args, **kwargs)
+
+
+def _cond_parts(cond_or_uncond: List[int], rows: int) -> List[slice]:
+    """The row ranges of the positive (cond) chunks of a call of ``rows`` rows."""
+    chunks = max(1, len(cond_or_uncond))
+    per_chunk = rows // chunks
+    tags = cond_or_uncond or [0]
+    return [slice(i * per_chunk, (i + 1) * per_chunk) for i, tag in enumerate(tags) if tag == 0]
+
+
+def _guide(out: torch.Tensor, z_neg: torch.Tensor, part: slice, spec: NagSpec) -> None:
+    out[part] = ka.normalized_attention_guidance(out[part], z_neg, spec.scale, spec.tau, spec.alpha)
+
+
+# --- UNets: the attn2 replace ---------------------------------------------------------------------------
+
+def unet_cross_attention(net, extra) -> torch.nn.Module:
+    """The ``attn2`` of the transformer an attn2 replace is called for (``block``, ``block_index``)."""
+    stage, block_id = extra["block"]
+    blocks = net.middle_block if stage == "middle" else getattr(net, f"{stage}_blocks")[block_id]
+    for layer in blocks:
+        transformers = getattr(layer, "transformer_blocks", None)
+        if transformers is not None:
+            return transformers[extra.get("block_index", 0)].attn2
+    raise RuntimeError(f"{NODE_ID}: found no transformer at {stage}.{block_id} of this UNet")
+
+
+def make_unet_replace(previous=None):
+    """The attn2 replace at one transformer key (``previous``: a replace another pack put there, chained)."""
+    def attend(q, k, v, extra):
+        if previous is not None:
+            return previous(q, k, v, extra)
+        return optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"))
+
+    def attn2_replace(q, k, v, extra_options):
+        out = attend(q, k, v, extra_options)
+        call = extra_options.get(CALL_KEY)
+        parts = _cond_parts(extra_options.get("cond_or_uncond", []), q.shape[0]) if call is not None else []
+        if not parts:
+            return out
+        attn2 = unet_cross_attention(call.network, extra_options)
+        k_neg = comfy.utils.repeat_to_batch_size(attn2.to_k(call.context), q.shape[0])
+        v_neg = comfy.utils.repeat_to_batch_size(attn2.to_v(call.context), q.shape[0])
+        out = out.clone()
+        if previous is not None:  # the chained replace sees the whole call, as it expects
+            z_neg = attend(q, k_neg, v_neg, extra_options)
+            for part in parts:
+                _guide(out, z_neg[part], part, call.spec)
+            return out
+        for part in parts:
+            _guide(out, attend(q[part], k_neg[part], v_neg[part], extra_options), part, call.spec)
+        return out
+
+    attn2_replace.patchlab_nag = True
+    return attn2_replace
+
+
+def _install_unet(patched) -> None:
+    replaces = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    for key in attention_guidance.transformer_keys(patched):
+        existing = replaces.get(key, replaces.get(key[:2]))
+        if existing is not None and getattr(existing, "patchlab_nag", False):
+            continue
+        patched.set_model_attn2_replace(make_unet_replace(existing), key[0], key[1], key[2])
+
+
+# --- Wan: a block replace and its attention override -----------------------------------------------------
+
+def make_wan_override(previous, cross_attn, call: NagCall, parts: List[slice]):
+    """An ``optimized_attention_override`` for one Wan block call: guides its second attention call (the
+    cross-attention) in ``parts``; every other call goes on to ``previous`` (or the attention itself)."""
+    seen = [0]
+
+    def override(func, *args, **kwargs):
+        out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+        seen[0] += 1
+        if seen[0] != 2:
+            return out
+        q = args[0]
+        k_neg = comfy.utils.repeat_to_batch_size(cross_attn.norm_k(cross_attn.k(call.context)), q.shape[0])
+        v_neg = comfy.utils.repeat_to_batch_size(cross_attn.v(call.context), q.shape[0])
+        out = out.clone()
+        for part in parts:
+            _guide(out, func(q[part], k_neg[part], v_neg[part], *args[3:], **kwargs), part, call.spec)
+        return out
+
+    override.patchlab_nag = True
+    return override
+
+
+def make_wan_replace(index: int, previous=None):
+    """The ``double_block`` replace PatchLab's NAG puts at Wan block ``index`` (chaining ``previous``)."""
+    def run(args, extra):
+        return previous(args, extra) if previous is not None else extra["original_block"](args)
+
+    def block_replace(args, extra):
+        options = args.get("transformer_options") or {}
+        call = options.get(CALL_KEY)
+        parts = _cond_parts(options.get("cond_or_uncond", []), args["img"].shape[0]) if call is not None else []
+        if not parts:
+            return run(args, extra)
+        inner = dict(options)
+        inner["optimized_attention_override"] = make_wan_override(
+            options.get("optimized_attention_override"), call.network.blocks[index].cross_attn, call, parts)
+        return run({**args, "transformer_options": inner}, extra)
+
+    block_replace.patchlab_nag = True
+    return block_replace
+
+
+def _install_wan(patched) -> None:
+    replaces = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    for index in range(len(patched.model.diffusion_model.blocks)):
+        existing = replaces.get(("double_block", index))
+        if existing is not None and getattr(existing, "patchlab_nag", False):
+            continue
+        patched.set_model_patch_replace(make_wan_replace(index, existing), "dit", "double_block", index)
+
+
+# --- installing ---------------------------------------------------------------------------------------------
+
+def with_nag(model, spec: NagSpec):
+    """A clone guided by ``spec``: the layer hooks of the model's family, the two wrappers, the spec (a second
+    NAG node replaces the first's settings)."""
+    kind = family(model)
+    patched = model.clone()
+    if kind == "unet":
+        _install_unet(patched)
+    else:
+        _install_wan(patched)
+    transformer_options = patched.model_options.setdefault("transformer_options", {})
+    if transformer_options.get(SPEC_KEY) is not None:
+        log.info("%s: this model already has NAG; the new node's settings replace the earlier ones", NODE_ID)
+    transformer_options[SPEC_KEY] = spec
+    if not patched.get_wrappers(WRAPPERS.SAMPLER_SAMPLE, WRAPPER_KEY):
+        patched.add_wrapper_with_key(WRAPPERS.SAMPLER_SAMPLE, WRAPPER_KEY, sampler_sample_wrapper)
+    if not patched.get_wrappers(WRAPPERS.APPLY_MODEL, WRAPPER_KEY):
+        patched.add_wrapper_with_key(WRAPPERS.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
+    return patched
