@@ -1,4 +1,4 @@
-"""Normalized Attention Guidance on tiny SD1.5, SDXL and Wan models: exactness, the negative's source, cost, batching."""
+"""Normalized Attention Guidance on tiny SD1.5, SDXL and Wan models: exactness, the negative, cost, batching."""
 
 import comfy.sample
 import comfy.samplers
@@ -9,9 +9,9 @@ from devtools import checks
 from devtools.sampling import sample
 from devtools.testkit import tiny_models
 from devtools.testkit.counting import count_rows
+from patchlab.kernels import attention as ka
 from patchlab.nodes import attention_guidance as ag_nodes
 from patchlab.nodes import nag as nodes
-from patchlab.kernels import attention as ka
 from patchlab.patches import nag
 from patchlab.patches.window import SigmaWindow
 
