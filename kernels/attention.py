@@ -202,3 +202,19 @@ def normalized_attention_guidance(z_pos: torch.Tensor, z_neg: torch.Tensor, scal
     shrink = torch.where(ratio > tau, tau / ratio.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(ratio))
     guided = torch.where(norm_pos > 0, guided * shrink, pos)
     return (alpha * guided + (1.0 - alpha) * pos).to(z_pos.dtype)
+
+
+def token_permutation(tokens: int, seed: int, device=None) -> torch.Tensor:
+    """A permutation of ``tokens`` indices [tokens] (int64) drawn from its own generator seeded with ``seed``
+    (never the global RNG): the same seed gives the same permutation on every device."""
+    generator = torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.randperm(tokens, generator=generator).to(device)
+
+
+def shuffle_tokens(x: torch.Tensor, start: int, stop: int, permutation: torch.Tensor) -> torch.Tensor:
+    """Token Perturbation Guidance's shuffle (Rajabi et al. 2025, arXiv 2506.10036): tokens ``start .. stop`` of
+    x [B, N, C] reordered by ``permutation`` [stop - start]; other tokens kept. A new tensor (norm-preserving:
+    the same set of token vectors)."""
+    out = x.clone()
+    out[:, start:stop] = x[:, start:stop][:, permutation.to(x.device)]
+    return out

@@ -31,6 +31,7 @@ class _AttentionGuidanceNode:
     FUNCTION = "patch"
     BLOCK_INPUT = "blocks"
     DIT = True
+    UNET_AUTO = None  # the UNet keys 'auto' stands for (None: the middle block)
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None, **blocks):
@@ -44,7 +45,7 @@ class _AttentionGuidanceNode:
         return first_error(check_window(cls, start_percent, end_percent), syntax)
 
     def _patch(self, model, text, start_percent, end_percent, **spec):
-        blocks = ag.resolve_blocks(model, text, self.NODE_ID, dit=self.DIT)
+        blocks = ag.resolve_blocks(model, text, self.NODE_ID, dit=self.DIT, unet_auto=self.UNET_AUTO)
         window = SigmaWindow.from_percents(model, start_percent, end_percent)
         return (ag.with_guidance(model, ag.GuidanceSpec(blocks=blocks, window=window, **spec)),)
 
@@ -216,4 +217,48 @@ class SkipLayerGuidance(_AttentionGuidanceNode):
                            rescale=rescaling_scale)
 
 
-NODES = [SelfAttentionGuidance, PerturbedAttentionGuidance, SmoothedEnergyGuidance, SkipLayerGuidance]
+class TokenPerturbationGuidance(_AttentionGuidanceNode):
+    NODE_ID = "PatchLab_TokenPerturbationGuidance"
+    DISPLAY_NAME = "Token Perturbation Guidance (PatchLab)"
+    DESCRIPTION = (
+        "Token Perturbation Guidance (Rajabi et al. 2025, arXiv 2506.10036, NeurIPS 2025): runs the model with the "
+        "tokens entering chosen blocks shuffled (a norm-preserving perturbation: the same token vectors in another "
+        "order) and guides away from that prediction; it improves quality without a negative prompt and works at "
+        "CFG 1. The shuffles come from the node's seed (never the global RNG), so a run repeats exactly. Shares "
+        "its extra model call with PAG, SEG and SLG. UNets (SD1.x, SD2.x, SDXL: the transformer blocks' input "
+        "stays shuffled, as pamparamm's implementation) and the DiTs PAG addresses (image tokens only; the block's "
+        "update, computed on the shuffled tokens, is added to the unshuffled stream)."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": MODEL_INPUT,
+            "scale": ("FLOAT", {
+                "default": 3.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                "tooltip": "Strength of the guidance. 0 disables it; 3 is pamparamm's default for SDXL (the "
+                           "paper's range is similar to PAG's, 2-5).",
+            }),
+            "blocks": ("STRING", {
+                "default": "auto",
+                "tooltip": "Blocks whose input tokens are shuffled. " + DIT_BLOCKS + " For TPG, 'auto' on UNets is "
+                           "the third and fourth input blocks with transformers (SDXL input.7, input.8; SD1.5 "
+                           "input.4, input.5), the paper's SDXL choice; on DiTs, PAG's blocks (starting points of "
+                           "ours).",
+            }),
+            "seed": ("INT", {
+                "default": 0, "min": 0, "max": 0xFFFFFFFF,
+                "tooltip": "Seed of the shuffles (each block and step gets its own permutation from it). The same "
+                           "seed gives the same result.",
+            }),
+            **percent_inputs("TPG"),
+        }}
+
+    UNET_AUTO = staticmethod(ag.tpg_auto_keys)
+
+    def patch(self, model, scale, blocks, seed, start_percent, end_percent):
+        return self._patch(model, blocks, start_percent, end_percent, kind="tpg", scale=scale, seed=seed)
+
+
+NODES = [SelfAttentionGuidance, PerturbedAttentionGuidance, SmoothedEnergyGuidance, SkipLayerGuidance,
+         TokenPerturbationGuidance]

@@ -38,6 +38,7 @@ import logging
 import re
 import threading
 import weakref
+import zlib
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
@@ -58,8 +59,9 @@ RUN_KEY = "patchlab_attention_run"          # transformer_options: the run's _Ru
 WRAPPER_KEY = "patchlab_attention_guidance"
 OUTER = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
 PASS_KEY = dit_attention.PASS_KEY
+STEP_KEY = dit_attention.STEP_KEY
 CORE_NAG_MODULE = "nodes_nag"
-PERTURBED = ("pag", "seg", "slg")  # kinds whose rows share one batched extra pass on the positive
+PERTURBED = ("pag", "seg", "slg", "tpg")  # kinds whose rows share one batched extra pass on the positive
 Key = Tuple[str, int, int]
 STAGES = ("input", "middle", "output")
 
@@ -122,9 +124,12 @@ def describe_keys(keys: List[Key]) -> str:
     return ", ".join(f"{STAGES[s]}.{b}" if STAGES[s] != "middle" else "middle" for s, b in blocks)
 
 
-def _resolve_unet(available: List[Key], entries, node_id: str) -> FrozenSet[Key]:
+def _resolve_unet(available: List[Key], entries, node_id: str, auto: Optional[List[Key]] = None) -> FrozenSet[Key]:
     chosen = set()
     for entry in entries:
+        if entry[0] == "auto" and auto is not None:
+            chosen.update(auto)
+            continue
         if entry[0] == "dit":
             name = ".".join(str(p) for p in entry[1:] if p is not None)
             raise ValueError(f"{node_id}: block {name!r} is a DiT address; this model is a UNet with transformers "
@@ -141,15 +146,17 @@ def _resolve_unet(available: List[Key], entries, node_id: str) -> FrozenSet[Key]
     return frozenset(chosen)
 
 
-def resolve_blocks(model, text: str, node_id: str, dit: bool = True) -> FrozenSet:
+def resolve_blocks(model, text: str, node_id: str, dit: bool = True, unet_auto=None) -> FrozenSet:
     """The block keys a block description selects in this model; clear errors otherwise.
 
     UNet keys are (stage, block id, transformer index); DiT keys (stack, index). ``dit``
-    False: the node supports UNets only.
+    False: the node supports UNets only. ``unet_auto(model)``: the UNet keys ``auto`` stands for
+    (default: the middle block).
     """
     available = transformer_keys(model)
     if available:
-        return _resolve_unet(available, parse_blocks(text), node_id)
+        auto = unet_auto(model) if unet_auto is not None else None
+        return _resolve_unet(available, parse_blocks(text), node_id, auto)
     if dit and dit_attention.family(model) is not None:
         return frozenset(dit_attention.resolve(model, parse_blocks(text), node_id))
     supported = ("UNet models (SD1.x, SD2.x, SDXL and their fine-tunes)" if not dit else
@@ -208,7 +215,7 @@ class RecordStore:
 class GuidanceSpec:
     """One node's guidance: what it perturbs or records, where, and how strongly. Immutable, shared by clones."""
 
-    kind: str  # "sag", "pag", "seg" or "slg"
+    kind: str  # "sag", "pag", "seg", "slg" or "tpg"
     scale: float
     blocks: FrozenSet
     window: SigmaWindow
@@ -216,6 +223,7 @@ class GuidanceSpec:
     threshold: float = 1.0
     rescale: float = 0.0
     store: Optional[RecordStore] = field(default=None)
+    seed: int = 0  # TPG's shuffles
 
     def __deepcopy__(self, memo):
         return self
@@ -337,12 +345,19 @@ def outer_sample_wrapper(executor, *args, **kwargs):
 
 # --- the post-CFG runner --------------------------------------------------------------------
 
-def extra_pass_options(model_options: Dict, groups: Tuple[GuidanceSpec, ...]) -> Dict:
+def extra_pass_options(model_options: Dict, groups: Tuple[GuidanceSpec, ...], step: int = 0) -> Dict:
+    """Model options for an extra pass: the specs (one group of rows each) and the step's shuffle token."""
     options = dict(model_options)
     transformer_options = dict(options.get("transformer_options", {}))
     transformer_options[PASS_KEY] = tuple(groups)
+    transformer_options[STEP_KEY] = step
     options["transformer_options"] = transformer_options
     return options
+
+
+def step_token(sigma: torch.Tensor) -> int:
+    """A per-step number for TPG's shuffle seeds: the step's sigma (one host read per step, with TPG only)."""
+    return zlib.crc32(repr(round(float(sigma.detach().flatten()[0]), 6)).encode())
 
 
 def core_nag(model_options: Dict) -> bool:
@@ -361,7 +376,8 @@ def perturbed_predictions(args, specs: List[GuidanceSpec]) -> List[torch.Tensor]
     """
     x, sigma, n = args["input"], args["sigma"], len(specs)
     repeated = x.repeat((n,) + (1,) * (x.ndim - 1))
-    options = extra_pass_options(args["model_options"], tuple(specs))
+    step = step_token(sigma) if any(spec.kind == "tpg" for spec in specs) else 0
+    options = extra_pass_options(args["model_options"], tuple(specs), step)
     conds = [args["cond"]]
     if args.get("uncond") is not None and core_nag(args["model_options"]):
         conds.append(args["uncond"])
@@ -483,8 +499,85 @@ def skip_attention_output(out: torch.Tensor, extra_options) -> torch.Tensor:
 skip_attention_output.patchlab_attention = True
 
 
+def transformer_block(net, key: Key) -> Optional[torch.nn.Module]:
+    """The UNet's BasicTransformerBlock at ``(stage, block id, transformer index)`` (None if there is none)."""
+    stage, block_id, index = key
+    blocks = net.middle_block if stage == "middle" else getattr(net, f"{stage}_blocks")[block_id]
+    for layer in blocks:
+        transformers = getattr(layer, "transformer_blocks", None)
+        if transformers is not None and index < len(transformers):
+            return transformers[index]
+    return None
+
+
+def tpg_auto_keys(model) -> List[Key]:
+    """TPG's UNet default: the transformers of the third and fourth input blocks that hold any (SDXL input.7-8,
+    SD1.5 input.4-5: pamparamm's ``d2,d3``, after the paper's SDXL down-block choice)."""
+    keys = transformer_keys(model)
+    ids = sorted({block_id for stage, block_id, _ in keys if stage == "input"})
+    chosen = set(ids[2:4] or ids[-2:])
+    return [key for key in keys if key[0] == "input" and key[1] in chosen]
+
+
+def _shuffling_forward(block, parts):
+    """``block.forward`` with the input tokens of ``parts`` [(batch-row slice, seed)] shuffled first (TPG on UNets:
+    the shuffled order stays, as in pamparamm's implementation; the SpatialTransformer's own residual is not
+    shuffled)."""
+    original = block.__dict__.get("forward") or type(block).forward.__get__(block)
+
+    def forward(x, *args, **kwargs):
+        x = x.clone()
+        for part, seed in parts:
+            x[part] = ka.shuffle_tokens(x[part], 0, x.shape[1], ka.token_permutation(x.shape[1], seed))
+        return original(x, *args, **kwargs)
+
+    return forward
+
+
+def unet_tpg_wrapper(executor, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper (UNets): in PatchLab's extra passes with TPG rows, the chosen transformer blocks'
+    ``forward`` shuffles those rows' input tokens (an instance attribute, removed when the call returns)."""
+    options = kwargs.get("transformer_options") if "transformer_options" in kwargs else (
+        args[5] if len(args) > 5 else None)
+    groups = (options or {}).get(PASS_KEY) or ()
+    tpg = [(g, spec) for g, spec in enumerate(groups) if spec.kind == "tpg"]
+    if not tpg:
+        return executor(*args, **kwargs)
+    net = executor.class_obj
+    chunks = max(1, len(options.get("cond_or_uncond", [0])))
+    per_chunk = args[0].shape[0] // chunks
+    rows = per_chunk // len(groups)
+    step = options.get(STEP_KEY, 0)
+    saved = []
+    try:
+        for key in sorted({key for _, spec in tpg for key in spec.blocks}):
+            block = transformer_block(net, key)
+            if block is None:
+                continue
+            parts = [(slice(c * per_chunk + g * rows, c * per_chunk + (g + 1) * rows),
+                      dit_attention.shuffle_seed(spec, step, key, c, g))
+                     for c in range(chunks) for g, spec in tpg if key in spec.blocks]
+            saved.append((block, block.__dict__.get("forward")))
+            block.forward = _shuffling_forward(block, parts)
+        return executor(*args, **kwargs)
+    finally:
+        for block, previous in reversed(saved):
+            if previous is None:
+                del block.forward
+            else:
+                block.forward = previous
+
+
+unet_tpg_wrapper.patchlab_attention = True
+
+
 def _install_unet(patched, spec: GuidanceSpec) -> None:
     options = patched.model_options
+    if spec.kind == "tpg":
+        wrappers = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+        if not patched.get_wrappers(wrappers, WRAPPER_KEY):
+            patched.add_wrapper_with_key(wrappers, WRAPPER_KEY, unet_tpg_wrapper)
+        return
     if spec.kind == "slg":
         patches = options.get("transformer_options", {}).get("patches", {})
         if not any(getattr(p, "patchlab_attention", False) for p in patches.get("attn1_output_patch", [])):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -50,6 +51,7 @@ from .families import Stack
 log = logging.getLogger(__name__)
 
 PASS_KEY = "patchlab_guidance_pass"
+STEP_KEY = "patchlab_guidance_step"   # an extra pass's per-step token (TPG's shuffle seeds)
 LATENT_KEY = "patchlab_latent_shape"
 TEXT_KEY = "patchlab_text_tokens"
 REFERENCE_KEY = "patchlab_reference_latents"
@@ -338,6 +340,12 @@ def make_block_replace(key: DitKey, previous, stack: Stack, patch: Tuple[int, in
             return {name: args[name] for name in streams}
         saved = [(part, {name: args[name][part].clone() for name in streams}) for part in skipped]
         parts = [(part, groups[g]) for g in acting if groups[g].kind in ("pag", "seg") for part in slices[g]]
+        shuffled = [(part, groups[g], c, g) for g in acting if groups[g].kind == "tpg"
+                    for c, part in enumerate(slices[g])]
+        before = None
+        if shuffled:
+            args, before = _shuffle_image(args, shuffled, key, stack, options, patch, flipped, text_multiple)
+            shuffled_in = args["img"].clone() if before is not None else None  # blocks may add in place
         if parts:
             tokens = _tokens(stack, args, options, patch, flipped, text_multiple)
             if tokens is not None:
@@ -346,6 +354,12 @@ def make_block_replace(key: DitKey, previous, stack: Stack, patch: Tuple[int, in
                     options.get("optimized_attention_override"), parts, tokens)
                 args = {**args, "transformer_options": inner}
         out = run(args, extra)
+        if before is not None:  # TPG rows: the block's update, computed on shuffled tokens, added in place
+            out = dict(out)
+            img = out["img"].clone()
+            for part, _, _, _ in shuffled:
+                img[part] = before[part] + (out["img"][part] - shuffled_in[part])
+            out["img"] = img
         if saved:
             out = dict(out)
             for name in streams:
@@ -359,6 +373,32 @@ def make_block_replace(key: DitKey, previous, stack: Stack, patch: Tuple[int, in
 
     block_replace.patchlab_attention = True
     return block_replace
+
+
+def shuffle_seed(spec, step: int, key, chunk: int, group: int) -> int:
+    """The seed of one TPG shuffle: the node's seed, the step, the block, the chunk and row group (stable across
+    processes: no Python hash)."""
+    return zlib.crc32(repr((spec.seed, step, tuple(key), chunk, group)).encode())
+
+
+def _shuffle_image(args: Dict, shuffled, key: DitKey, stack: Stack, options: Dict, patch, flipped: bool,
+                   text_multiple: Optional[int]):
+    """TPG: the block's arguments with the image tokens of the shuffled rows reordered, and the unshuffled image
+    stream (None where the image tokens cannot be placed)."""
+    img = args["img"]
+    if stack.tokens in ("joint", "self"):
+        image = (0, img.shape[1])
+    else:
+        tokens = _tokens(stack, args, options, patch, flipped, text_multiple)
+        if tokens is None:
+            return args, None
+        image = tokens.image
+    step = options.get(STEP_KEY, 0)
+    out = img.clone()
+    for part, spec, chunk, group in shuffled:
+        permutation = ka.token_permutation(image[1] - image[0], shuffle_seed(spec, step, key, chunk, group))
+        out[part] = ka.shuffle_tokens(img[part], image[0], image[1], permutation)
+    return {**args, "img": out}, img
 
 
 def install_replaces(patched, keys) -> None:

@@ -91,6 +91,15 @@ def attention_guidance_sd35(wf: Builder) -> None:
            scheduler="simple", steps=25)
 
 
+@example("token_perturbation_guidance")
+def token_perturbation_guidance(wf: Builder) -> None:
+    wf.note("Token Perturbation Guidance", "TPG shuffles the tokens entering SDXL's input.7 and input.8 transformers "
+            "('auto', the paper's choice) in one extra pass and guides away from it, scale 3 with CFG 3. The shuffles "
+            "come from the node's seed: the same seed gives the same picture.")
+    guided(wf, SDXL, "token_perturbation_guidance", 3.0, 1024,
+           ("PatchLab_TokenPerturbationGuidance", {"scale": 3.0, "blocks": "auto", "seed": 0}))
+
+
 @example("attention_guidance_zimage")
 def attention_guidance_zimage(wf: Builder) -> None:
     wf.note("Skip-Layer Guidance, Z-Image Turbo", "Z-Image Turbo samples at CFG 1, so there is no negative pass; SLG "

@@ -144,3 +144,21 @@ def test_nag_blends_with_alpha_and_keeps_a_zero_token_finite_in_half_precision()
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), 0.3 * capped + 0.7 * pos, rtol=2e-3, atol=2e-3)
     assert torch.equal(capped[0, 0], pos[0, 0])
+
+
+def test_token_permutation_is_a_seeded_permutation_independent_of_the_global_rng():
+    torch.manual_seed(0)
+    first = ka.token_permutation(50, seed=7)
+    torch.manual_seed(1)
+    assert torch.equal(ka.token_permutation(50, seed=7), first)
+    assert torch.equal(first.sort().values, torch.arange(50))
+    assert not torch.equal(ka.token_permutation(50, seed=8), first)
+
+
+def test_shuffle_reorders_only_the_chosen_tokens_and_keeps_their_set():
+    x = torch.randn(2, 10, 4)
+    permutation = ka.token_permutation(6, seed=3)
+    out = ka.shuffle_tokens(x, 4, 10, permutation)
+    assert torch.equal(out[:, :4], x[:, :4])
+    assert torch.equal(out[:, 4:], x[:, 4:][:, permutation])
+    torch.testing.assert_close(out.norm(dim=(1, 2)), x.norm(dim=(1, 2)))

@@ -20,8 +20,10 @@ SAG = {"scale": 0.5, "blur_sigma": 2.0, "threshold": 1.0, "block": "middle.0.0"}
 PAG = {"scale": 3.0, "blocks": "middle", "rescale": 0.0}
 SEG = {"scale": 3.0, "blur_sigma": 10.0, "blocks": "middle"}
 SLG = {"scale": 3.0, "blocks": "middle", "rescaling_scale": 0.0}
+TPG = {"scale": 3.0, "blocks": "auto", "seed": 0}
 OURS = {"SAG": (nodes.SelfAttentionGuidance, SAG), "PAG": (nodes.PerturbedAttentionGuidance, PAG),
-        "SEG": (nodes.SmoothedEnergyGuidance, SEG), "SLG": (nodes.SkipLayerGuidance, SLG)}
+        "SEG": (nodes.SmoothedEnergyGuidance, SEG), "SLG": (nodes.SkipLayerGuidance, SLG),
+        "TPG": (nodes.TokenPerturbationGuidance, TPG)}
 
 
 def close(actual, expected, rel=1e-4):
@@ -170,8 +172,8 @@ def count_model_calls(model):
     return counted, calls
 
 
-def test_pag_seg_and_slg_share_one_extra_model_call(sd15):
-    stack, calls = count_model_calls(apply(apply(apply(sd15, "PAG"), "SEG"), "SLG"))
+def test_pag_seg_slg_and_tpg_share_one_extra_model_call(sd15):
+    stack, calls = count_model_calls(apply(apply(apply(apply(sd15, "PAG"), "SEG"), "SLG"), "TPG"))
     sample(stack, "sd15", steps=3)
     assert len(calls) == 3 * 2
 

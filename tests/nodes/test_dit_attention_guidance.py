@@ -19,8 +19,9 @@ NEVER = {"start_percent": 1.0, "end_percent": 1.0}
 PAG = {"scale": 3.0, "blocks": "auto", "rescale": 0.0}
 SEG = {"scale": 3.0, "blur_sigma": 10.0, "blocks": "auto"}
 SLG = {"scale": 3.0, "blocks": "auto", "rescaling_scale": 0.0}
+TPG = {"scale": 3.0, "blocks": "auto", "seed": 0}
 OURS = {"PAG": (nodes.PerturbedAttentionGuidance, PAG), "SEG": (nodes.SmoothedEnergyGuidance, SEG),
-        "SLG": (nodes.SkipLayerGuidance, SLG)}
+        "SLG": (nodes.SkipLayerGuidance, SLG), "TPG": (nodes.TokenPerturbationGuidance, TPG)}
 FAMILIES = ["flux", "sd3", "qwen_image", "flux2", "chroma", "wan21", "wan22", "hunyuan_video", "zimage", "lumina2"]
 # Flux, Flux.2, HunyuanVideo: guidance-distilled, and Z-Image Turbo: sampled at cfg 1 (no negative pass);
 # the others with real CFG.
@@ -338,12 +339,12 @@ def test_a_family_without_block_addresses_is_refused_naming_the_supported_ones(t
 # --- one batched extra call ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", FAMILIES)
-def test_pag_seg_and_slg_share_one_batched_extra_call_per_step(tiny_model, layout):
+def test_pag_seg_slg_and_tpg_share_one_batched_extra_call_per_step(tiny_model, layout):
     model = tiny_model(layout)
-    stack = apply(apply(apply(model, "PAG"), "SEG"), "SLG")
+    stack = apply(apply(apply(apply(model, "PAG"), "SEG"), "SLG"), "TPG")
     with count_rows(model) as count:
         run(stack, layout)
-    per_step = [1, 3] if CFG[layout] == 1.0 else [2, 3]
+    per_step = [1, 4] if CFG[layout] == 1.0 else [2, 4]
     assert count.calls == per_step * 3
 
 
