@@ -126,6 +126,8 @@ CASES: List[Case] = [
     Case("PatchLab_SkipLayerGuidance", {"scale": 3.0, "blocks": "auto", "rescaling_scale": 0.5, **FULL},
          layout="flux"),
     Case("PatchLab_NormalizedAttentionGuidance", {"scale": 5.0, "tau": 2.5, "alpha": 0.5, **FULL}),
+    Case("PatchLab_NormalizedAttentionGuidance", {"scale": 5.0, "tau": 2.5, "alpha": 0.5, **FULL}, layout="flux",
+         chunked=True),
     Case("PatchLab_TokenPerturbationGuidance", {"scale": 3.0, "blocks": "auto", "seed": 3, **FULL}, chunked=True),
     Case("PatchLab_TokenPerturbationGuidance", {"scale": 3.0, "blocks": "auto", "seed": 3, **FULL}, layout="flux"),
     Case("PatchLab_NormalizedAttentionGuidance", {"scale": 5.0, "tau": 2.5, "alpha": 0.5, "start_percent": 0.0,

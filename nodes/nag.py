@@ -22,7 +22,8 @@ class NormalizedAttentionGuidance:
         "The negative is the sampler's own negative conditioning (also at CFG 1) or the optional 'negative' "
         "input. It costs one more cross-attention per layer, never a second model pass (ComfyUI's NAGuidance "
         "runs the whole negative pass). Works with the plain KSampler and every sampler node; at CFG > 1 it "
-        "guides the positive branch. UNets (SD1.x, SD2.x, SDXL) and Wan 2.1/2.2 text-to-video."
+        "guides the positive branch. UNets (SD1.x, SD2.x, SDXL), Wan 2.1/2.2 text-to-video, and Flux, Flux.2, "
+        "Chroma (a text stream for the negative beside the one image stream)."
     )
 
     @classmethod
@@ -62,14 +63,11 @@ class NormalizedAttentionGuidance:
         return check_window(cls, start_percent, end_percent)
 
     def patch(self, model, scale, tau, alpha, start_percent, end_percent, negative=None):
-        tensor = None
-        if negative is not None:
-            if not negative or negative[0][0] is None:
-                raise ValueError(f"{self.NODE_ID}: the 'negative' input holds no prompt; connect a CLIPTextEncode "
-                                 "output or leave it unconnected to use the sampler's negative")
-            tensor = negative[0][0]
+        if negative is not None and (not negative or negative[0][0] is None):
+            raise ValueError(f"{self.NODE_ID}: the 'negative' input holds no prompt; connect a CLIPTextEncode "
+                             "output or leave it unconnected to use the sampler's negative")
         window = SigmaWindow.from_percents(model, start_percent, end_percent)
-        spec = nag.NagSpec(scale=scale, tau=tau, alpha=alpha, window=window, negative=tensor)
+        spec = nag.NagSpec(scale=scale, tau=tau, alpha=alpha, window=window, negative=negative)
         return (nag.with_nag(model, spec),)
 
 

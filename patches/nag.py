@@ -20,20 +20,25 @@ Where the pieces come from:
   pack put there) projects K- and V- with that transformer's own ``attn2.to_k`` / ``to_v``;
 * Wan 2.1 / 2.2 text-to-video: a ``double_block`` **block replace** on every block installs an
   ``optimized_attention_override`` for that block call which acts in its second attention call,
-  the cross-attention (K- and V- through the block's ``cross_attn.k`` / ``norm_k`` / ``v``).
+  the cross-attention (K- and V- through the block's ``cross_attn.k`` / ``norm_k`` / ``v``);
+* Flux, Flux.2, Chroma (joint attention): :mod:`.nag_flux` (a text stream for the negative, no
+  second image stream).
 
 The negative prompt never runs as a pass of its own: per guided layer, the K/V projections of
-its tokens and one more cross-attention of the positive rows. A step a step cache reuses is not
+its tokens and one more cross-attention of the positive rows (joint-attention models: the
+negative's text side of each block and two attention calls of its size). A step a step cache reuses is not
 re-guided: the cached prediction already carries the guidance of the step it came from.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import comfy.patcher_extension
+import comfy.sampler_helpers
+import comfy.samplers
 import comfy.utils
 import torch
 from comfy.ldm.modules.attention import optimized_attention
@@ -55,13 +60,13 @@ WAN_CROSS_ATTENTION = "WanT2VCrossAttention"
 
 @dataclass(frozen=True, eq=False)
 class NagSpec:
-    """The node's settings; ``negative``: the node's own negative prompt tensor (None: the sampler's)."""
+    """The node's settings; ``negative``: the node's own negative CONDITIONING (None: the sampler's)."""
 
     scale: float
     tau: float
     alpha: float
     window: SigmaWindow
-    negative: Optional[torch.Tensor] = None
+    negative: Optional[list] = None
 
     @property
     def is_off(self) -> bool:
@@ -78,6 +83,7 @@ class NagCall:
     spec: NagSpec
     context: torch.Tensor
     network: torch.nn.Module
+    state: Dict = field(default_factory=dict)  # per call: the negative text stream of joint-attention models
 
     def __deepcopy__(self, memo):
         return self
@@ -95,11 +101,13 @@ def _warn_once(message: str) -> None:
 # --- which family ---------------------------------------------------------------------------------
 
 def family(model) -> str:
-    """``unet`` or ``wan``; RuntimeError naming the supported families for any other model."""
+    """``unet``, ``wan`` or ``flux``; RuntimeError naming the supported families for any other model."""
     if attention_guidance.transformer_keys(model):
         return "unet"
     net = model.model.diffusion_model
     row = families.of_network(net)
+    if row is not None and row.key == "flux":
+        return "flux"
     if row is not None and row.key == "wan":
         kinds = {type(block.cross_attn).__name__ for block in net.blocks}
         if kinds != {WAN_CROSS_ATTENTION}:
@@ -108,10 +116,10 @@ def family(model) -> str:
                                "CLIP vision features), which it does not guide yet. Remove the node for this model.")
         return "wan"
     raise RuntimeError(
-        f"{NODE_ID} supports UNet models (SD1.x, SD2.x, SDXL) and Wan 2.1/2.2 text-to-video, whose text enters "
-        f"through cross-attention; this model is {type(model.model).__name__} with a {type(net).__name__} network. "
-        "Joint-attention DiTs (Flux, SD3.5, Qwen-Image, HunyuanVideo, Z-Image) are not supported yet: use "
-        "ComfyUI's NAGuidance (0.14+) there, or remove the node.")
+        f"{NODE_ID} supports UNet models (SD1.x, SD2.x, SDXL), Wan 2.1/2.2 text-to-video and Flux, Flux.2, Chroma; "
+        f"this model is {type(model.model).__name__} with a {type(net).__name__} network. The other joint-attention "
+        "DiTs (SD3.5, Qwen-Image, HunyuanVideo, Z-Image) are not supported yet: use ComfyUI's NAGuidance (0.14+) "
+        "there, or remove the node.")
 
 
 # --- the negative prompt, per run -------------------------------------------------------------------
@@ -123,21 +131,27 @@ def _cond_tensor(cond: Dict) -> Optional[torch.Tensor]:
     return tensor if tensor is not None else cond.get("cross_attn")
 
 
-def negative_tensor(spec: NagSpec, guider) -> torch.Tensor:
-    """The negative prompt NAG guides away from: the node's, else the sampler's first negative entry."""
-    if spec.negative is not None:
-        tensor = spec.negative
-    else:
-        entries = [c for c in (getattr(guider, "conds", None) or {}).get("negative", []) or []
-                   if _cond_tensor(c) is not None]
-        if not entries:
-            raise RuntimeError(f"{NODE_ID}: no negative prompt reached the sampler (a BasicGuider has none). "
-                               "Connect a negative prompt to the node's optional 'negative' input, or sample with "
-                               "KSampler / CFGGuider and a negative.")
-        if len(entries) > 1:
-            _warn_once(f"{NODE_ID}: the negative conditioning has {len(entries)} entries (combined or area "
-                       "prompts); NAG uses the first. Connect one prompt to the node's 'negative' input to choose.")
-        tensor = _cond_tensor(entries[0])
+def _entries(spec: NagSpec, guider, noise, latent_image, denoise_mask, seed) -> List[Dict]:
+    """The negative conditioning entries, processed by the model as the sampler processes its own (the node's
+    ``negative`` goes through ``extra_conds`` here: Flux.2 pads its text, for one)."""
+    if spec.negative is None:
+        return list((getattr(guider, "conds", None) or {}).get("negative", []) or [])
+    entries = comfy.sampler_helpers.convert_cond(spec.negative)
+    return comfy.samplers.encode_model_conds(guider.inner_model.extra_conds, entries, noise, noise.device, "negative",
+                                             latent_image=latent_image, denoise_mask=denoise_mask, seed=seed)
+
+
+def negative_tensor(entries: List[Dict]) -> torch.Tensor:
+    """The negative prompt NAG guides away from: the first entry's cross-attention tensor [B, T, C]."""
+    entries = [c for c in entries if _cond_tensor(c) is not None]
+    if not entries:
+        raise RuntimeError(f"{NODE_ID}: no negative prompt reached the sampler (a BasicGuider has none). "
+                           "Connect a negative prompt to the node's optional 'negative' input, or sample with "
+                           "KSampler / CFGGuider and a negative.")
+    if len(entries) > 1:
+        _warn_once(f"{NODE_ID}: the negative conditioning has {len(entries)} entries (combined or area "
+                   "prompts); NAG uses the first. Connect one prompt to the node's 'negative' input to choose.")
+    tensor = _cond_tensor(entries[0])
     if tensor.ndim != 3:
         raise ValueError(f"{NODE_ID}: the negative prompt's tensor has shape {tuple(tensor.shape)}; a text "
                          "encoder's output [batch, tokens, channels] is needed (connect a CLIPTextEncode output)")
@@ -146,23 +160,29 @@ def negative_tensor(spec: NagSpec, guider) -> torch.Tensor:
     return tensor
 
 
-def sampler_sample_wrapper(executor, guider, sigmas, extra_args, *args, **kwargs):
+def sampler_sample_wrapper(executor, guider, sigmas, extra_args, callback, noise, latent_image=None,
+                           denoise_mask=None, *args, **kwargs):
     """SAMPLER_SAMPLE wrapper: put the run's negative prompt into this run's (copied) model options."""
     options = extra_args.get("model_options", {})
     transformer_options = options.get("transformer_options", {})
     spec = transformer_options.get(SPEC_KEY)
-    if spec is None or spec.is_off:
-        return executor(guider, sigmas, extra_args, *args, **kwargs)
-    negative = negative_tensor(spec, guider)
-    extra_args = {**extra_args, "model_options": {
-        **options, "transformer_options": {**transformer_options, NEGATIVE_KEY: negative}}}
-    return executor(guider, sigmas, extra_args, *args, **kwargs)
+    if spec is not None and not spec.is_off:
+        negative = negative_tensor(_entries(spec, guider, noise, latent_image, denoise_mask, extra_args.get("seed")))
+        extra_args = {**extra_args, "model_options": {
+            **options, "transformer_options": {**transformer_options, NEGATIVE_KEY: negative}}}
+    return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, *args, **kwargs)
 
 
 # --- per model call -------------------------------------------------------------------------------------
 
 def _text_space(net, negative: torch.Tensor) -> torch.Tensor:
-    """The negative prompt as the network's attention layers read it (Wan embeds its text first)."""
+    """The negative prompt as the network's attention layers read it (Wan embeds its text first, Flux's text
+    stream starts at ``txt_in``)."""
+    row = families.of_network(net)
+    if row is not None and row.key == "flux":
+        from . import nag_flux
+
+        return nag_flux.network_text(net, negative)
     embed = getattr(net, "text_embedding", None)
     return embed(negative) if embed is not None else negative
 
@@ -187,7 +207,7 @@ def apply_model_wrapper(executor, x, t, *args, **kwargs):
     return executor(x, t, *args, **kwargs)
 
 
-def _cond_parts(cond_or_uncond: List[int], rows: int) -> List[slice]:
+def cond_parts(cond_or_uncond: List[int], rows: int) -> List[slice]:
     """The row ranges of the positive (cond) chunks of a call of ``rows`` rows."""
     chunks = max(1, len(cond_or_uncond))
     per_chunk = rows // chunks
@@ -222,7 +242,7 @@ def make_unet_replace(previous=None):
     def attn2_replace(q, k, v, extra_options):
         out = attend(q, k, v, extra_options)
         call = extra_options.get(CALL_KEY)
-        parts = _cond_parts(extra_options.get("cond_or_uncond", []), q.shape[0]) if call is not None else []
+        parts = cond_parts(extra_options.get("cond_or_uncond", []), q.shape[0]) if call is not None else []
         if not parts:
             return out
         attn2 = unet_cross_attention(call.network, extra_options)
@@ -283,7 +303,7 @@ def make_wan_replace(index: int, previous=None):
     def block_replace(args, extra):
         options = args.get("transformer_options") or {}
         call = options.get(CALL_KEY)
-        parts = _cond_parts(options.get("cond_or_uncond", []), args["img"].shape[0]) if call is not None else []
+        parts = cond_parts(options.get("cond_or_uncond", []), args["img"].shape[0]) if call is not None else []
         if not parts:
             return run(args, extra)
         inner = dict(options)
@@ -313,8 +333,12 @@ def with_nag(model, spec: NagSpec):
     patched = model.clone()
     if kind == "unet":
         _install_unet(patched)
-    else:
+    elif kind == "wan":
         _install_wan(patched)
+    else:
+        from . import nag_flux
+
+        nag_flux.install(patched)
     transformer_options = patched.model_options.setdefault("transformer_options", {})
     if transformer_options.get(SPEC_KEY) is not None:
         log.info("%s: this model already has NAG; the new node's settings replace the earlier ones", NODE_ID)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..workflows import Builder
-from ._common import SDXL, WAN21_VAE, WAN_TEXT, checkpoint, example, split_files
+from ._common import FLUX, SDXL, WAN21_VAE, WAN_TEXT, checkpoint, example, split_files
 
 WAN21 = "wan2.1_t2v_1.3B_fp16.safetensors"
 
@@ -44,3 +44,22 @@ def nag_sdxl(wf: Builder) -> None:
                      denoise=1.0)
     image = wf.add("VAEDecode", samples=samples[0], vae=ckpt[2])
     wf.add("SaveImage", images=image[0], filename_prefix="PatchLab/nag_sdxl")
+
+
+@example("nag_flux")
+def nag_flux(wf: Builder) -> None:
+    wf.note("Normalized Attention Guidance, Flux dev at CFG 1", "Guidance-distilled Flux samples at CFG 1: no negative "
+            "pass, so the negative prompt does nothing. NAG applies it inside the joint attention (scale 5, tau 2.5, "
+            "alpha 0.25: the paper's Flux values). Flux guidance 3.5 stays as usual.")
+    ckpt = checkpoint(wf, FLUX)
+    guided = wf.add("PatchLab_NormalizedAttentionGuidance", model=ckpt[0], scale=5.0, tau=2.5, alpha=0.25,
+                    start_percent=0.0, end_percent=1.0)
+    positive = wf.add("CLIPTextEncode", text="portrait of an AI researcher in a library, soft light", clip=ckpt[1])
+    flux_guidance = wf.add("FluxGuidance", conditioning=positive[0], guidance=3.5)
+    negative = wf.add("CLIPTextEncode", text="glasses", clip=ckpt[1])
+    latent = wf.add("EmptySD3LatentImage", width=1024, height=1024, batch_size=1)
+    samples = wf.add("KSampler", model=guided[0], seed=42, steps=20, cfg=1.0, sampler_name="euler",
+                     scheduler="simple", positive=flux_guidance[0], negative=negative[0], latent_image=latent[0],
+                     denoise=1.0)
+    image = wf.add("VAEDecode", samples=samples[0], vae=ckpt[2])
+    wf.add("SaveImage", images=image[0], filename_prefix="PatchLab/nag_flux")

@@ -1,0 +1,228 @@
+"""Normalized Attention Guidance on Flux-layout DiTs (Flux.1, Flux.2, Chroma): joint attention.
+
+Flux has no cross-attention: text and image tokens attend to each other in one joint call per
+block. Z- needs the negative prompt's own text tokens as they would be at that block, so the
+negative gets a **text stream of its own** (its ``txt_in`` embedding, carried block by block with
+each block's text-side weights: modulation, norm, qkv, q/k norm, projection, MLP), but never an
+image stream: in every block its keys and values sit next to the image keys and values the
+positive pass has just computed (after RoPE), and
+
+* the image queries attend once more, to ``[K-text; K-image]`` -> Z-; the image rows of the
+  joint attention output become ``NAG(Z+, Z-)`` before the output projection;
+* the negative text queries attend to the same keys -> their update, as the block would
+  compute it for a text stream beside this image stream.
+
+Per block: the text-side linear layers on the negative's tokens and two attention calls of
+their size (image queries x (text + image) keys, text queries x the same keys). No second image
+stream (a CFG pass would run the whole network again). The negative text stream lives in the
+model call's :class:`~.nag.NagCall` (``state``) and dies with it.
+
+Hooks: a ``double_block`` / ``single_block`` replace on every block (chaining one already there)
+computes the negative's q/k/v before the block and installs an ``optimized_attention_override``
+for the block's one attention call; after the block, it advances the negative text stream.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from comfy.ldm.flux.math import apply_rope
+
+from ..kernels import attention as ka
+from .nag import CALL_KEY, cond_parts
+
+STATE_TEXT = "text"            # the negative text stream [R, T-, C]
+STATE_PE = "pe"                # its rotary embedding
+STATE_TEXT_TOKENS = "tokens"   # the positive prompt's text length (single blocks: [text; image])
+
+
+def network_text(net, negative: torch.Tensor) -> torch.Tensor:
+    """The negative prompt in the network's text-stream space (``txt_in``) [B-, T-, C]."""
+    return net.txt_in(negative)
+
+
+def text_rope(net, tokens: int, device) -> torch.Tensor:
+    """The rotary embedding of ``tokens`` text positions as the network's forward builds them (zeros; Flux.2 counts
+    positions on its fourth axis)."""
+    axes = len(net.params.axes_dim)
+    ids = torch.zeros((1, tokens, axes), device=device, dtype=torch.float32)
+    if axes == 4:
+        ids[:, :, 3] = torch.linspace(0, tokens - 1, steps=tokens, device=device, dtype=torch.float32)
+    return net.pe_embedder(ids)
+
+
+def _heads(qkv: torch.Tensor, heads: int):
+    q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
+    return q, k, v
+
+
+def _rows(t: torch.Tensor, parts: List[slice]) -> torch.Tensor:
+    return torch.cat([t[part] for part in parts]) if len(parts) > 1 else t[parts[0]]
+
+
+def _mod_rows(mod, parts: List[slice]):
+    """A ModulationOut whose tensors are cut to the rows of ``parts`` (rows of 1 broadcast)."""
+    fields = {}
+    for name in ("shift", "scale", "gate"):
+        t = getattr(mod, name)
+        fields[name] = t if t.shape[0] == 1 else _rows(t, parts)
+    return type(mod)(**fields)
+
+
+def _apply(tensor, mult, add=None):
+    return torch.addcmul(add, tensor, mult) if add is not None else tensor * mult
+
+
+def _double_text_mods(block, vec):
+    txt_mod = getattr(block, "txt_mod", None)
+    if getattr(block, "modulation", False) and txt_mod is not None:
+        return txt_mod(vec)
+    return vec[1]
+
+
+def _single_mod(block, vec):
+    modulation = getattr(block, "modulation", None)
+    if isinstance(modulation, torch.nn.Module):
+        return modulation(vec)[0]
+    return vec
+
+
+class _Negative:
+    """The negative text stream's pieces for one block call."""
+
+    def __init__(self, q, k, v):
+        self.q, self.k, self.v = q, k, v
+        self.text_out: Optional[torch.Tensor] = None
+
+
+def make_override(previous, call, parts: List[slice], negative: _Negative, image_range):
+    """``optimized_attention_override`` for one Flux block call: NAG on the image rows of the cond ``parts``, and the
+    negative text queries' attention recorded for the stream update."""
+    def override(func, *args, **kwargs):
+        out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+        q, k, v = args[:3]
+        heads = args[3] if len(args) > 3 else kwargs.get("heads")
+        start, stop = image_range(q.shape[2])
+        sub = dict(kwargs)
+        sub.pop("mask", None)
+        q_img, k_img, v_img = (_rows(t, parts)[:, :, start:stop] for t in (q, k, v))
+        k_neg = torch.cat([negative.k.to(k_img.dtype), k_img], dim=2)
+        v_neg = torch.cat([negative.v.to(v_img.dtype), v_img], dim=2)
+        z_neg = func(q_img, k_neg, v_neg, heads, *args[4:], **sub)
+        negative.text_out = func(negative.q.to(q_img.dtype), k_neg, v_neg, heads, *args[4:], **sub)
+        out = out.clone()
+        offset = 0
+        for part in parts:
+            rows = part.stop - part.start
+            out[part, start:stop] = ka.normalized_attention_guidance(
+                out[part, start:stop], z_neg[offset:offset + rows], call.spec.scale, call.spec.tau, call.spec.alpha)
+            offset += rows
+        return out
+
+    override.patchlab_nag = True
+    return override
+
+
+def _stream(call, parts: List[slice], device) -> torch.Tensor:
+    """The negative text stream for this call's cond rows (created at the first block)."""
+    text = call.state.get(STATE_TEXT)
+    if text is None:
+        rows = sum(part.stop - part.start for part in parts)
+        text = call.context.repeat(-(-rows // call.context.shape[0]), 1, 1)[:rows]
+        call.state[STATE_TEXT] = text
+        call.state[STATE_PE] = text_rope(call.network, text.shape[1], device)
+    return text
+
+
+def make_double_replace(index: int, previous=None):
+    """The ``double_block`` replace of Flux block ``index``: NAG in its joint attention, the negative stream
+    advanced."""
+    def run(args, extra):
+        return previous(args, extra) if previous is not None else extra["original_block"](args)
+
+    def block_replace(args, extra):
+        options = args.get("transformer_options") or {}
+        call = options.get(CALL_KEY)
+        parts = cond_parts(options.get("cond_or_uncond", []), args["img"].shape[0]) if call is not None else []
+        if not parts:
+            return run(args, extra)
+        block = call.network.double_blocks[index]
+        text = _stream(call, parts, args["img"].device)
+        mod1, mod2 = (_mod_rows(m, parts) for m in _double_text_mods(block, args["vec"]))
+        modulated = _apply(block.txt_norm1(text), 1 + mod1.scale, mod1.shift)
+        q, k, v = _heads(block.txt_attn.qkv(modulated), block.num_heads)
+        q, k = block.txt_attn.norm(q, k, v)
+        q, k = apply_rope(q, k, call.state[STATE_PE])
+        negative = _Negative(q, k, v)
+        n_img, n_txt = args["img"].shape[1], args["txt"].shape[1]
+        call.state[STATE_TEXT_TOKENS] = n_txt
+        flipped = getattr(block, "flipped_img_txt", False)
+
+        def image_range(n):
+            return (0, n_img) if flipped else (n_txt, n_txt + n_img)
+
+        inner = dict(options)
+        inner["optimized_attention_override"] = make_override(
+            options.get("optimized_attention_override"), call, parts, negative, image_range)
+        out = run({**args, "transformer_options": inner}, extra)
+        if negative.text_out is not None:
+            text = text + _apply(block.txt_attn.proj(negative.text_out), mod1.gate)
+            text = text + _apply(block.txt_mlp(_apply(block.txt_norm2(text), 1 + mod2.scale, mod2.shift)), mod2.gate)
+            call.state[STATE_TEXT] = text
+        return out
+
+    block_replace.patchlab_nag = True
+    return block_replace
+
+
+def make_single_replace(index: int, previous=None):
+    """The ``single_block`` replace of Flux block ``index`` (one stream [text; image])."""
+    def run(args, extra):
+        return previous(args, extra) if previous is not None else extra["original_block"](args)
+
+    def block_replace(args, extra):
+        options = args.get("transformer_options") or {}
+        call = options.get(CALL_KEY)
+        parts = cond_parts(options.get("cond_or_uncond", []), args["img"].shape[0]) if call is not None else []
+        n_txt = call.state.get(STATE_TEXT_TOKENS) if call is not None else None
+        if not parts or n_txt is None:
+            return run(args, extra)
+        block = call.network.single_blocks[index]
+        text = _stream(call, parts, args["img"].device)
+        mod = _mod_rows(_single_mod(block, args["vec"]), parts)
+        hidden = block.hidden_size
+        qkv, mlp = torch.split(block.linear1(_apply(block.pre_norm(text), 1 + mod.scale, mod.shift)),
+                               [3 * hidden, block.linear1.out_features - 3 * hidden], dim=-1)
+        q, k, v = _heads(qkv, block.num_heads)
+        q, k = block.norm(q, k, v)
+        q, k = apply_rope(q, k, call.state[STATE_PE])
+        negative = _Negative(q, k, v)
+
+        def image_range(n):
+            return (n_txt, n)
+
+        inner = dict(options)
+        inner["optimized_attention_override"] = make_override(
+            options.get("optimized_attention_override"), call, parts, negative, image_range)
+        out = run({**args, "transformer_options": inner}, extra)
+        if negative.text_out is not None:
+            update = block.linear2(torch.cat((negative.text_out, block.mlp_act(mlp)), 2))
+            call.state[STATE_TEXT] = text + _apply(update, mod.gate)
+        return out
+
+    block_replace.patchlab_nag = True
+    return block_replace
+
+
+def install(patched) -> None:
+    """A NAG replace on every double and single block (once; another replace there is chained)."""
+    replaces: Dict = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    net = patched.model.diffusion_model
+    for name, blocks, make in (("double_block", net.double_blocks, make_double_replace),
+                               ("single_block", net.single_blocks, make_single_replace)):
+        for index in range(len(blocks)):
+            existing = replaces.get((name, index))
+            if existing is not None and getattr(existing, "patchlab_nag", False):
+                continue
+            patched.set_model_patch_replace(make(index, existing), "dit", name, index)
