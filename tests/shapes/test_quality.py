@@ -20,27 +20,26 @@ from patchlab.nodes import guidance_skip as skip_nodes
 from patchlab.nodes import step_cache as sc_nodes
 
 PROMPTS = evaluate.prompt_grid(2)
+BAR_PROMPTS = evaluate.prompt_grid(8)  # 144 samples for the models' own bar and the guidance check
 SPEC_COLOUR, SPEC_SHAPE = 0.90, 0.80
 # Measured with these 36 samples on the committed weights (both right, colour, shape), less 5 points.
-# Measured 2026-12-05: sd15_shapes colour 86.1 %, shape 100 %; flux_shapes colour 100 %, shape 75.0 %.
+# Measured 2026-12-05: sd15_shapes colour 86.1 %, shape 100 %; flux_shapes (third stage) colour 100 %, shape 69.4 %
+# (on 144 samples, the bar's: 100 % / 80.6 %; 36 are too few to tell 80 % apart).
 FLOORS = {"sd15_shapes": {"accuracy_colour": 0.81, "accuracy_shape": 0.95},
-          "flux_shapes": {"accuracy_colour": 0.95, "accuracy_shape": 0.70}}
-MEETS_SPEC = {"sd15_shapes": False, "flux_shapes": False}
+          "flux_shapes": {"accuracy_colour": 0.95, "accuracy_shape": 0.64}}
+MEETS_SPEC = {"sd15_shapes": False, "flux_shapes": True}
 # Largest drop in prompt accuracy (both right) a speed node may cost at its defaults.
 ACCURACY_MARGIN = 0.05
 # PSNR floors (dB) against the full-compute pictures of the same seeds: measured, less 2 dB.
-# Measured: StepCache 31.4 (sd15_shapes) and 35.6 dB (flux_shapes), DeepCache 31.7 dB.
-PSNR_FLOOR = {("StepCache", "sd15_shapes"): 29.3, ("StepCache", "flux_shapes"): 33.6,
+# Measured: StepCache 31.4 (sd15_shapes) and 36.7 dB (flux_shapes), DeepCache 31.7 dB.
+PSNR_FLOOR = {("StepCache", "sd15_shapes"): 29.3, ("StepCache", "flux_shapes"): 34.7,
               ("DeepCache", "sd15_shapes"): 29.7}
 # Where a node at its defaults costs more than ACCURACY_MARGIN today (measured on these 36 samples): strict
 # xfails, so the test fails the day the defaults or the models change the answer. Issue 21, item 7.
 OVER_MARGIN = {
     ("StepCache", "sd15_shapes"): "86.1 % -> 80.6 % of prompts right (2 of 36 samples)",
-    ("StepCache", "flux_shapes"): "75.0 % -> 69.4 % of prompts right (2 of 36 samples)",
-    ("GuidanceInterval", "flux_shapes"): "75.0 % -> 69.4 %",
     ("AdaptiveGuidance", "sd15_shapes"): "86.1 % -> 47.2 %: the 0.991 threshold stops CFG too early here",
-    ("AdaptiveGuidance", "flux_shapes"): "75.0 % -> 63.9 %: the 0.991 threshold stops CFG too early here",
-    ("RenormCFG", "flux_shapes"): "75.0 % -> 66.7 %",
+    ("RenormCFG", "flux_shapes"): "69.4 % -> 63.9 % (one sample past the margin)",
 }
 
 
@@ -81,16 +80,22 @@ def test_uncached_samples_keep_their_measured_prompt_accuracy(name):
         assert result[key] >= floor, result
 
 
+@functools.cache
+def bar_judged(name, cfg=None):
+    """The model judged on BAR_PROMPTS (more samples than the node checks: 36 are too few to tell 80 % apart)."""
+    return evaluate.judge(evaluate.sample(trained(name), BAR_PROMPTS, cfg=cfg), classifier(), reference())
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if MEETS_SPEC[n] else pytest.mark.xfail(
     strict=True, reason="not trained far enough yet for issue 21's bar")) for n in models.NAMES])
 def test_uncached_samples_draw_90_percent_of_colours_and_80_percent_of_shapes_right(name):
-    result = judged(name)
+    result = bar_judged(name)
     assert result["accuracy_colour"] >= SPEC_COLOUR and result["accuracy_shape"] >= SPEC_SHAPE, result
 
 
 @pytest.mark.parametrize("name", models.NAMES)
 def test_guidance_matters_cfg_1_is_worse_than_the_recommended_cfg(name):
-    guided, plain = judged(name), judged(name, cfg=1.0, against_full=False)
+    guided, plain = bar_judged(name), bar_judged(name, cfg=1.0)
     assert plain["accuracy_both"] < guided["accuracy_both"] or plain["fid"] > guided["fid"], (plain, guided)
 
 

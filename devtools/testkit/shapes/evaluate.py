@@ -14,6 +14,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -118,10 +119,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=16, help="seeds per prompt (18 prompts)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-write", action="store_true", help="print only; leave the manifest alone")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="evaluate this weights file (a training run's --out) instead of the committed one; "
+                             "implies --no-write")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    trained = models.load(args.name)
+    trained = models.load(args.name) if args.weights is None else models.load(args.name, path=args.weights,
+                                                                              check=False)
     classifier = oracle.load()
     reference = oracle.reference_set()
     prompts = prompt_grid(args.seeds)
@@ -136,7 +141,7 @@ def main(argv=None) -> int:
     real = data.held_out(len(prompts), seed=20_000)
     figures["real_pictures_fid"] = round(oracle.fid(classifier, real.images, reference), 3)
     print(json.dumps(figures, indent=2))
-    if not args.no_write:
+    if not args.no_write and args.weights is None:
         path = models.manifest_path(args.name)
         manifest = json.loads(path.read_text())
         manifest["quality"] = figures
