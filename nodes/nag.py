@@ -23,7 +23,7 @@ class NormalizedAttentionGuidance:
         "input. It costs one more cross-attention per layer, never a second model pass (ComfyUI's NAGuidance "
         "runs the whole negative pass). Works with the plain KSampler and every sampler node; at CFG > 1 it "
         "guides the positive branch. UNets (SD1.x, SD2.x, SDXL), Wan 2.1/2.2 text-to-video, and Flux, Flux.2, "
-        "Chroma (a text stream for the negative beside the one image stream)."
+        "Chroma, HunyuanVideo (a text stream for the negative beside the one image stream)."
     )
 
     @classmethod

@@ -21,8 +21,8 @@ Where the pieces come from:
 * Wan 2.1 / 2.2 text-to-video: a ``double_block`` **block replace** on every block installs an
   ``optimized_attention_override`` for that block call which acts in its second attention call,
   the cross-attention (K- and V- through the block's ``cross_attn.k`` / ``norm_k`` / ``v``);
-* Flux, Flux.2, Chroma (joint attention): :mod:`.nag_flux` (a text stream for the negative, no
-  second image stream).
+* Flux, Flux.2, Chroma, HunyuanVideo (joint attention): :mod:`.nag_flux` (a text stream for the
+  negative, no second image stream).
 
 The negative prompt never runs as a pass of its own: per guided layer, the K/V projections of
 its tokens and one more cross-attention of the positive rows (joint-attention models: the
@@ -106,7 +106,7 @@ def family(model) -> str:
         return "unet"
     net = model.model.diffusion_model
     row = families.of_network(net)
-    if row is not None and row.key == "flux":
+    if row is not None and row.key in ("flux", "hunyuan_video"):
         return "flux"
     if row is not None and row.key == "wan":
         kinds = {type(block.cross_attn).__name__ for block in net.blocks}
@@ -116,9 +116,9 @@ def family(model) -> str:
                                "CLIP vision features), which it does not guide yet. Remove the node for this model.")
         return "wan"
     raise RuntimeError(
-        f"{NODE_ID} supports UNet models (SD1.x, SD2.x, SDXL), Wan 2.1/2.2 text-to-video and Flux, Flux.2, Chroma; "
-        f"this model is {type(model.model).__name__} with a {type(net).__name__} network. The other joint-attention "
-        "DiTs (SD3.5, Qwen-Image, HunyuanVideo, Z-Image) are not supported yet: use ComfyUI's NAGuidance (0.14+) "
+        f"{NODE_ID} supports UNet models (SD1.x, SD2.x, SDXL), Wan 2.1/2.2 text-to-video, Flux, Flux.2, Chroma and "
+        f"HunyuanVideo; this model is {type(model.model).__name__} with a {type(net).__name__} network. The other "
+        "joint-attention DiTs (SD3.5, Qwen-Image, Z-Image) are not supported yet: use ComfyUI's NAGuidance (0.14+) "
         "there, or remove the node.")
 
 
@@ -175,14 +175,15 @@ def sampler_sample_wrapper(executor, guider, sigmas, extra_args, callback, noise
 
 # --- per model call -------------------------------------------------------------------------------------
 
-def _text_space(net, negative: torch.Tensor) -> torch.Tensor:
+def _text_space(base, negative: torch.Tensor, t: torch.Tensor, options: Dict) -> torch.Tensor:
     """The negative prompt as the network's attention layers read it (Wan embeds its text first, Flux's text
-    stream starts at ``txt_in``)."""
+    stream starts at ``txt_in``, HunyuanVideo's token refiner reads the timestep too)."""
+    net = base.diffusion_model
     row = families.of_network(net)
-    if row is not None and row.key == "flux":
+    if row is not None and row.key in ("flux", "hunyuan_video"):
         from . import nag_flux
 
-        return nag_flux.network_text(net, negative)
+        return nag_flux.network_text(base, negative, t, options)
     embed = getattr(net, "text_embedding", None)
     return embed(negative) if embed is not None else negative
 
@@ -198,7 +199,7 @@ def apply_model_wrapper(executor, x, t, *args, **kwargs):
     base = executor.class_obj
     dtype = base.manual_cast_dtype if base.manual_cast_dtype is not None else base.get_dtype()
     net = base.diffusion_model
-    context = _text_space(net, negative.to(device=x.device, dtype=dtype))
+    context = _text_space(base, negative.to(device=x.device, dtype=dtype), t, options)
     options = {**options, CALL_KEY: NagCall(spec, context, net)}
     if len(args) > 3:
         args[3] = options

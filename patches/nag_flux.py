@@ -1,4 +1,4 @@
-"""Normalized Attention Guidance on Flux-layout DiTs (Flux.1, Flux.2, Chroma): joint attention.
+"""Normalized Attention Guidance on Flux-layout DiTs (Flux.1, Flux.2, Chroma, HunyuanVideo): joint attention.
 
 Flux has no cross-attention: text and image tokens attend to each other in one joint call per
 block. Z- needs the negative prompt's own text tokens as they would be at that block, so the
@@ -34,11 +34,27 @@ from .nag import CALL_KEY, cond_parts
 
 STATE_TEXT = "text"            # the negative text stream [R, T-, C]
 STATE_PE = "pe"                # its rotary embedding
-STATE_TEXT_TOKENS = "tokens"   # the positive prompt's text length (single blocks: [text; image])
+STATE_TEXT_TOKENS = "tokens"   # the positive prompt's text length (Flux single blocks: [text; image])
+STATE_IMAGE_TOKENS = "image"   # the image stream's length (HunyuanVideo single blocks: [image; text])
+STATE_TEXT_LAST = "text_last"  # whether the double blocks put the text last (HunyuanVideo)
 
 
-def network_text(net, negative: torch.Tensor) -> torch.Tensor:
-    """The negative prompt in the network's text-stream space (``txt_in``) [B-, T-, C]."""
+def network_text(base, negative: torch.Tensor, t: torch.Tensor, options: Dict) -> torch.Tensor:
+    """The negative prompt in the network's text-stream space [R, T-, C] (``txt_in``; HunyuanVideo's token refiner
+    reads each row's timestep, so it gets one row per positive row of the call)."""
+    net = base.diffusion_model
+    if type(net).__module__.startswith("comfy.ldm.hunyuan_video"):
+        parts = cond_parts(options.get("cond_or_uncond", []), t.shape[0])
+        if not parts:
+            return negative
+        rows = sum(part.stop - part.start for part in parts)
+        repeated = negative.repeat(-(-rows // negative.shape[0]), 1, 1)[:rows]
+        timesteps = base.model_sampling.timestep(_rows(t, parts)).float()
+        text = net.txt_in(repeated, timesteps, None, transformer_options=options)
+        embed = getattr(net, "cond_type_embedding", None)
+        if embed is not None:
+            text = text + embed(torch.zeros_like(text[:, :, 0], dtype=torch.long)).to(text.dtype)
+        return text
     return net.txt_in(negative)
 
 
@@ -156,8 +172,8 @@ def make_double_replace(index: int, previous=None):
         q, k = apply_rope(q, k, call.state[STATE_PE])
         negative = _Negative(q, k, v)
         n_img, n_txt = args["img"].shape[1], args["txt"].shape[1]
-        call.state[STATE_TEXT_TOKENS] = n_txt
         flipped = getattr(block, "flipped_img_txt", False)
+        call.state.update({STATE_TEXT_TOKENS: n_txt, STATE_IMAGE_TOKENS: n_img, STATE_TEXT_LAST: flipped})
 
         def image_range(n):
             return (0, n_img) if flipped else (n_txt, n_txt + n_img)
@@ -200,7 +216,7 @@ def make_single_replace(index: int, previous=None):
         negative = _Negative(q, k, v)
 
         def image_range(n):
-            return (n_txt, n)
+            return (0, call.state[STATE_IMAGE_TOKENS]) if call.state.get(STATE_TEXT_LAST) else (n_txt, n)
 
         inner = dict(options)
         inner["optimized_attention_override"] = make_override(
