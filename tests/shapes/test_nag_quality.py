@@ -2,8 +2,8 @@
 
 Issue 23's check: with the prompt ``circle`` at CFG 1 (no negative pass), the negative ``red``
 does nothing without NAG; with NAG at its defaults (scale 5, tau 2.5, alpha 0.25) the share of
-red circles falls. Measured on 48 samples on 2026-12-05: 10.4 % red without NAG, 0 % with it;
-circles 93.8 % -> 95.8 %. An empty negative leaves the red share where it was (10.4 %).
+red circles falls. Measured on 48 samples on 2026-12-06 (the second-stage weights): 14.6 % red
+without NAG, 2.1 % with it; circles 97.9 % -> 100 %. An empty negative leaves the red share at 12.5 %.
 """
 
 from __future__ import annotations
