@@ -240,7 +240,8 @@ def _warn_once(message: str) -> None:
 
 # --- the attn1 replace -------------------------------------------------------------------
 
-def _attend(q, k, v, extra, previous):
+def attend(q, k, v, extra, previous=None):
+    """Attention of an attn1/attn2 replace: through ``previous`` (a replace another pack put there) or ComfyUI's."""
     if previous is not None:
         return previous(q, k, v, extra)
     return optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"))
@@ -301,7 +302,7 @@ def make_replace(previous=None):
     """The attn1 replace PatchLab puts at a transformer key, chaining ``previous`` (another pack's, or None)."""
     def attn1_replace(q, k, v, extra_options):
         key = (extra_options["block"][0], extra_options["block"][1], extra_options.get("block_index", 0))
-        out = _attend(q, k, v, extra_options, previous)
+        out = attend(q, k, v, extra_options, previous)
         groups = extra_options.get(PASS_KEY)
         if groups is not None:
             return _perturb(out.clone(), q, k, v, extra_options, key, groups) if groups else out

@@ -41,7 +41,6 @@ import comfy.sampler_helpers
 import comfy.samplers
 import comfy.utils
 import torch
-from comfy.ldm.modules.attention import optimized_attention
 
 from ..kernels import attention as ka
 from . import attention_guidance, families
@@ -216,6 +215,13 @@ def cond_parts(cond_or_uncond: List[int], rows: int) -> List[slice]:
     return [slice(i * per_chunk, (i + 1) * per_chunk) for i, tag in enumerate(tags) if tag == 0]
 
 
+def call_parts(options: Dict, rows: int):
+    """(this model call's NagCall, the row ranges it guides) from a hook's ``transformer_options``; no parts where
+    NAG does not act in this call."""
+    call = options.get(CALL_KEY)
+    return call, (cond_parts(options.get("cond_or_uncond", []), rows) if call is not None else [])
+
+
 def _guide(out: torch.Tensor, z_neg: torch.Tensor, part: slice, spec: NagSpec) -> None:
     out[part] = ka.normalized_attention_guidance(out[part], z_neg, spec.scale, spec.tau, spec.alpha)
 
@@ -225,25 +231,20 @@ def _guide(out: torch.Tensor, z_neg: torch.Tensor, part: slice, spec: NagSpec) -
 def unet_cross_attention(net, extra) -> torch.nn.Module:
     """The ``attn2`` of the transformer an attn2 replace is called for (``block``, ``block_index``)."""
     stage, block_id = extra["block"]
-    blocks = net.middle_block if stage == "middle" else getattr(net, f"{stage}_blocks")[block_id]
-    for layer in blocks:
-        transformers = getattr(layer, "transformer_blocks", None)
-        if transformers is not None:
-            return transformers[extra.get("block_index", 0)].attn2
-    raise RuntimeError(f"{NODE_ID}: found no transformer at {stage}.{block_id} of this UNet")
+    block = attention_guidance.transformer_block(net, (stage, block_id, extra.get("block_index", 0)))
+    if block is None:
+        raise RuntimeError(f"{NODE_ID}: found no transformer at {stage}.{block_id} of this UNet")
+    return block.attn2
 
 
 def make_unet_replace(previous=None):
     """The attn2 replace at one transformer key (``previous``: a replace another pack put there, chained)."""
     def attend(q, k, v, extra):
-        if previous is not None:
-            return previous(q, k, v, extra)
-        return optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"))
+        return attention_guidance.attend(q, k, v, extra, previous)
 
     def attn2_replace(q, k, v, extra_options):
         out = attend(q, k, v, extra_options)
-        call = extra_options.get(CALL_KEY)
-        parts = cond_parts(extra_options.get("cond_or_uncond", []), q.shape[0]) if call is not None else []
+        call, parts = call_parts(extra_options, q.shape[0])
         if not parts:
             return out
         attn2 = unet_cross_attention(call.network, extra_options)
@@ -303,8 +304,7 @@ def make_wan_replace(index: int, previous=None):
 
     def block_replace(args, extra):
         options = args.get("transformer_options") or {}
-        call = options.get(CALL_KEY)
-        parts = cond_parts(options.get("cond_or_uncond", []), args["img"].shape[0]) if call is not None else []
+        call, parts = call_parts(options, args["img"].shape[0])
         if not parts:
             return run(args, extra)
         inner = dict(options)

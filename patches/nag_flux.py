@@ -26,11 +26,12 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
+import comfy.utils
 import torch
 from comfy.ldm.flux.math import apply_rope
 
 from ..kernels import attention as ka
-from .nag import CALL_KEY, cond_parts
+from .nag import call_parts, cond_parts
 
 STATE_TEXT = "text"            # the negative text stream [R, T-, C]
 STATE_PE = "pe"                # its rotary embedding
@@ -48,7 +49,7 @@ def network_text(base, negative: torch.Tensor, t: torch.Tensor, options: Dict) -
         if not parts:
             return negative
         rows = sum(part.stop - part.start for part in parts)
-        repeated = negative.repeat(-(-rows // negative.shape[0]), 1, 1)[:rows]
+        repeated = comfy.utils.repeat_to_batch_size(negative, rows)
         timesteps = base.model_sampling.timestep(_rows(t, parts)).float()
         text = net.txt_in(repeated, timesteps, None, transformer_options=options)
         embed = getattr(net, "cond_type_embedding", None)
@@ -145,7 +146,7 @@ def _stream(call, parts: List[slice], device) -> torch.Tensor:
     text = call.state.get(STATE_TEXT)
     if text is None:
         rows = sum(part.stop - part.start for part in parts)
-        text = call.context.repeat(-(-rows // call.context.shape[0]), 1, 1)[:rows]
+        text = comfy.utils.repeat_to_batch_size(call.context, rows)
         call.state[STATE_TEXT] = text
         call.state[STATE_PE] = text_rope(call.network, text.shape[1], device)
     return text
@@ -159,8 +160,7 @@ def make_double_replace(index: int, previous=None):
 
     def block_replace(args, extra):
         options = args.get("transformer_options") or {}
-        call = options.get(CALL_KEY)
-        parts = cond_parts(options.get("cond_or_uncond", []), args["img"].shape[0]) if call is not None else []
+        call, parts = call_parts(options, args["img"].shape[0])
         if not parts:
             return run(args, extra)
         block = call.network.double_blocks[index]
@@ -199,8 +199,7 @@ def make_single_replace(index: int, previous=None):
 
     def block_replace(args, extra):
         options = args.get("transformer_options") or {}
-        call = options.get(CALL_KEY)
-        parts = cond_parts(options.get("cond_or_uncond", []), args["img"].shape[0]) if call is not None else []
+        call, parts = call_parts(options, args["img"].shape[0])
         n_txt = call.state.get(STATE_TEXT_TOKENS) if call is not None else None
         if not parts or n_txt is None:
             return run(args, extra)
