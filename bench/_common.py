@@ -122,13 +122,14 @@ def peak_memory(fn: Callable[[], Any]) -> Dict[str, Any]:
     return {"kind": "cpu_rss_high_water", "peak_bytes": (_read_status_kb("VmHWM") - base) * 1024}
 
 
-def write_results(name: str, payload: Dict[str, Any]) -> Path:
-    """Print the results and save them to bench/results/<name>.json."""
+def write_results(name: str, payload: Dict[str, Any], echo: bool = True) -> Path:
+    """Save the results to bench/results/<name>.json (and print them, unless ``echo`` is False)."""
     payload = {"benchmark": name, "device": device_name(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                **payload}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     text = json.dumps(payload, indent=2)
     path.write_text(text + "\n")
-    print(text)
+    if echo:
+        print(text)
     return path

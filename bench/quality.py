@@ -123,7 +123,8 @@ def parse_args():
     return parser.parse_args()
 
 
-def run(args) -> Dict:
+def run(args, save: Callable[[Dict], None]) -> Dict:
+    """Sample every wanted variant; ``save`` gets the results so far after each (a long run keeps what it did)."""
     from devtools.testkit.counting import count_rows
     from devtools.testkit.shapes import evaluate, models, oracle
 
@@ -157,6 +158,7 @@ def run(args) -> Dict:
                           cfg=variant.cfg or evaluate.RECOMMENDED_CFG[name])
             results[name][variant.key] = result
             print(f"{name} {variant.key}: {json.dumps(result)}", flush=True)
+            save(results)
     return results
 
 
@@ -227,9 +229,11 @@ def main():
         payload = json.loads(path.read_text())
     else:
         _common.boot(cpu=True)
-        results = run(args)
-        payload = {"seeds": args.seeds, "samples_per_variant": 18 * args.seeds, "results": results}
-        _common.write_results(args.name, payload)
+        def save(results):
+            _common.write_results(args.name, {"seeds": args.seeds, "samples_per_variant": 18 * args.seeds,
+                                              "results": results}, echo=False)
+
+        save(run(args, save))
         payload = json.loads(path.read_text())
     write_table_and_chart(payload, args.name)
     if args.publish:

@@ -132,6 +132,9 @@ CASES: List[Case] = [
     Case("PatchLab_TokenPerturbationGuidance", {"scale": 3.0, "blocks": "auto", "seed": 3, **FULL}, layout="flux"),
     Case("PatchLab_NormalizedAttentionGuidance", {"scale": 5.0, "tau": 2.5, "alpha": 0.5, "start_percent": 0.0,
                                                   "end_percent": 0.6}, layout="wan21", chunked=True),
+    Case("PatchLab_NormalizedAttentionGuidance", {"scale": 5.0, "tau": 2.5, "alpha": 0.5, **FULL}, layout="sd3"),
+    Case("PatchLab_NormalizedAttentionGuidance", {"scale": 5.0, "tau": 2.5, "alpha": 0.5, **FULL},
+         layout="qwen_image", chunked=True),
     # stateless
     Case("PatchLab_RescaleCFG", {"multiplier": 0.7, **FULL}),
     Case("PatchLab_FreeU_V2", {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2, **FULL}),
@@ -248,10 +251,11 @@ def raising_post_cfg(model, on_call: int):
 
 
 def raising_model_call(model, on_call: int):
-    """A further clone whose DIFFUSION_MODEL wrapper raises after its ``on_call``-th network call.
+    """A further clone whose APPLY_MODEL wrapper raises after its ``on_call``-th model call.
 
     The inner patches have run for that call (recorded attention, merge plans), the
-    step is left half done.
+    step is left half done. (APPLY_MODEL, not DIFFUSION_MODEL: SD3's network in 0.3.75 does not
+    run the DIFFUSION_MODEL wrappers.)
     """
     calls = [0]
 
@@ -263,8 +267,7 @@ def raising_model_call(model, on_call: int):
         return out
 
     clone = model.clone()
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "patchlab_lifecycle_test",
-                               wrapper)
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "patchlab_lifecycle_test", wrapper)
     return clone
 
 

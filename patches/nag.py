@@ -22,7 +22,8 @@ Where the pieces come from:
   ``optimized_attention_override`` for that block call which acts in its second attention call,
   the cross-attention (K- and V- through the block's ``cross_attn.k`` / ``norm_k`` / ``v``);
 * Flux, Flux.2, Chroma, HunyuanVideo (joint attention): :mod:`.nag_flux` (a text stream for the
-  negative, no second image stream).
+  negative, no second image stream); SD3/SD3.5: :mod:`.nag_mmdit`; Qwen-Image: :mod:`.nag_qwen`
+  (the same scheme on their blocks).
 
 The negative prompt never runs as a pass of its own: per guided layer, the K/V projections of
 its tokens and one more cross-attention of the positive rows (joint-attention models: the
@@ -77,11 +78,13 @@ class NagSpec:
 
 @dataclass(frozen=True, eq=False)
 class NagCall:
-    """One model call's NAG inputs: the negative in the network's text space [B-, T, C], the running network."""
+    """One model call's NAG inputs: the negative in the network's text space [B-, T, C], the running network, the
+    shape of the call's latent (Qwen-Image numbers its text positions from it)."""
 
     spec: NagSpec
     context: torch.Tensor
     network: torch.nn.Module
+    latent_shape: tuple = ()
     state: Dict = field(default_factory=dict)  # per call: the negative text stream of joint-attention models
 
     def __deepcopy__(self, memo):
@@ -100,13 +103,16 @@ def _warn_once(message: str) -> None:
 # --- which family ---------------------------------------------------------------------------------
 
 def family(model) -> str:
-    """``unet``, ``wan`` or ``flux``; RuntimeError naming the supported families for any other model."""
+    """``unet``, ``wan``, ``flux``, ``mmdit`` or ``qwen_image``; RuntimeError naming the supported families for any
+    other model."""
     if attention_guidance.transformer_keys(model):
         return "unet"
     net = model.model.diffusion_model
     row = families.of_network(net)
     if row is not None and row.key in ("flux", "hunyuan_video"):
         return "flux"
+    if row is not None and row.key in ("mmdit", "qwen_image"):
+        return row.key
     if row is not None and row.key == "wan":
         kinds = {type(block.cross_attn).__name__ for block in net.blocks}
         if kinds != {WAN_CROSS_ATTENTION}:
@@ -115,10 +121,10 @@ def family(model) -> str:
                                "CLIP vision features), which it does not guide yet. Remove the node for this model.")
         return "wan"
     raise RuntimeError(
-        f"{NODE_ID} supports UNet models (SD1.x, SD2.x, SDXL), Wan 2.1/2.2 text-to-video, Flux, Flux.2, Chroma and "
-        f"HunyuanVideo; this model is {type(model.model).__name__} with a {type(net).__name__} network. The other "
-        "joint-attention DiTs (SD3.5, Qwen-Image, Z-Image) are not supported yet: use ComfyUI's NAGuidance (0.14+) "
-        "there, or remove the node.")
+        f"{NODE_ID} supports UNet models (SD1.x, SD2.x, SDXL), Wan 2.1/2.2 text-to-video, Flux, Flux.2, Chroma, "
+        f"HunyuanVideo, SD3/SD3.5 and Qwen-Image; this model is {type(model.model).__name__} with a "
+        f"{type(net).__name__} network. Z-Image and Lumina 2 are not supported yet: use ComfyUI's NAGuidance "
+        "(0.14+) there, or remove the node.")
 
 
 # --- the negative prompt, per run -------------------------------------------------------------------
@@ -183,6 +189,14 @@ def _text_space(base, negative: torch.Tensor, t: torch.Tensor, options: Dict) ->
         from . import nag_flux
 
         return nag_flux.network_text(base, negative, t, options)
+    if row is not None and row.key == "mmdit":
+        from . import nag_mmdit
+
+        return nag_mmdit.network_text(net, negative)
+    if row is not None and row.key == "qwen_image":
+        from . import nag_qwen
+
+        return nag_qwen.network_text(net, negative)
     embed = getattr(net, "text_embedding", None)
     return embed(negative) if embed is not None else negative
 
@@ -199,7 +213,7 @@ def apply_model_wrapper(executor, x, t, *args, **kwargs):
     dtype = base.manual_cast_dtype if base.manual_cast_dtype is not None else base.get_dtype()
     net = base.diffusion_model
     context = _text_space(base, negative.to(device=x.device, dtype=dtype), t, options)
-    options = {**options, CALL_KEY: NagCall(spec, context, net)}
+    options = {**options, CALL_KEY: NagCall(spec, context, net, tuple(x.shape))}
     if len(args) > 3:
         args[3] = options
     else:
@@ -337,9 +351,9 @@ def with_nag(model, spec: NagSpec):
     elif kind == "wan":
         _install_wan(patched)
     else:
-        from . import nag_flux
+        from . import nag_flux, nag_mmdit, nag_qwen
 
-        nag_flux.install(patched)
+        {"flux": nag_flux, "mmdit": nag_mmdit, "qwen_image": nag_qwen}[kind].install(patched)
     transformer_options = patched.model_options.setdefault("transformer_options", {})
     if transformer_options.get(SPEC_KEY) is not None:
         log.info("%s: this model already has NAG; the new node's settings replace the earlier ones", NODE_ID)

@@ -50,7 +50,7 @@ def network_text(base, negative: torch.Tensor, t: torch.Tensor, options: Dict) -
             return negative
         rows = sum(part.stop - part.start for part in parts)
         repeated = comfy.utils.repeat_to_batch_size(negative, rows)
-        timesteps = base.model_sampling.timestep(_rows(t, parts)).float()
+        timesteps = base.model_sampling.timestep(rows_of(t, parts)).float()
         text = net.txt_in(repeated, timesteps, None, transformer_options=options)
         embed = getattr(net, "cond_type_embedding", None)
         if embed is not None:
@@ -74,7 +74,8 @@ def _heads(qkv: torch.Tensor, heads: int):
     return q, k, v
 
 
-def _rows(t: torch.Tensor, parts: List[slice]) -> torch.Tensor:
+def rows_of(t: torch.Tensor, parts: List[slice]) -> torch.Tensor:
+    """The rows of ``t`` in ``parts``, in order (dim 0)."""
     return torch.cat([t[part] for part in parts]) if len(parts) > 1 else t[parts[0]]
 
 
@@ -83,7 +84,7 @@ def _mod_rows(mod, parts: List[slice]):
     fields = {}
     for name in ("shift", "scale", "gate"):
         t = getattr(mod, name)
-        fields[name] = t if t.shape[0] == 1 else _rows(t, parts)
+        fields[name] = t if t.shape[0] == 1 else rows_of(t, parts)
     return type(mod)(**fields)
 
 
@@ -105,29 +106,39 @@ def _single_mod(block, vec):
     return vec
 
 
-class _Negative:
-    """The negative text stream's pieces for one block call."""
+class Negative:
+    """The negative text stream's pieces for one block call: its q/k/v, and its attention output once the override
+    has run."""
 
     def __init__(self, q, k, v):
         self.q, self.k, self.v = q, k, v
         self.text_out: Optional[torch.Tensor] = None
 
 
-def make_override(previous, call, parts: List[slice], negative: _Negative, image_range):
-    """``optimized_attention_override`` for one Flux block call: NAG on the image rows of the cond ``parts``, and the
-    negative text queries' attention recorded for the stream update."""
+def make_override(previous, call, parts: List[slice], negative: Negative, image_range, token_dim: int = 2,
+                  which: int = 1):
+    """``optimized_attention_override`` for one block call of a joint-attention DiT: in the block's ``which``-th
+    attention call, NAG on the image rows of the cond ``parts``, and the negative text queries' attention recorded
+    for the stream update. ``token_dim``: the token axis of q/k/v (2 for [B, H, N, D], 1 for [B, N, H*D]); the
+    output is [B, N, H*D] either way."""
+    seen = [0]
+
     def override(func, *args, **kwargs):
         out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+        seen[0] += 1
+        if seen[0] != which:
+            return out
         q, k, v = args[:3]
-        heads = args[3] if len(args) > 3 else kwargs.get("heads")
-        start, stop = image_range(q.shape[2])
         sub = dict(kwargs)
         sub.pop("mask", None)
-        q_img, k_img, v_img = (_rows(t, parts)[:, :, start:stop] for t in (q, k, v))
-        k_neg = torch.cat([negative.k.to(k_img.dtype), k_img], dim=2)
-        v_neg = torch.cat([negative.v.to(v_img.dtype), v_img], dim=2)
-        z_neg = func(q_img, k_neg, v_neg, heads, *args[4:], **sub)
-        negative.text_out = func(negative.q.to(q_img.dtype), k_neg, v_neg, heads, *args[4:], **sub)
+        heads = args[3] if len(args) > 3 else sub.pop("heads")
+        rest = (None, *args[5:]) if len(args) > 4 else ()  # no mask: the negative's text has none
+        start, stop = image_range(q.shape[token_dim])
+        q_img, k_img, v_img = (rows_of(t, parts).narrow(token_dim, start, stop - start) for t in (q, k, v))
+        k_neg = torch.cat([negative.k.to(k_img.dtype), k_img], dim=token_dim)
+        v_neg = torch.cat([negative.v.to(v_img.dtype), v_img], dim=token_dim)
+        z_neg = func(q_img, k_neg, v_neg, heads, *rest, **sub)
+        negative.text_out = func(negative.q.to(q_img.dtype), k_neg, v_neg, heads, *rest, **sub)
         out = out.clone()
         offset = 0
         for part in parts:
@@ -170,7 +181,7 @@ def make_double_replace(index: int, previous=None):
         q, k, v = _heads(block.txt_attn.qkv(modulated), block.num_heads)
         q, k = block.txt_attn.norm(q, k, v)
         q, k = apply_rope(q, k, call.state[STATE_PE])
-        negative = _Negative(q, k, v)
+        negative = Negative(q, k, v)
         n_img, n_txt = args["img"].shape[1], args["txt"].shape[1]
         flipped = getattr(block, "flipped_img_txt", False)
         call.state.update({STATE_TEXT_TOKENS: n_txt, STATE_IMAGE_TOKENS: n_img, STATE_TEXT_LAST: flipped})
@@ -212,7 +223,7 @@ def make_single_replace(index: int, previous=None):
         q, k, v = _heads(qkv, block.num_heads)
         q, k = block.norm(q, k, v)
         q, k = apply_rope(q, k, call.state[STATE_PE])
-        negative = _Negative(q, k, v)
+        negative = Negative(q, k, v)
 
         def image_range(n):
             return (0, call.state[STATE_IMAGE_TOKENS]) if call.state.get(STATE_TEXT_LAST) else (n_txt, n)

@@ -18,7 +18,7 @@ from patchlab.patches.window import SigmaWindow
 FULL = {"start_percent": 0.0, "end_percent": 1.0}
 NEVER = {"start_percent": 1.0, "end_percent": 1.0}
 NAG = {"scale": 5.0, "tau": 2.5, "alpha": 0.5}
-LAYOUTS = ["sd15", "sdxl", "wan21", "flux", "flux2", "chroma", "hunyuan_video"]
+LAYOUTS = ["sd15", "sdxl", "wan21", "flux", "flux2", "chroma", "hunyuan_video", "sd3", "qwen_image"]
 
 
 def close(actual, expected, rel=1e-4):
@@ -137,9 +137,9 @@ def test_a_non_finite_negative_is_refused(tiny_model):
         run(apply(tiny_model("sd15")), "sd15", negative=bad)
 
 
-@pytest.mark.parametrize("layout", ["sd3", "qwen_image", "zimage"])
+@pytest.mark.parametrize("layout", ["zimage", "lumina2"])
 def test_a_family_without_nag_yet_is_refused_with_the_supported_ones(tiny_model, layout):
-    with pytest.raises(RuntimeError, match="UNet models .*Wan.*Flux"):
+    with pytest.raises(RuntimeError, match="UNet models .*Wan.*Flux.*SD3.*Qwen-Image"):
         apply(tiny_model(layout))
 
 
@@ -159,8 +159,20 @@ def module_tokens(model, name):
     return count_rows(model, name)
 
 
-@pytest.mark.parametrize("layout", ["flux", "flux2", "chroma", "hunyuan_video"])
-def test_on_flux_no_second_image_stream_runs(tiny_model, layout):
+def first_block_projections(net, layout):
+    """(image-side, text-side) input projection of the first joint block of a joint-attention layout."""
+    if layout == "sd3":
+        block = net.joint_blocks[0]
+        return block.x_block.attn.qkv, block.context_block.attn.qkv
+    if layout == "qwen_image":
+        attn = net.transformer_blocks[0].attn
+        return attn.to_q, attn.add_q_proj
+    block = net.double_blocks[0]
+    return block.img_attn.qkv, block.txt_attn.qkv
+
+
+@pytest.mark.parametrize("layout", ["flux", "flux2", "chroma", "hunyuan_video", "sd3", "qwen_image"])
+def test_on_joint_attention_models_no_second_image_stream_runs(tiny_model, layout):
     """The image side of a block sees the rows of a CFG-1 run; only the text side gets the negative's tokens."""
     model = tiny_model(layout)
     seen = {}
@@ -170,9 +182,8 @@ def test_on_flux_no_second_image_stream_runs(tiny_model, layout):
             seen[name] = seen.get(name, 0) + args[0].shape[0] * args[0].shape[1]
         return hook
 
-    block = model.model.diffusion_model.double_blocks[0]
-    handles = [block.img_attn.qkv.register_forward_pre_hook(counting("image")),
-               block.txt_attn.qkv.register_forward_pre_hook(counting("text"))]
+    image, text = first_block_projections(model.model.diffusion_model, layout)
+    handles = [image.register_forward_pre_hook(counting("image")), text.register_forward_pre_hook(counting("text"))]
     try:
         run(model, layout)
         plain = dict(seen)
@@ -225,7 +236,8 @@ def test_odd_non_square_latents_work(family):
 
 
 @pytest.mark.parametrize("layout, dtype", [("sd15", torch.float16), ("flux", torch.float16), ("flux", torch.bfloat16),
-                                           ("wan21", torch.bfloat16)])
+                                           ("wan21", torch.bfloat16), ("sd3", torch.bfloat16),
+                                           ("qwen_image", torch.float16)])
 def test_half_precision_models_work(tiny_model, layout, dtype):
     model = tiny_model(layout, dtype=dtype)
     result = run(apply(model), layout)

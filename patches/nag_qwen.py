@@ -1,0 +1,97 @@
+"""Normalized Attention Guidance on Qwen-Image: double-stream blocks, joint attention over [text; image].
+
+As on Flux (:mod:`.nag_flux`), the negative prompt gets a text stream of its own and never an image
+stream. Qwen-Image has double-stream blocks only; per block the negative's stream runs the block's
+text side: ``txt_mod`` modulation of ``txt_norm1``, ``attn.add_q/k/v_proj``, the added q/k RMS
+norms, the rotary embedding of its own text positions (Qwen-Image numbers the text from an offset
+set by the latent's size, the same for the negative), then the joint attention call's override
+(the image queries attend to [negative text keys; image keys] -> Z-, the negative text queries to
+the same keys), ``attn.to_add_out``, the gated residual, ``txt_norm2`` / ``txt_mlp``. Reference
+latents of Qwen-Image-Edit count as image tokens (they are guided too). The text attention mask of
+newer ComfyUI is not applied to the negative (its tokens are all attended).
+
+Hook: a ``double_block`` replace on every transformer block (chaining one already there).
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import comfy.utils
+import torch
+from comfy.ldm.flux.math import apply_rope1
+
+from .nag import call_parts
+from .nag_flux import Negative, make_override, rows_of
+
+STATE_TEXT = "text"  # the negative text stream [R, T-, C]
+STATE_PE = "pe"      # its rotary embedding
+
+
+def network_text(net, negative: torch.Tensor) -> torch.Tensor:
+    """The negative prompt in Qwen-Image's text-stream space [1, T-, C] (``txt_norm``, ``txt_in``)."""
+    return net.txt_in(net.txt_norm(negative))
+
+
+def text_rope(net, tokens: int, latent_shape, dtype, device) -> torch.Tensor:
+    """The rotary embedding of ``tokens`` text positions as Qwen-Image's forward numbers them: from half the larger
+    side of the patch grid of ``latent_shape`` on, the same on all three axes."""
+    patch = net.patch_size
+    start = round(max(((latent_shape[-1] + patch // 2) // patch) // 2, ((latent_shape[-2] + patch // 2) // patch) // 2))
+    ids = torch.arange(start, start + tokens, device=device).reshape(1, -1, 1).repeat(1, 1, 3)
+    return net.pe_embedder(ids).to(dtype).contiguous()
+
+
+def _heads(linear, x: torch.Tensor, heads: int) -> torch.Tensor:
+    return linear(x).view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+
+def make_replace(index: int, previous=None):
+    """The ``double_block`` replace of block ``index``: NAG in its joint attention, the negative stream advanced
+    through the block's text side."""
+    def run(args, extra):
+        return previous(args, extra) if previous is not None else extra["original_block"](args)
+
+    def block_replace(args, extra):
+        options = args.get("transformer_options") or {}
+        call, parts = call_parts(options, args["img"].shape[0])
+        if not parts:
+            return run(args, extra)
+        block = call.network.transformer_blocks[index]
+        attn = block.attn
+        text = call.state.get(STATE_TEXT)
+        if text is None:
+            text = comfy.utils.repeat_to_batch_size(call.context, sum(p.stop - p.start for p in parts))
+            call.state[STATE_PE] = text_rope(call.network, text.shape[1], call.latent_shape, args["img"].dtype,
+                                             text.device)
+        vec = args["vec"]
+        if vec.shape[0] == 2 * args["img"].shape[0]:  # newer Qwen-Image-Edit: the text takes the first half
+            vec = vec[:args["img"].shape[0]]
+        mod1, mod2 = block.txt_mod(rows_of(vec, parts)).chunk(2, dim=-1)
+        modulated, gate1 = block._modulate(block.txt_norm1(text), mod1)
+        q = apply_rope1(attn.norm_added_q(_heads(attn.add_q_proj, modulated, attn.heads)), call.state[STATE_PE])
+        k = apply_rope1(attn.norm_added_k(_heads(attn.add_k_proj, modulated, attn.heads)), call.state[STATE_PE])
+        negative = Negative(q, k, _heads(attn.add_v_proj, modulated, attn.heads))
+        n_txt = args["txt"].shape[1]
+        inner = dict(options)
+        inner["optimized_attention_override"] = make_override(
+            options.get("optimized_attention_override"), call, parts, negative, lambda n: (n_txt, n))
+        out = run({**args, "transformer_options": inner}, extra)
+        if negative.text_out is not None:
+            text = text + gate1 * attn.to_add_out(negative.text_out)
+            modulated, gate2 = block._modulate(block.txt_norm2(text), mod2)
+            call.state[STATE_TEXT] = torch.addcmul(text, gate2, block.txt_mlp(modulated))
+        return out
+
+    block_replace.patchlab_nag = True
+    return block_replace
+
+
+def install(patched) -> None:
+    """A NAG replace on every transformer block (once; another replace there is chained)."""
+    replaces: Dict = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    for index in range(len(patched.model.diffusion_model.transformer_blocks)):
+        existing = replaces.get(("double_block", index))
+        if existing is not None and getattr(existing, "patchlab_nag", False):
+            continue
+        patched.set_model_patch_replace(make_replace(index, existing), "dit", "double_block", index)
