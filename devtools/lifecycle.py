@@ -135,6 +135,8 @@ CASES: List[Case] = [
     Case("PatchLab_NormalizedAttentionGuidance", {"scale": 5.0, "tau": 2.5, "alpha": 0.5, **FULL}, layout="sd3"),
     Case("PatchLab_NormalizedAttentionGuidance", {"scale": 5.0, "tau": 2.5, "alpha": 0.5, **FULL},
          layout="qwen_image", chunked=True),
+    Case("PatchLab_NormalizedAttentionGuidance", {"scale": 5.0, "tau": 2.5, "alpha": 0.5, **FULL}, layout="zimage",
+         chunked=True),
     # stateless
     Case("PatchLab_RescaleCFG", {"multiplier": 0.7, **FULL}),
     Case("PatchLab_FreeU_V2", {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2, **FULL}),

@@ -23,7 +23,8 @@ class NormalizedAttentionGuidance:
         "input. It costs one more cross-attention per layer, never a second model pass (ComfyUI's NAGuidance "
         "runs the whole negative pass). Works with the plain KSampler and every sampler node; at CFG > 1 it "
         "guides the positive branch. UNets (SD1.x, SD2.x, SDXL), Wan 2.1/2.2 text-to-video, and Flux, Flux.2, "
-        "Chroma, HunyuanVideo, SD3/SD3.5, Qwen-Image (a text stream for the negative beside the one image stream)."
+        "Chroma, HunyuanVideo, SD3/SD3.5, Qwen-Image, Z-Image, Lumina 2 (a text stream for the negative beside the "
+        "one image stream)."
     )
 
     @classmethod
@@ -35,8 +36,8 @@ class NormalizedAttentionGuidance:
                     "default": 5.0, "min": 1.0, "max": 50.0, "step": 0.1,
                     "tooltip": "How far to push away from the negative prompt. 1 disables it. The paper's "
                                "demos: Flux schnell/dev 5, SD3.5 Turbo 5, SDXL DMD2 3, Wan 2.1 9 (at CFG 5) to 11 "
-                               "(CausVid, CFG 1); SD1.5 3, Qwen-Image and HunyuanVideo 5 (starting points of "
-                               "ours).",
+                               "(CausVid, CFG 1); SD1.5 3, Qwen-Image, Z-Image and HunyuanVideo 5 (starting "
+                               "points of ours).",
                 }),
                 "tau": ("FLOAT", {
                     "default": 2.5, "min": 1.0, "max": 10.0, "step": 0.05,

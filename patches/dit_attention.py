@@ -45,7 +45,7 @@ from typing import Dict, List, Optional, Tuple
 import comfy.patcher_extension
 
 from ..kernels import attention as ka
-from . import families
+from . import block_forward, families
 from .families import Stack
 
 log = logging.getLogger(__name__)
@@ -438,34 +438,32 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     patch = network_patch(net)
     text_multiple = getattr(net, "pad_tokens_multiple", None)
-    wrapped = []
+    undo = []
     try:
         for stack_name, index in sorted({key for spec in groups for key in spec.blocks}):
             stack = net_stacks.get(stack_name)
             if stack is None or stack.replace is not None or index >= len(getattr(net, stack.attr)):
                 continue
-            block = getattr(net, stack.attr)[index]
             replace = make_block_replace((stack_name, index), None, stack, patch, text_multiple=text_multiple)
-            block.forward = _lumina_forward(block, replace)
-            wrapped.append(block)
+            undo.append(block_forward.wrap(getattr(net, stack.attr)[index],
+                                           lambda inner, replace=replace: _lumina_forward(inner, replace)))
         return executor(*args, **kwargs)
     finally:
-        for block in wrapped:
-            del block.forward
+        for step in reversed(undo):
+            step()
 
 
 diffusion_model_wrapper.patchlab_attention = True
 
 
-def _lumina_forward(block, replace):
+def _lumina_forward(inner, replace):
     """``JointTransformerBlock.forward(x, x_mask, freqs_cis, adaln_input, ..., transformer_options)`` through
-    ``replace`` (the arguments after ``x`` are passed on as given: newer releases add keyword arguments)."""
-    original = type(block).forward
-
+    ``replace``, ``inner`` the forward it wraps (the arguments after ``x`` are passed on as given: newer releases
+    add keyword arguments)."""
     def forward(x, *args, transformer_options=None, **kwargs):
         def original_block(block_args):
-            return {"img": original(block, block_args["img"], *args,
-                                    transformer_options=block_args["transformer_options"], **kwargs)}
+            return {"img": inner(block_args["img"], *args, transformer_options=block_args["transformer_options"],
+                                 **kwargs)}
 
         return replace({"img": x, "transformer_options": transformer_options or {}},
                        {"original_block": original_block})["img"]

@@ -22,8 +22,8 @@ Where the pieces come from:
   ``optimized_attention_override`` for that block call which acts in its second attention call,
   the cross-attention (K- and V- through the block's ``cross_attn.k`` / ``norm_k`` / ``v``);
 * Flux, Flux.2, Chroma, HunyuanVideo (joint attention): :mod:`.nag_flux` (a text stream for the
-  negative, no second image stream); SD3/SD3.5: :mod:`.nag_mmdit`; Qwen-Image: :mod:`.nag_qwen`
-  (the same scheme on their blocks).
+  negative, no second image stream); SD3/SD3.5: :mod:`.nag_mmdit`; Qwen-Image: :mod:`.nag_qwen`;
+  Z-Image / Lumina 2: :mod:`.nag_lumina` (the same scheme on their blocks).
 
 The negative prompt never runs as a pass of its own: per guided layer, the K/V projections of
 its tokens and one more cross-attention of the positive rows (joint-attention models: the
@@ -103,15 +103,15 @@ def _warn_once(message: str) -> None:
 # --- which family ---------------------------------------------------------------------------------
 
 def family(model) -> str:
-    """``unet``, ``wan``, ``flux``, ``mmdit`` or ``qwen_image``; RuntimeError naming the supported families for any
-    other model."""
+    """``unet``, ``wan``, ``flux``, ``mmdit``, ``qwen_image`` or ``lumina2``; RuntimeError naming the supported
+    families for any other model."""
     if attention_guidance.transformer_keys(model):
         return "unet"
     net = model.model.diffusion_model
     row = families.of_network(net)
     if row is not None and row.key in ("flux", "hunyuan_video"):
         return "flux"
-    if row is not None and row.key in ("mmdit", "qwen_image"):
+    if row is not None and row.key in ("mmdit", "qwen_image", "lumina2"):
         return row.key
     if row is not None and row.key == "wan":
         kinds = {type(block.cross_attn).__name__ for block in net.blocks}
@@ -122,9 +122,8 @@ def family(model) -> str:
         return "wan"
     raise RuntimeError(
         f"{NODE_ID} supports UNet models (SD1.x, SD2.x, SDXL), Wan 2.1/2.2 text-to-video, Flux, Flux.2, Chroma, "
-        f"HunyuanVideo, SD3/SD3.5 and Qwen-Image; this model is {type(model.model).__name__} with a "
-        f"{type(net).__name__} network. Z-Image and Lumina 2 are not supported yet: use ComfyUI's NAGuidance "
-        "(0.14+) there, or remove the node.")
+        f"HunyuanVideo, SD3/SD3.5, Qwen-Image, Z-Image and Lumina 2; this model is {type(model.model).__name__} "
+        f"with a {type(net).__name__} network. Remove the node for this model.")
 
 
 # --- the negative prompt, per run -------------------------------------------------------------------
@@ -197,6 +196,10 @@ def _text_space(base, negative: torch.Tensor, t: torch.Tensor, options: Dict) ->
         from . import nag_qwen
 
         return nag_qwen.network_text(net, negative)
+    if row is not None and row.key == "lumina2":
+        from . import nag_lumina
+
+        return nag_lumina.network_text(net, negative)
     embed = getattr(net, "text_embedding", None)
     return embed(negative) if embed is not None else negative
 
@@ -351,9 +354,10 @@ def with_nag(model, spec: NagSpec):
     elif kind == "wan":
         _install_wan(patched)
     else:
-        from . import nag_flux, nag_mmdit, nag_qwen
+        from . import nag_flux, nag_lumina, nag_mmdit, nag_qwen
 
-        {"flux": nag_flux, "mmdit": nag_mmdit, "qwen_image": nag_qwen}[kind].install(patched)
+        modules = {"flux": nag_flux, "mmdit": nag_mmdit, "qwen_image": nag_qwen, "lumina2": nag_lumina}
+        modules[kind].install(patched)
     transformer_options = patched.model_options.setdefault("transformer_options", {})
     if transformer_options.get(SPEC_KEY) is not None:
         log.info("%s: this model already has NAG; the new node's settings replace the earlier ones", NODE_ID)

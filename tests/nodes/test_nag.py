@@ -18,7 +18,8 @@ from patchlab.patches.window import SigmaWindow
 FULL = {"start_percent": 0.0, "end_percent": 1.0}
 NEVER = {"start_percent": 1.0, "end_percent": 1.0}
 NAG = {"scale": 5.0, "tau": 2.5, "alpha": 0.5}
-LAYOUTS = ["sd15", "sdxl", "wan21", "flux", "flux2", "chroma", "hunyuan_video", "sd3", "qwen_image"]
+LAYOUTS = ["sd15", "sdxl", "wan21", "flux", "flux2", "chroma", "hunyuan_video", "sd3", "qwen_image", "zimage",
+           "lumina2"]
 
 
 def close(actual, expected, rel=1e-4):
@@ -137,10 +138,9 @@ def test_a_non_finite_negative_is_refused(tiny_model):
         run(apply(tiny_model("sd15")), "sd15", negative=bad)
 
 
-@pytest.mark.parametrize("layout", ["zimage", "lumina2"])
-def test_a_family_without_nag_yet_is_refused_with_the_supported_ones(tiny_model, layout):
-    with pytest.raises(RuntimeError, match="UNet models .*Wan.*Flux.*SD3.*Qwen-Image"):
-        apply(tiny_model(layout))
+def test_a_family_without_nag_is_refused_with_the_supported_ones(tiny_model):
+    with pytest.raises(RuntimeError, match="UNet models .*Wan.*Flux.*SD3.*Qwen-Image.*Z-Image"):
+        apply(tiny_model("auraflow"))
 
 
 # --- cost: the negative never runs as a pass of its own ------------------------------------------------------
@@ -167,11 +167,14 @@ def first_block_projections(net, layout):
     if layout == "qwen_image":
         attn = net.transformer_blocks[0].attn
         return attn.to_q, attn.add_q_proj
+    if layout in ("zimage", "lumina2"):  # one stream: the image's own refiner, the caption's own refiner
+        return net.noise_refiner[0].attention.qkv, net.context_refiner[0].attention.qkv
     block = net.double_blocks[0]
     return block.img_attn.qkv, block.txt_attn.qkv
 
 
-@pytest.mark.parametrize("layout", ["flux", "flux2", "chroma", "hunyuan_video", "sd3", "qwen_image"])
+@pytest.mark.parametrize("layout", ["flux", "flux2", "chroma", "hunyuan_video", "sd3", "qwen_image", "zimage",
+                                    "lumina2"])
 def test_on_joint_attention_models_no_second_image_stream_runs(tiny_model, layout):
     """The image side of a block sees the rows of a CFG-1 run; only the text side gets the negative's tokens."""
     model = tiny_model(layout)
@@ -203,6 +206,21 @@ def test_with_pag_the_extra_pass_adds_one_row_per_step_only(tiny_model):
     with count_rows(model) as count:
         run(pag, "sd15")
     assert count.rows == 3 * 2
+
+
+def test_on_zimage_nag_and_pag_wrap_the_same_layers_and_both_act(tiny_model):
+    """Z-Image has no block replace: NAG and PAG both wrap layer forwards for a call; the wraps nest and
+    are undone, so each guidance still acts with the other present and the layers are left as they were."""
+    model = tiny_model("zimage")
+
+    def pag(base):
+        return checks.run_node(ag_nodes.PerturbedAttentionGuidance, model=base, scale=2.0, blocks="auto",
+                               rescale=0.0, **FULL)[0]
+
+    both, pag_only, nag_only = run(pag(apply(model)), "zimage"), run(pag(model), "zimage"), run(apply(model), "zimage")
+    assert not torch.allclose(both, pag_only, rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(both, nag_only, rtol=1e-3, atol=1e-3)
+    assert not any("forward" in vars(layer) for layer in model.model.diffusion_model.layers)
 
 
 # --- batches, chunks, precision, sizes ----------------------------------------------------------------------
