@@ -34,6 +34,7 @@ of ``sample_sigmas``, so the tensor cannot serve as the key.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -49,10 +50,11 @@ from comfy.ldm.modules.attention import optimized_attention
 
 from ..kernels import attention as ka
 from ..kernels import guidance
-from . import core_nodes, dit_attention, families
+from . import core_nodes, dit_attention, families, once
 from .window import SigmaWindow
 
 log = logging.getLogger(__name__)
+_warn_once = functools.partial(once.warn_once, log)  # a warning per process, not per step
 
 SPECS_KEY = "patchlab_attention_guidance"
 RUN_KEY = "patchlab_attention_run"          # transformer_options: the run's _Run token
@@ -227,15 +229,6 @@ class GuidanceSpec:
 
     def __deepcopy__(self, memo):
         return self
-
-
-_warned = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        log.warning(message)
 
 
 # --- the attn1 replace -------------------------------------------------------------------

@@ -36,6 +36,7 @@ so the queries SEG blurs carry it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import zlib
@@ -45,10 +46,11 @@ from typing import Dict, List, Optional, Tuple
 import comfy.patcher_extension
 
 from ..kernels import attention as ka
-from . import block_forward, families
+from . import block_forward, families, once
 from .families import Stack
 
 log = logging.getLogger(__name__)
+_warn_once = functools.partial(once.warn_once, log)  # a warning per process, not per step
 
 PASS_KEY = "patchlab_guidance_pass"
 STEP_KEY = "patchlab_guidance_step"   # an extra pass's per-step token (TPG's shuffle seeds)
@@ -57,15 +59,6 @@ TEXT_KEY = "patchlab_text_tokens"
 REFERENCE_KEY = "patchlab_reference_latents"
 WRAPPER_KEY = "patchlab_attention_guidance"
 DitKey = Tuple[str, int]
-
-
-_warned = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        log.warning(message)
 
 
 def family(model) -> Optional[str]:

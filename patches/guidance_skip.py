@@ -33,6 +33,7 @@ Decisions are made once per model call for the whole batch: one host transfer pe
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -42,10 +43,11 @@ import comfy.patcher_extension
 import torch
 
 from ..kernels.guidance_skip import prediction_similarity
-from . import core_nodes
+from . import core_nodes, once
 from .window import SigmaWindow
 
 log = logging.getLogger(__name__)
+_warn_once = functools.partial(once.warn_once, log)  # a warning per process, not per step
 
 RULES_KEY = "patchlab_guidance_skip"       # transformer_options: tuple of rules
 WRAPPER_KEY = "patchlab_guidance_skip"     # key of both wrappers
@@ -198,14 +200,6 @@ def _state(model_options: Dict) -> RunState:
 
 # --- the decision point -------------------------------------------------------------------
 
-_warned = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        log.warning(message)
-
 
 def negative_needed(model_options: Dict, sigmas: Sequence[float]) -> bool:
     """Whether another patch reads the negative prediction at this step (then it is computed)."""
@@ -322,7 +316,6 @@ def can_truncate(model, trunc: Truncation) -> bool:
         return trunc.sigma_limit > 0.0
     sigma_max = getattr(model.get_model_object("model_sampling"), "sigma_max", None)
     return sigma_max is None or trunc.sigma_limit <= float(sigma_max)
-
 
 
 def rules_of(model) -> Tuple:

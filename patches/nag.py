@@ -33,6 +33,7 @@ re-guided: the cached prediction already carries the guidance of the step it cam
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -44,10 +45,11 @@ import comfy.utils
 import torch
 
 from ..kernels import attention as ka
-from . import attention_guidance, families
+from . import attention_guidance, families, once
 from .window import SigmaWindow
 
 log = logging.getLogger(__name__)
+_warn_once = functools.partial(once.warn_once, log)  # a warning per process, not per step
 
 SPEC_KEY = "patchlab_nag"                 # transformer_options: the NagSpec
 NEGATIVE_KEY = "patchlab_nag_negative"    # a run's options: the negative prompt's tensor [B, T, C]
@@ -89,15 +91,6 @@ class NagCall:
 
     def __deepcopy__(self, memo):
         return self
-
-
-_warned = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        log.warning(message)
 
 
 # --- which family ---------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import comfy.utils
 import torch
 from comfy.ldm.flux.math import apply_rope
 
-from . import block_forward
+from . import block_forward, once
 from .nag import CALL_KEY, NODE_ID, call_parts
 from .nag_flux import Negative, make_override, rows_of
 
@@ -37,9 +37,6 @@ WRAPPER_KEY = "patchlab_nag_lumina"
 STATE_TEXT = "text"          # the negative caption stream [R, T-, C]
 STATE_PE = "pe"              # its rotary embedding
 STATE_CAPTION = "caption"    # the positive caption's (padded) length: where the image tokens start
-
-_warned = set()
-
 
 def _padded(net, feats: torch.Tensor) -> torch.Tensor:
     multiple = getattr(net, "pad_tokens_multiple", None)
@@ -122,9 +119,7 @@ def diffusion_model_wrapper(executor, x, timesteps, context, *args, **kwargs):
     if call is None or context is None:
         return executor(x, timesteps, context, *args, **kwargs)
     if kwargs.get("ref_latents"):
-        if "ref" not in _warned:
-            _warned.add("ref")
-            log.warning("%s: Z-Image's edit mode (reference latents) is not guided; the layers run plain", NODE_ID)
+        once.warn_once(log, f"{NODE_ID}: Z-Image's edit mode (reference latents) is not guided; the layers run plain")
         return executor(x, timesteps, context, *args, **kwargs)
     net = executor.class_obj
     call.state[STATE_CAPTION] = context.shape[1] + (-context.shape[1]) % (getattr(net, "pad_tokens_multiple", 0) or 1)

@@ -53,6 +53,7 @@ Indicators:
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -62,11 +63,12 @@ import comfy.patcher_extension
 import torch
 
 from ..kernels import step_cache as kc
-from . import families
+from . import families, once
 from .attention_guidance import PASS_KEY
 from .window import SigmaWindow
 
 log = logging.getLogger(__name__)
+_warn_once = functools.partial(once.warn_once, log)  # a warning per process, not per step
 
 WRAPPER_KEY = "patchlab_step_cache"
 STATE_KEY = "patchlab_step_cache"            # RunState, in the run's transformer_options
@@ -82,13 +84,6 @@ CORE_CACHES = {"easycache": "EasyCache", "lazycache": "LazyCache"}
 # Where the 'first block' indicator reaches (patches/families.py: the DiTs with the double_block replace at 0)
 FIRST_BLOCK_FAMILIES = (f"SD1.x/SD2.x/SDXL UNets, {families.labels(lambda f: f.first_block)} (tested); "
                         f"{families.labels(lambda f: f.first_block, tested=False)} (same hook, untested)")
-_warned = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        log.warning(message)
 
 
 @dataclass(frozen=True)

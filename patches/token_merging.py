@@ -16,6 +16,7 @@ than the latent; grids come from ``extra_options["original_shape"]``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import weakref
@@ -26,20 +27,15 @@ import torch
 
 from ..kernels import attention as ka
 from ..kernels import token_merging as tm
+from . import once
 from .window import SigmaWindow
 
 log = logging.getLogger(__name__)
+_warn_once = functools.partial(once.warn_once, log)  # a warning per process, not per step
 
 UNMERGE_KEY = "patchlab_tome_unmerge"
 CANDIDATE_LAYOUTS = 16  # random destination layouts per layer; each step picks one from its sigma
 Key = Tuple[str, int, int]
-_warned: Set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        log.warning(message)
 
 
 # --- the model's structure ------------------------------------------------------------------

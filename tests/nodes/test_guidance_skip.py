@@ -19,6 +19,7 @@ from patchlab.kernels.guidance_skip import prediction_similarity
 from patchlab.nodes import attention_guidance, blocks, cfg, guidance_skip
 from patchlab.patches import cfg as cfg_patches
 from patchlab.patches import guidance_skip as skip
+from patchlab.patches import once
 from patchlab.patches.window import SigmaWindow
 
 STEPS = 6
@@ -425,7 +426,7 @@ def test_a_later_calc_cond_batch_function_that_calls_comfy_keeps_the_skipping(sd
 def test_a_later_function_that_bypasses_comfy_is_reported(sd15, caplog):
     calls = []
     model, _ = with_slot(interval(sd15), calls, own_batching=True)
-    skip._warned.clear()
+    once._warned.clear()
     with caplog.at_level(logging.WARNING, logger="patchlab.patches.guidance_skip"):
         count, _ = rows(model, counted=sd15, steps=3)
     assert count.rows == 6

@@ -11,7 +11,7 @@ from devtools.sampling import sample
 from devtools.testkit import tiny_models
 from patchlab.kernels.attention import grid_level
 from patchlab.nodes import token_merging as nodes
-from patchlab.patches import token_merging as patches
+from patchlab.patches import once
 
 FULL = {"start_percent": 0.0, "end_percent": 1.0}
 NEVER = {"start_percent": 1.0, "end_percent": 1.0}
@@ -105,7 +105,7 @@ def test_todo_reaches_sdxl_layers(tiny_model):
 
 
 def test_a_model_out_of_reach_is_warned_about_once(tiny_model, caplog):
-    patches._warned.clear()
+    once._warned.clear()
     with caplog.at_level(logging.WARNING):
         tome(tiny_model("sdxl"), max_downsample=1)
         tome(tiny_model("sdxl"), max_downsample=1)
