@@ -31,6 +31,7 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved timed rounds")
     parser.add_argument("--only", choices=["flux", "sd15"], help="run one model only")
+    parser.add_argument("--name", default="nag", help="results file name (bench/results/NAME.json)")
     return parser.parse_args()
 
 
@@ -73,7 +74,7 @@ def main():
         results["flux"] = step_costs("flux", args.flux_pixels, 3.5, args)
     if args.only != "flux":
         results["sd15"] = step_costs("sd15", args.sd15_pixels, 7.5, args)
-    _common.write_results("nag", results)
+    _common.write_results(args.name, results)
 
 
 if __name__ == "__main__":

@@ -96,8 +96,11 @@ VARIANTS: List[Variant] = [
           ("sag", "SAG (PatchLab)", "PatchLab_SelfAttentionGuidance", (UNET,)),
           ("pag", "PAG (PatchLab)", "PatchLab_PerturbedAttentionGuidance", BOTH),
           ("seg", "SEG (PatchLab)", "PatchLab_SmoothedEnergyGuidance", BOTH),
-          ("slg", "SLG (PatchLab)", "PatchLab_SkipLayerGuidance", BOTH))
+          ("slg", "SLG (PatchLab)", "PatchLab_SkipLayerGuidance", BOTH),
+          ("tpg", "TPG (PatchLab)", "PatchLab_TokenPerturbationGuidance", BOTH))
       for suffix, cfg in (("", None), ("_cfg1", 1.0))],
+    Variant("nag_cfg1", "NAG at CFG 1 (PatchLab; negative: the empty prompt)", BOTH, "ours", "guidance",
+            ours("PatchLab_NormalizedAttentionGuidance"), 1.0),
     *[Variant(key, label, models, "ours", "guidance", ours(node))
       for key, label, node, models in (
           ("rescale_cfg", "RescaleCFG", "PatchLab_RescaleCFG", BOTH),

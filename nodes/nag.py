@@ -22,9 +22,9 @@ class NormalizedAttentionGuidance:
         "The negative is the sampler's own negative conditioning (also at CFG 1) or the optional 'negative' "
         "input. It costs one more cross-attention per layer, never a second model pass (ComfyUI's NAGuidance "
         "runs the whole negative pass). Works with the plain KSampler and every sampler node; at CFG > 1 it "
-        "guides the positive branch. UNets (SD1.x, SD2.x, SDXL), Wan 2.1/2.2 text-to-video, and Flux, Flux.2, "
-        "Chroma, HunyuanVideo, SD3/SD3.5, Qwen-Image, Z-Image, Lumina 2 (a text stream for the negative beside the "
-        "one image stream)."
+        "guides the positive branch. UNets (SD1.x, SD2.x, SDXL), Wan 2.1/2.2 (text- and image-to-video), and "
+        "Flux, Flux.2, Chroma, HunyuanVideo, SD3/SD3.5, Qwen-Image, Z-Image, Lumina 2 (a text stream for the "
+        "negative beside the one image stream)."
     )
 
     @classmethod

@@ -18,9 +18,10 @@ Where the pieces come from:
   handing it and the running network (whose layers project it) to the layers;
 * UNets (SD1.x, SD2.x, SDXL): an **attn2 replace** at every transformer (chaining one another
   pack put there) projects K- and V- with that transformer's own ``attn2.to_k`` / ``to_v``;
-* Wan 2.1 / 2.2 text-to-video: a ``double_block`` **block replace** on every block installs an
-  ``optimized_attention_override`` for that block call which acts in its second attention call,
-  the cross-attention (K- and V- through the block's ``cross_attn.k`` / ``norm_k`` / ``v``);
+* Wan 2.1 / 2.2: a ``double_block`` **block replace** on every block installs an
+  ``optimized_attention_override`` for that block call which acts in the attention call that reads
+  the text (K- and V- through the block's ``cross_attn.k`` / ``norm_k`` / ``v``): the second, or in
+  image-to-video the third (its cross-attention first attends to the CLIP vision tokens, left as is);
 * Flux, Flux.2, Chroma, HunyuanVideo (joint attention): :mod:`.nag_flux` (a text stream for the
   negative, no second image stream); SD3/SD3.5: :mod:`.nag_mmdit`; Qwen-Image: :mod:`.nag_qwen`;
   Z-Image / Lumina 2: :mod:`.nag_lumina` (the same scheme on their blocks).
@@ -53,11 +54,14 @@ _warn_once = functools.partial(once.warn_once, log)  # a warning per process, no
 
 SPEC_KEY = "patchlab_nag"                 # transformer_options: the NagSpec
 NEGATIVE_KEY = "patchlab_nag_negative"    # a run's options: the negative prompt's tensor [B, T, C]
+NEGATIVE_MASK_KEY = "patchlab_nag_negative_mask"  # a run's options: its text attention mask [B, T], or None
 CALL_KEY = "patchlab_nag_call"            # a model call's options: the negative in the network's text space
 WRAPPER_KEY = "patchlab_nag"
 NODE_ID = "PatchLab_NormalizedAttentionGuidance"
 WRAPPERS = comfy.patcher_extension.WrappersMP
-WAN_CROSS_ATTENTION = "WanT2VCrossAttention"
+# Wan cross-attention classes -> which attention call of a Wan block reads the text: self-attention is the first;
+# image-to-video's cross-attention attends to the CLIP vision tokens (second) before the text (third).
+WAN_CROSS_ATTENTIONS = {"WanT2VCrossAttention": 2, "WanI2VCrossAttention": 3}
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,12 +85,14 @@ class NagSpec:
 @dataclass(frozen=True, eq=False)
 class NagCall:
     """One model call's NAG inputs: the negative in the network's text space [B-, T, C], the running network, the
-    shape of the call's latent (Qwen-Image numbers its text positions from it)."""
+    shape of the call's latent (Qwen-Image numbers its text positions from it), the negative's text attention mask
+    as an additive bias [1, T] (None: every token attended)."""
 
     spec: NagSpec
     context: torch.Tensor
     network: torch.nn.Module
     latent_shape: tuple = ()
+    mask: Optional[torch.Tensor] = None
     state: Dict = field(default_factory=dict)  # per call: the negative text stream of joint-attention models
 
     def __deepcopy__(self, memo):
@@ -108,10 +114,9 @@ def family(model) -> str:
         return row.key
     if row is not None and row.key == "wan":
         kinds = {type(block.cross_attn).__name__ for block in net.blocks}
-        if kinds != {WAN_CROSS_ATTENTION}:
-            raise RuntimeError(f"{NODE_ID} supports Wan text-to-video models (Wan 2.1 T2V, Wan 2.2 T2V / TI2V); "
-                               f"this Wan model's cross-attention is {', '.join(sorted(kinds))} (image-to-video with "
-                               "CLIP vision features), which it does not guide yet. Remove the node for this model.")
+        if not kinds <= set(WAN_CROSS_ATTENTIONS):
+            raise RuntimeError(f"{NODE_ID} supports Wan's text-to-video and image-to-video cross-attention; this Wan "
+                               f"model's is {', '.join(sorted(kinds))}. Remove the node for this model.")
         return "wan"
     raise RuntimeError(
         f"{NODE_ID} supports UNet models (SD1.x, SD2.x, SDXL), Wan 2.1/2.2 text-to-video, Flux, Flux.2, Chroma, "
@@ -157,6 +162,16 @@ def negative_tensor(entries: List[Dict]) -> torch.Tensor:
     return tensor
 
 
+def negative_mask(entries: List[Dict]) -> Optional[torch.Tensor]:
+    """The negative prompt's text attention mask [B, T] (1 = a token, 0 = padding), where the model keeps one
+    (HunyuanVideo, Lumina 2, ...) and it masks something; else None."""
+    entries = [c for c in entries if _cond_tensor(c) is not None]
+    mask = getattr(entries[0].get("model_conds", {}).get("attention_mask"), "cond", None) if entries else None
+    if mask is None or mask.ndim != 2 or bool(mask.bool().all()):
+        return None
+    return mask
+
+
 def sampler_sample_wrapper(executor, guider, sigmas, extra_args, callback, noise, latent_image=None,
                            denoise_mask=None, *args, **kwargs):
     """SAMPLER_SAMPLE wrapper: put the run's negative prompt into this run's (copied) model options."""
@@ -164,15 +179,17 @@ def sampler_sample_wrapper(executor, guider, sigmas, extra_args, callback, noise
     transformer_options = options.get("transformer_options", {})
     spec = transformer_options.get(SPEC_KEY)
     if spec is not None and not spec.is_off:
-        negative = negative_tensor(_entries(spec, guider, noise, latent_image, denoise_mask, extra_args.get("seed")))
-        extra_args = {**extra_args, "model_options": {
-            **options, "transformer_options": {**transformer_options, NEGATIVE_KEY: negative}}}
+        entries = _entries(spec, guider, noise, latent_image, denoise_mask, extra_args.get("seed"))
+        run_options = {**transformer_options, NEGATIVE_KEY: negative_tensor(entries),
+                       NEGATIVE_MASK_KEY: negative_mask(entries)}
+        extra_args = {**extra_args, "model_options": {**options, "transformer_options": run_options}}
     return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, *args, **kwargs)
 
 
 # --- per model call -------------------------------------------------------------------------------------
 
-def _text_space(base, negative: torch.Tensor, t: torch.Tensor, options: Dict) -> torch.Tensor:
+def _text_space(base, negative: torch.Tensor, t: torch.Tensor, options: Dict,
+                mask: Optional[torch.Tensor]) -> torch.Tensor:
     """The negative prompt as the network's attention layers read it (Wan embeds its text first, Flux's text
     stream starts at ``txt_in``, HunyuanVideo's token refiner reads the timestep too)."""
     net = base.diffusion_model
@@ -180,7 +197,7 @@ def _text_space(base, negative: torch.Tensor, t: torch.Tensor, options: Dict) ->
     if row is not None and row.key in ("flux", "hunyuan_video"):
         from . import nag_flux
 
-        return nag_flux.network_text(base, negative, t, options)
+        return nag_flux.network_text(base, negative, t, options, mask)
     if row is not None and row.key == "mmdit":
         from . import nag_mmdit
 
@@ -208,8 +225,13 @@ def apply_model_wrapper(executor, x, t, *args, **kwargs):
     base = executor.class_obj
     dtype = base.manual_cast_dtype if base.manual_cast_dtype is not None else base.get_dtype()
     net = base.diffusion_model
-    context = _text_space(base, negative.to(device=x.device, dtype=dtype), t, options)
-    options = {**options, CALL_KEY: NagCall(spec, context, net, tuple(x.shape))}
+    # the negative's text mask where the model masks the positive's text in every block (HunyuanVideo)
+    row = families.of_network(net)
+    mask = options.get(NEGATIVE_MASK_KEY) if row is not None and row.key == "hunyuan_video" else None
+    if mask is not None:  # 1/0 -> an additive bias, as the model turns its own
+        mask = (mask.to(device=x.device) - 1).to(dtype) * torch.finfo(dtype).max
+    context = _text_space(base, negative.to(device=x.device, dtype=dtype), t, options, mask)
+    options = {**options, CALL_KEY: NagCall(spec, context, net, tuple(x.shape), mask)}
     if len(args) > 3:
         args[3] = options
     else:
@@ -286,14 +308,16 @@ def _install_unet(patched) -> None:
 # --- Wan: a block replace and its attention override -----------------------------------------------------
 
 def make_wan_override(previous, cross_attn, call: NagCall, parts: List[slice]):
-    """An ``optimized_attention_override`` for one Wan block call: guides its second attention call (the
-    cross-attention) in ``parts``; every other call goes on to ``previous`` (or the attention itself)."""
+    """An ``optimized_attention_override`` for one Wan block call: guides the attention call that reads the text
+    (the second, or the third after image-to-video's CLIP vision tokens) in ``parts``; every other call goes on to
+    ``previous`` (or the attention itself)."""
     seen = [0]
+    text_call = WAN_CROSS_ATTENTIONS[type(cross_attn).__name__]
 
     def override(func, *args, **kwargs):
         out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
         seen[0] += 1
-        if seen[0] != 2:
+        if seen[0] != text_call:
             return out
         q = args[0]
         k_neg = comfy.utils.repeat_to_batch_size(cross_attn.norm_k(cross_attn.k(call.context)), q.shape[0])

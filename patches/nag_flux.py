@@ -40,9 +40,11 @@ STATE_IMAGE_TOKENS = "image"   # the image stream's length (HunyuanVideo single 
 STATE_TEXT_LAST = "text_last"  # whether the double blocks put the text last (HunyuanVideo)
 
 
-def network_text(base, negative: torch.Tensor, t: torch.Tensor, options: Dict) -> torch.Tensor:
+def network_text(base, negative: torch.Tensor, t: torch.Tensor, options: Dict,
+                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The negative prompt in the network's text-stream space [R, T-, C] (``txt_in``; HunyuanVideo's token refiner
-    reads each row's timestep, so it gets one row per positive row of the call)."""
+    reads each row's timestep, so it gets one row per positive row of the call, and the negative's text mask, an
+    additive bias [1, T-])."""
     net = base.diffusion_model
     if type(net).__module__.startswith("comfy.ldm.hunyuan_video"):
         parts = cond_parts(options.get("cond_or_uncond", []), t.shape[0])
@@ -51,7 +53,8 @@ def network_text(base, negative: torch.Tensor, t: torch.Tensor, options: Dict) -
         rows = sum(part.stop - part.start for part in parts)
         repeated = comfy.utils.repeat_to_batch_size(negative, rows)
         timesteps = base.model_sampling.timestep(rows_of(t, parts)).float()
-        text = net.txt_in(repeated, timesteps, None, transformer_options=options)
+        rows_mask = comfy.utils.repeat_to_batch_size(mask, rows) if mask is not None else None
+        text = net.txt_in(repeated, timesteps, rows_mask, transformer_options=options)
         embed = getattr(net, "cond_type_embedding", None)
         if embed is not None:
             text = text + embed(torch.zeros_like(text[:, :, 0], dtype=torch.long)).to(text.dtype)
@@ -132,8 +135,18 @@ def make_override(previous, call, parts: List[slice], negative: Negative, image_
         sub = dict(kwargs)
         sub.pop("mask", None)
         heads = args[3] if len(args) > 3 else sub.pop("heads")
-        rest = (None, *args[5:]) if len(args) > 4 else ()  # no mask: the negative's text has none
         start, stop = image_range(q.shape[token_dim])
+        mask = None  # over [negative text; image] keys: the negative's text mask, the image all attended
+        if call.mask is not None:
+            rows = sum(part.stop - part.start for part in parts)
+            text_mask = comfy.utils.repeat_to_batch_size(call.mask, rows).to(q.dtype)
+            mask = torch.cat([text_mask, text_mask.new_zeros(rows, stop - start)], dim=1).view(rows, 1, 1, -1)
+        if len(args) > 4:
+            rest = (mask, *args[5:])
+        else:
+            rest = ()
+            if mask is not None:
+                sub["mask"] = mask
         q_img, k_img, v_img = (rows_of(t, parts).narrow(token_dim, start, stop - start) for t in (q, k, v))
         k_neg = torch.cat([negative.k.to(k_img.dtype), k_img], dim=token_dim)
         v_neg = torch.cat([negative.v.to(v_img.dtype), v_img], dim=token_dim)

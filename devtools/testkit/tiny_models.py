@@ -70,8 +70,20 @@ class _TinyWan21(comfy.supported_models.WAN21_T2V):
     pass
 
 
+class _TinyWan21I2V(comfy.supported_models.WAN21_I2V):
+    pass
+
+
 class _TinyWan22(comfy.supported_models.WAN22_T2V):
     pass
+
+
+class ClipVisionFeatures:
+    """What Wan image-to-video reads from a CLIP vision output: ``penultimate_hidden_states`` [1, 257, 1280]
+    (CLIP-H's patch tokens), seeded random values in place of an encoded picture."""
+
+    def __init__(self, seed: int = 0):
+        self.penultimate_hidden_states = torch.randn(1, 257, 1280, generator=torch.Generator().manual_seed(seed))
 
 
 class _TinyHunyuanVideo(comfy.supported_models.HunyuanVideo):
@@ -179,6 +191,14 @@ LAYOUTS = {
     "wan21": Layout(
         name="wan21", config_class=_TinyWan21, context_dim=32, latent_channels=16, frames=3,
         unet_config={**_WAN, "in_dim": 16, "out_dim": 16},
+    ),
+    # Wan 2.1 i2v: the same blocks with image-to-video cross-attention (CLIP vision tokens through img_emb next
+    # to the text), 36 input channels (the latent, a 4-channel mask and the start image's latent: zeros here) and
+    # a CLIP vision output in every conditioning.
+    "wan21_i2v": Layout(
+        name="wan21_i2v", config_class=_TinyWan21I2V, context_dim=32, latent_channels=16, frames=3,
+        extra_cond={"clip_vision_output": ClipVisionFeatures()},
+        unet_config={**_WAN, "model_type": "i2v", "in_dim": 36, "out_dim": 16},
     ),
     # Wan 2.2 TI2V 5B: the same blocks over Wan 2.2's 48-channel latent (16x16 pixels per cell).
     "wan22": Layout(

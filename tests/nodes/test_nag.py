@@ -11,15 +11,17 @@ from devtools.testkit import tiny_models
 from devtools.testkit.counting import count_rows
 from patchlab.kernels import attention as ka
 from patchlab.nodes import attention_guidance as ag_nodes
+from patchlab.nodes import guidance_skip as skip_nodes
 from patchlab.nodes import nag as nodes
+from patchlab.nodes import step_cache as sc_nodes
 from patchlab.patches import nag
 from patchlab.patches.window import SigmaWindow
 
 FULL = {"start_percent": 0.0, "end_percent": 1.0}
 NEVER = {"start_percent": 1.0, "end_percent": 1.0}
 NAG = {"scale": 5.0, "tau": 2.5, "alpha": 0.5}
-LAYOUTS = ["sd15", "sdxl", "wan21", "flux", "flux2", "chroma", "hunyuan_video", "sd3", "qwen_image", "zimage",
-           "lumina2"]
+LAYOUTS = ["sd15", "sdxl", "wan21", "wan21_i2v", "flux", "flux2", "chroma", "hunyuan_video", "sd3", "qwen_image",
+           "zimage", "lumina2"]
 
 
 def close(actual, expected, rel=1e-4):
@@ -138,6 +140,21 @@ def test_a_non_finite_negative_is_refused(tiny_model):
         run(apply(tiny_model("sd15")), "sd15", negative=bad)
 
 
+def test_on_hunyuan_video_the_negatives_text_mask_is_applied(tiny_model):
+    """A padded prompt with a text mask as positive and negative gives the unguided result (Z- = Z+ only if the
+    negative's stream masks its padding as the model masks the positive's); without the mask it does not."""
+    model = tiny_model("hunyuan_video")
+    tensor, extras = prompt("hunyuan_video", 3)[0]
+    junk = 10 * torch.randn(1, 4, tensor.shape[2], generator=torch.Generator().manual_seed(5))
+    mask = torch.cat([torch.ones(1, tensor.shape[1]), torch.zeros(1, 4)], dim=1).long()
+    padded = [[torch.cat([tensor, junk], dim=1), {**extras, "attention_mask": mask}]]
+    plain = run(model, "hunyuan_video", positive=padded)
+    close(run(apply(model), "hunyuan_video", positive=padded, negative=padded), plain, rel=1e-4)
+    unmasked = [[padded[0][0], extras]]
+    assert not torch.allclose(run(apply(model), "hunyuan_video", positive=padded, negative=unmasked), plain,
+                              rtol=1e-3, atol=1e-3)
+
+
 def test_a_family_without_nag_is_refused_with_the_supported_ones(tiny_model):
     with pytest.raises(RuntimeError, match="UNet models .*Wan.*Flux.*SD3.*Qwen-Image.*Z-Image"):
         apply(tiny_model("auraflow"))
@@ -206,6 +223,60 @@ def test_with_pag_the_extra_pass_adds_one_row_per_step_only(tiny_model):
     with count_rows(model) as count:
         run(pag, "sd15")
     assert count.rows == 3 * 2
+
+
+def counting_guidance(monkeypatch):
+    """Count the NAG kernel's calls (one per guided layer and chunk)."""
+    calls = []
+    kernel = ka.normalized_attention_guidance
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(ka, "normalized_attention_guidance", counted)
+    return calls
+
+
+def test_with_step_cache_a_reused_step_is_not_guided_again(tiny_model, monkeypatch):
+    """A reused step runs no network, so no NAG: the guidance runs once per evaluated row, never more."""
+    model = tiny_model("sd15")
+    calls = counting_guidance(monkeypatch)
+    run(apply(model), "sd15")
+    per_row = len(calls) // 3
+    calls.clear()
+    (cached,) = checks.run_node(sc_nodes.StepCache, model=apply(model), indicator="input", threshold=0.9,
+                                max_consecutive=4, reuse="plain", **FULL)
+    with count_rows(model) as count:
+        sample(cached, "sd15", steps=8, cfg=1.0)
+    assert 0 < count.rows < 8
+    assert len(calls) == per_row * count.rows
+
+
+def test_with_guidance_interval_nag_adds_no_rows(tiny_model):
+    """Outside its interval GuidanceInterval skips the negative pass; NAG still guides with the sampler's negative
+    and adds no rows: the rows equal GuidanceInterval's alone."""
+    model = tiny_model("sd15")
+
+    def interval(base):
+        return checks.run_node(skip_nodes.GuidanceInterval, model=base, start_percent=0.3, end_percent=0.7)[0]
+
+    with count_rows(model) as alone:
+        plain = run(interval(model), "sd15", cfg=4.0)
+    with count_rows(model) as guided:
+        result = run(interval(apply(model)), "sd15", cfg=4.0)
+    assert guided.rows == alone.rows < 2 * 3
+    assert not torch.allclose(result, plain, rtol=1e-3, atol=1e-3)
+
+
+def test_with_tpg_the_shuffled_pass_adds_one_row_per_step_only(tiny_model):
+    model = tiny_model("sd15")
+    (tpg,) = checks.run_node(ag_nodes.TokenPerturbationGuidance, model=apply(model), scale=2.0, blocks="auto", seed=1,
+                             **FULL)
+    with count_rows(model) as count:
+        result = run(tpg, "sd15")
+    assert count.rows == 3 * 2
+    assert not torch.allclose(result, run(apply(model), "sd15"), rtol=1e-3, atol=1e-3)
 
 
 def test_on_zimage_nag_and_pag_wrap_the_same_layers_and_both_act(tiny_model):
