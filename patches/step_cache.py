@@ -28,9 +28,15 @@ so a second StepCache on the same model replaces the first:
 
 State is per chunk of the call — keyed by the cond uuid, cond/uncond flag and the
 chunk's full shape (so a new latent size or batch can never meet a stale tensor) —
-and every indicator is per batch item; a call reuses only when every item of every
-chunk is below the threshold, the sigma of every item is in the window and no chunk
-has reached ``max_consecutive``. Chunked cond/uncond calls decide separately.
+with one row per batch item, and every indicator is per batch item. With the ``input``
+indicator each item decides on its own, its cond and uncond chunks together: it reuses
+when its change is below the threshold in every chunk, its sigma is in the window and it
+has not reached ``max_consecutive``; the items that reuse get their cached prediction and
+the others are evaluated in one smaller model call (their rows of x, t, the conditioning,
+ControlNet outputs and ``transformer_options["sigmas"]``), so each item of a batch gets
+what it gets alone. With ``first block`` the block has already run on every row when the
+hook decides, so a call reuses only when every item agrees. Chunked cond/uncond calls
+decide separately.
 
 One step cache per model: StepCache refuses a model that carries ComfyUI's EasyCache or
 LazyCache, when the node runs (the core cache came first) and when sampling starts (it
@@ -56,7 +62,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import comfy.patcher_extension
@@ -114,7 +120,7 @@ class _Entry:
     sigma_prev: Optional[torch.Tensor] = None
     x_ref: Optional[torch.Tensor] = None
     block_ref: Optional[torch.Tensor] = None
-    reused: int = 0
+    reused: List[int] = field(default_factory=list)  # per batch item: reused calls since its last evaluation
 
 
 ChunkKey = Tuple[Any, int, Tuple[int, ...]]
@@ -183,7 +189,7 @@ class RunState:
     def summary(self) -> str:
         with self._lock:
             steps = len(self.steps)
-            reused = sum(1 for full, hit in self.steps.values() if hit and not full)
+            reused = sum(1 for full, hit in self.steps.values() if hit and not full)  # partial calls count both
             partly = sum(1 for full, hit in self.steps.values() if hit and full)
             full_calls = sum(full for full, _ in self.steps.values())
             hit_calls = sum(hit for _, hit in self.steps.values())
@@ -226,7 +232,7 @@ class _Call:
         if spec.threshold <= 0 or not self.valid or self.sigma is None:
             return False
         for entry in self.entries:
-            if entry is None or entry.reused >= spec.max_consecutive:
+            if entry is None or (spec.indicator == "first block" and max(entry.reused) >= spec.max_consecutive):
                 return False
             if spec.indicator == "input" and entry.x_ref is None:
                 return False
@@ -235,10 +241,11 @@ class _Call:
         return True
 
     def _in_window(self) -> torch.Tensor:
-        positive = (self.sigmas > kc.EPS).all()  # x - sigma * d needs sigma > 0
+        """[rows] bool: the row's sigma is in the window (and positive: x - sigma * d needs sigma > 0)."""
+        positive = self.sigmas > kc.EPS
         if self.spec.window.is_always:
             return positive
-        return self.spec.window.mask(self.sigmas).all() & positive
+        return self.spec.window.mask(self.sigmas) & positive
 
     def scaled_inputs(self) -> List[torch.Tensor]:
         """The network's input per chunk: ComfyUI's ``calculate_input`` of x for the chunk's sigmas."""
@@ -256,7 +263,21 @@ class _Call:
                 return False
             changes.append(kc.relative_change(current, reference))
         changes = torch.cat([c.to(self.sigmas.device) for c in changes])
-        return bool(kc.all_below(changes, self.spec.threshold) & self._in_window())
+        return bool(kc.all_below(changes, self.spec.threshold) & self._in_window().all())
+
+    def items_reusing(self, currents: List[torch.Tensor]) -> Optional[List[bool]]:
+        """Per batch item, whether it reuses (indicator ``input``): in every chunk its change since its last full
+        evaluation is below the threshold and its sigma in the window, and it has not reached ``max_consecutive``.
+        One host sync; None where a reference does not match."""
+        changes = []
+        for current, entry in zip(currents, self.entries):
+            if entry.x_ref.shape != current.shape or len(entry.reused) != self.rows:
+                return None
+            changes.append(kc.relative_change(current, entry.x_ref).to(self.sigmas.device))
+        below = (torch.stack(changes) < self.spec.threshold) & self._in_window().view(len(self.pieces), self.rows)
+        allowed = [all(entry.reused[i] < self.spec.max_consecutive for entry in self.entries)
+                   for i in range(self.rows)]
+        return [bool(b) and a for b, a in zip(below.all(0).tolist(), allowed)]
 
     def first_block(self, residual: torch.Tensor) -> None:
         """Called by the first-block hook with that block's residual [rows of the call, ...]; may raise _Reuse."""
@@ -267,8 +288,10 @@ class _Call:
             if self.decide(list(self.block_residual.split(self.rows)), "block_ref"):
                 raise _Reuse(self)
 
-    def reuse(self) -> torch.Tensor:
-        """The denoised prediction ``x - sigma * d`` from the cached (or forecast) direction, per chunk."""
+    def reuse(self, items: Optional[List[bool]] = None) -> torch.Tensor:
+        """The denoised prediction ``x - sigma * d`` from the cached (or forecast) direction, per chunk, every row;
+        ``items``: the batch items that reuse (default all), whose reuse counters advance."""
+        items = items if items is not None else [True] * self.rows
         outputs = []
         for piece, sigma, entry in zip(self.pieces, self.sigma, self.entries):
             if self.spec.forecast:
@@ -277,11 +300,13 @@ class _Call:
             else:
                 d = entry.d_last
             outputs.append(kc.denoised_from_direction(piece, sigma, d))
-            entry.reused += 1
+            entry.reused = [count + 1 if reusing else count for count, reusing in zip(entry.reused, items)]
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
-    def store(self, x: torch.Tensor, denoised: torch.Tensor, scaled: Optional[List[torch.Tensor]]) -> None:
-        """Keep what the next steps need from this full evaluation (``scaled``: the inputs, indicator ``input``)."""
+    def store(self, x: torch.Tensor, denoised: torch.Tensor, scaled: Optional[List[torch.Tensor]],
+              evaluated: Optional[List[bool]] = None) -> None:
+        """Keep what the next steps need from this evaluation (``scaled``: the inputs, indicator ``input``;
+        ``evaluated``: the batch items the network evaluated, default all; the others keep their entry rows)."""
         if not self.valid or not torch.is_tensor(denoised) or denoised.shape != x.shape:
             if torch.is_tensor(denoised) and denoised.shape != x.shape:
                 _warn_once(f"{self.spec.node_id}: the model's output {tuple(denoised.shape)} does not match its "
@@ -295,6 +320,9 @@ class _Call:
         for index, (key, entry, piece, sigma, out, block) in enumerate(zip(
                 self.keys, self.entries, self.pieces, self.sigma, denoised.split(self.rows), blocks)):
             d = kc.direction(piece, sigma, out.detach())
+            if evaluated is not None and not all(evaluated):
+                self.state.put(key, _merged(entry, evaluated, d, sigma, scaled[index].detach(), self.spec.forecast))
+                continue
             keep_previous = self.spec.forecast and entry is not None and entry.d_last.shape == d.shape
             self.state.put(key, _Entry(
                 d_last=d, sigma_last=sigma,
@@ -302,7 +330,50 @@ class _Call:
                 sigma_prev=entry.sigma_last if keep_previous else None,
                 x_ref=scaled[index].detach() if scaled is not None else None,
                 block_ref=block if self.spec.indicator == "first block" else None,
+                reused=[0] * self.rows,
             ))
+
+
+def _merged(entry: _Entry, evaluated: List[bool], d: torch.Tensor, sigma: torch.Tensor, x_ref: torch.Tensor,
+            forecast: bool) -> _Entry:
+    """A chunk's entry after a call that evaluated only the items ``evaluated``: their rows take the new direction,
+    sigma and input (the previous direction moving to ``d_prev``); the other rows stay. A row without a previous
+    evaluation keeps ``sigma_prev == sigma_last``, which the forecast reads as plain reuse."""
+    rows = torch.tensor(evaluated, device=d.device)
+    by_row = rows.view(-1, *([1] * (d.ndim - 1)))
+    by_sigma = rows.to(sigma.device)
+    d_prev = entry.d_prev if entry.d_prev is not None else entry.d_last
+    sigma_prev = entry.sigma_prev if entry.sigma_prev is not None else entry.sigma_last
+    return _Entry(
+        d_last=torch.where(by_row, d, entry.d_last), sigma_last=torch.where(by_sigma, sigma, entry.sigma_last),
+        d_prev=torch.where(by_row, entry.d_last, d_prev) if forecast else None,
+        sigma_prev=torch.where(by_sigma, entry.sigma_last, sigma_prev) if forecast else None,
+        x_ref=torch.where(rows.to(x_ref.device).view_as(by_row), x_ref, entry.x_ref),
+        reused=[0 if done else count for done, count in zip(evaluated, entry.reused)],
+    )
+
+
+def _rows_of(value, index: torch.Tensor, rows: int):
+    """``value`` cut to the rows ``index`` where it has one row per row of the call (tensors with ``rows`` rows, in
+    dicts, lists and tuples: the conditioning, ControlNet outputs); everything else as it is."""
+    if torch.is_tensor(value):
+        return value.index_select(0, index.to(value.device)) if value.ndim and value.shape[0] == rows else value
+    if isinstance(value, dict):
+        return {key: _rows_of(item, index, rows) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_rows_of(item, index, rows) for item in value)
+    return value
+
+
+def _call_rows(args, kwargs, index: torch.Tensor, rows: int):
+    """The APPLY_MODEL arguments of a call over the rows ``index`` only (``transformer_options``: a shallow copy with
+    its per-row tensors, such as ``sigmas``, cut)."""
+    def cut(value):
+        if isinstance(value, dict) and ("cond_or_uncond" in value or "sigmas" in value):  # transformer_options
+            return {key: _rows_of(item, index, rows) if torch.is_tensor(item) else item for key, item in value.items()}
+        return _rows_of(value, index, rows)
+
+    return [cut(arg) for arg in args], {key: cut(value) for key, value in kwargs.items()}
 
 
 def _row_sigmas(sigma, rows: int, device) -> Optional[torch.Tensor]:
@@ -412,9 +483,12 @@ def apply_model_wrapper(executor, *args, **kwargs):
     scaled = None
     if state.spec.indicator == "input" and call.valid and call.sigma is not None:
         scaled = call.scaled_inputs()
-        if call.eligible() and call.decide(scaled, "x_ref"):
+        reusing = call.items_reusing(scaled) if call.eligible() else None
+        if reusing is not None and all(reusing):
             state.count(step, True, int(x.shape[0]))
             return call.reuse()
+        if reusing is not None and any(reusing):
+            return _evaluate_some(executor, args, kwargs, call, reusing, scaled, step)
     if state.spec.indicator == "first block":
         transformer_options[CALL_KEY] = call
     try:
@@ -431,6 +505,23 @@ def apply_model_wrapper(executor, *args, **kwargs):
     if call.sigma is not None:
         call.store(x, output, scaled)
     return output
+
+
+def _evaluate_some(executor, args, kwargs, call: _Call, reusing: List[bool], scaled: List[torch.Tensor],
+                   step: int) -> torch.Tensor:
+    """A call where some batch items reuse: the others are evaluated in one model call over their rows."""
+    x = args[0] if args else kwargs["x"]
+    rows = int(x.shape[0])
+    index = torch.tensor([chunk * call.rows + item for chunk in range(len(call.pieces))
+                          for item in range(call.rows) if not reusing[item]], device=x.device)
+    sub_args, sub_kwargs = _call_rows(args, kwargs, index, rows)
+    output = executor(*sub_args, **sub_kwargs)
+    denoised = call.reuse(reusing)
+    denoised = denoised.index_copy(0, index, output.to(denoised.dtype))
+    call.store(x, denoised, scaled, evaluated=[not r for r in reusing])
+    call.state.count(step, False, int(index.numel()))
+    call.state.count(step, True, rows - int(index.numel()))
+    return denoised
 
 
 # --- the first-block hooks (spec-free: they act only through the call's _Call) ------------------------

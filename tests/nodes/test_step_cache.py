@@ -170,7 +170,69 @@ def test_batch_of_two_reuses_and_matches_the_rows_logged(sd15, caplog):
         out = sample(cache(sd15, threshold=0.5), "sd15", steps=6, batch=2)
     (run,) = runs(caplog)
     assert out.shape[0] == 2 and torch.isfinite(out).all()
-    assert run["reused_steps"] > 0 and counted.rows == run["full_rows"] == 4 * run["full_calls"]
+    assert run["reused_steps"] > 0 and counted.rows == run["full_rows"]
+    assert run["full_rows"] + run["reused_rows"] == 4 * 6
+
+
+def item(conditioning, i):
+    """Batch item ``i`` of a one-entry conditioning (its tensors and any per-item extras)."""
+    tensor, extras = conditioning[0]
+    return [[tensor[i:i + 1], {k: v[i:i + 1] if torch.is_tensor(v) and v.shape[:1] == tensor.shape[:1] else v
+                               for k, v in extras.items()}]]
+
+
+def alone_and_together(model, layout, prompts, img2img=False, **settings):
+    """(each item sampled alone, both sampled as one batch of two, rows counted alone, rows counted together);
+    12 steps. ``img2img``: item 1 starts from a picture (denoise 0.6), so the items' inputs change differently."""
+    latent = comfy.sample.fix_empty_latent_channels(model, tiny_models.empty_latent(layout, batch=2))
+    if img2img:
+        latent[1] = 2.0 * torch.randn(latent[1].shape, generator=torch.Generator().manual_seed(3))
+    noise = comfy.sample.prepare_noise(latent, 7)
+    common = {"steps": 12, "denoise": 0.6 if img2img else 1.0}
+    alone, rows_alone = [], []
+    for i in range(2):
+        with count_rows(model) as counted:
+            alone.append(sample(cache(model, **settings), layout, noise=noise[i:i + 1], latent=latent[i:i + 1],
+                                **common, **{name: item(cond, i) for name, cond in prompts.items()}))
+        rows_alone.append(counted.rows)
+    with count_rows(model) as counted:
+        together = sample(cache(model, **settings), layout, noise=noise, latent=latent, **common, **prompts)
+    return alone, together, rows_alone, counted.rows
+
+
+# the items of these runs decide differently on some steps (found by trying thresholds on the tiny models)
+DIVERGING = [("zimage", False, {"threshold": 0.2, "max_consecutive": 4}),
+             ("sdxl", True, {"threshold": 0.2, "max_consecutive": 2})]
+
+
+@pytest.mark.parametrize("layout,img2img,settings", DIVERGING, ids=[case[0] for case in DIVERGING])
+def test_with_the_input_indicator_each_batch_item_gets_what_it_gets_alone(tiny_model, layout, img2img, settings,
+                                                                           caplog):
+    """Each item decides on its own; a step where only some reuse evaluates the others in a smaller call."""
+    model = tiny_model(layout)
+    prompts = {"positive": tiny_models.conditioning(layout, 1, batch=2),
+               "negative": tiny_models.conditioning(layout, 2, batch=2)}
+    alone, together, rows_alone, rows_together = alone_and_together(model, layout, prompts, img2img, **settings)
+    assert rows_alone[0] != rows_alone[1]  # the two items decide differently: some calls are partial
+    assert rows_together == sum(rows_alone)
+    for i in range(2):
+        torch.testing.assert_close(together[i:i + 1], alone[i], rtol=1e-4, atol=1e-4 * float(alone[i].abs().max()))
+    assert runs(caplog)[-1]["partly"] > 0
+
+
+def test_a_partial_call_cuts_the_controlnet_outputs_to_its_rows(tiny_model):
+    import nodes as comfy_nodes
+
+    model = tiny_model("sdxl")
+    hint = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(0))
+    positive, negative = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(
+        tiny_models.conditioning("sdxl", 1, batch=2), tiny_models.conditioning("sdxl", 2, batch=2),
+        tiny_models.build_controlnet("sdxl"), hint, 0.8, 0.0, 1.0)
+    alone, together, rows_alone, rows_together = alone_and_together(
+        model, "sdxl", {"positive": positive, "negative": negative}, True, threshold=0.2, max_consecutive=2)
+    assert rows_alone[0] != rows_alone[1] and rows_together == sum(rows_alone)
+    for i in range(2):
+        torch.testing.assert_close(together[i:i + 1], alone[i], rtol=1e-4, atol=1e-4 * float(alone[i].abs().max()))
 
 
 @pytest.mark.parametrize("indicator", ["input", "first block"])
