@@ -38,6 +38,7 @@ STATE_TEXT = "text"          # the negative caption stream [R, T-, C]
 STATE_PE = "pe"              # its rotary embedding
 STATE_CAPTION = "caption"    # the positive caption's (padded) length: where the image tokens start
 
+
 def _padded(net, feats: torch.Tensor) -> torch.Tensor:
     multiple = getattr(net, "pad_tokens_multiple", None)
     if not multiple:

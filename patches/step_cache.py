@@ -189,8 +189,8 @@ class RunState:
     def summary(self) -> str:
         with self._lock:
             steps = len(self.steps)
-            reused = sum(1 for full, hit in self.steps.values() if hit and not full)  # partial calls count both
-            partly = sum(1 for full, hit in self.steps.values() if hit and full)
+            reused = sum(1 for full, hit in self.steps.values() if hit and not full)
+            partly = sum(1 for full, hit in self.steps.values() if hit and full)  # some rows or chunks reused
             full_calls = sum(full for full, _ in self.steps.values())
             hit_calls = sum(hit for _, hit in self.steps.values())
             spec = self.spec

@@ -20,8 +20,8 @@ from patchlab.patches.window import SigmaWindow
 FULL = {"start_percent": 0.0, "end_percent": 1.0}
 NEVER = {"start_percent": 1.0, "end_percent": 1.0}
 NAG = {"scale": 5.0, "tau": 2.5, "alpha": 0.5}
-LAYOUTS = ["sd15", "sdxl", "wan21", "wan21_i2v", "flux", "flux2", "chroma", "hunyuan_video", "sd3", "qwen_image",
-           "zimage", "lumina2"]
+LAYOUTS = ["sd15", "sdxl", "wan21", "wan21_i2v", "wan22", "flux", "flux2", "chroma", "hunyuan_video", "sd3",
+           "qwen_image", "zimage", "lumina2"]
 
 
 def close(actual, expected, rel=1e-4):
