@@ -254,6 +254,22 @@ def call_parts(options: Dict, rows: int):
     return call, (cond_parts(options.get("cond_or_uncond", []), rows) if call is not None else [])
 
 
+def run_block(previous, args: Dict, extra: Dict):
+    """Run a block through the replace that was there before NAG's (chained), or the block itself."""
+    return previous(args, extra) if previous is not None else extra["original_block"](args)
+
+
+def install_block_replaces(patched, name: str, count: int, make) -> None:
+    """NAG's ``make(index, previous)`` as the ``dit`` ``name`` replace of blocks 0..count-1 (once per block; a
+    replace another node put there is chained)."""
+    replaces = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    for index in range(count):
+        existing = replaces.get((name, index))
+        if existing is not None and getattr(existing, "patchlab_nag", False):
+            continue
+        patched.set_model_patch_replace(make(index, existing), "dit", name, index)
+
+
 def _guide(out: torch.Tensor, z_neg: torch.Tensor, part: slice, spec: NagSpec) -> None:
     out[part] = ka.normalized_attention_guidance(out[part], z_neg, spec.scale, spec.tau, spec.alpha)
 
@@ -333,30 +349,22 @@ def make_wan_override(previous, cross_attn, call: NagCall, parts: List[slice]):
 
 def make_wan_replace(index: int, previous=None):
     """The ``double_block`` replace PatchLab's NAG puts at Wan block ``index`` (chaining ``previous``)."""
-    def run(args, extra):
-        return previous(args, extra) if previous is not None else extra["original_block"](args)
-
     def block_replace(args, extra):
         options = args.get("transformer_options") or {}
         call, parts = call_parts(options, args["img"].shape[0])
         if not parts:
-            return run(args, extra)
+            return run_block(previous, args, extra)
         inner = dict(options)
         inner["optimized_attention_override"] = make_wan_override(
             options.get("optimized_attention_override"), call.network.blocks[index].cross_attn, call, parts)
-        return run({**args, "transformer_options": inner}, extra)
+        return run_block(previous, {**args, "transformer_options": inner}, extra)
 
     block_replace.patchlab_nag = True
     return block_replace
 
 
 def _install_wan(patched) -> None:
-    replaces = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    for index in range(len(patched.model.diffusion_model.blocks)):
-        existing = replaces.get(("double_block", index))
-        if existing is not None and getattr(existing, "patchlab_nag", False):
-            continue
-        patched.set_model_patch_replace(make_wan_replace(index, existing), "dit", "double_block", index)
+    install_block_replaces(patched, "double_block", len(patched.model.diffusion_model.blocks), make_wan_replace)
 
 
 # --- installing ---------------------------------------------------------------------------------------------

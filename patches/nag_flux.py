@@ -31,7 +31,7 @@ import torch
 from comfy.ldm.flux.math import apply_rope
 
 from ..kernels import attention as ka
-from .nag import call_parts, cond_parts
+from .nag import call_parts, cond_parts, install_block_replaces, run_block
 
 STATE_TEXT = "text"            # the negative text stream [R, T-, C]
 STATE_PE = "pe"                # its rotary embedding
@@ -165,30 +165,33 @@ def make_override(previous, call, parts: List[slice], negative: Negative, image_
     return override
 
 
-def _stream(call, parts: List[slice], device) -> torch.Tensor:
-    """The negative text stream for this call's cond rows (created at the first block)."""
+def stream(call, parts: List[slice], rope=None) -> torch.Tensor:
+    """The negative text stream [R, T-, C] for this call's cond rows, created at the first block from the call's
+    negative (``rope(tokens, device)``: its rotary embedding, kept in the call's state as ``STATE_PE``)."""
     text = call.state.get(STATE_TEXT)
     if text is None:
         rows = sum(part.stop - part.start for part in parts)
         text = comfy.utils.repeat_to_batch_size(call.context, rows)
         call.state[STATE_TEXT] = text
-        call.state[STATE_PE] = text_rope(call.network, text.shape[1], device)
+        if rope is not None:
+            call.state[STATE_PE] = rope(text.shape[1], text.device)
     return text
+
+
+def _flux_rope(call):
+    return lambda tokens, device: text_rope(call.network, tokens, device)
 
 
 def make_double_replace(index: int, previous=None):
     """The ``double_block`` replace of Flux block ``index``: NAG in its joint attention, the negative stream
     advanced."""
-    def run(args, extra):
-        return previous(args, extra) if previous is not None else extra["original_block"](args)
-
     def block_replace(args, extra):
         options = args.get("transformer_options") or {}
         call, parts = call_parts(options, args["img"].shape[0])
         if not parts:
-            return run(args, extra)
+            return run_block(previous, args, extra)
         block = call.network.double_blocks[index]
-        text = _stream(call, parts, args["img"].device)
+        text = stream(call, parts, _flux_rope(call))
         mod1, mod2 = (_mod_rows(m, parts) for m in _double_text_mods(block, args["vec"]))
         modulated = _apply(block.txt_norm1(text), 1 + mod1.scale, mod1.shift)
         q, k, v = _heads(block.txt_attn.qkv(modulated), block.num_heads)
@@ -205,7 +208,7 @@ def make_double_replace(index: int, previous=None):
         inner = dict(options)
         inner["optimized_attention_override"] = make_override(
             options.get("optimized_attention_override"), call, parts, negative, image_range)
-        out = run({**args, "transformer_options": inner}, extra)
+        out = run_block(previous, {**args, "transformer_options": inner}, extra)
         if negative.text_out is not None:
             text = text + _apply(block.txt_attn.proj(negative.text_out), mod1.gate)
             text = text + _apply(block.txt_mlp(_apply(block.txt_norm2(text), 1 + mod2.scale, mod2.shift)), mod2.gate)
@@ -218,17 +221,14 @@ def make_double_replace(index: int, previous=None):
 
 def make_single_replace(index: int, previous=None):
     """The ``single_block`` replace of Flux block ``index`` (one stream [text; image])."""
-    def run(args, extra):
-        return previous(args, extra) if previous is not None else extra["original_block"](args)
-
     def block_replace(args, extra):
         options = args.get("transformer_options") or {}
         call, parts = call_parts(options, args["img"].shape[0])
         n_txt = call.state.get(STATE_TEXT_TOKENS) if call is not None else None
         if not parts or n_txt is None:
-            return run(args, extra)
+            return run_block(previous, args, extra)
         block = call.network.single_blocks[index]
-        text = _stream(call, parts, args["img"].device)
+        text = stream(call, parts, _flux_rope(call))
         mod = _mod_rows(_single_mod(block, args["vec"]), parts)
         hidden = block.hidden_size
         qkv, mlp = torch.split(block.linear1(_apply(block.pre_norm(text), 1 + mod.scale, mod.shift)),
@@ -244,7 +244,7 @@ def make_single_replace(index: int, previous=None):
         inner = dict(options)
         inner["optimized_attention_override"] = make_override(
             options.get("optimized_attention_override"), call, parts, negative, image_range)
-        out = run({**args, "transformer_options": inner}, extra)
+        out = run_block(previous, {**args, "transformer_options": inner}, extra)
         if negative.text_out is not None:
             update = block.linear2(torch.cat((negative.text_out, block.mlp_act(mlp)), 2))
             call.state[STATE_TEXT] = text + _apply(update, mod.gate)
@@ -256,12 +256,6 @@ def make_single_replace(index: int, previous=None):
 
 def install(patched) -> None:
     """A NAG replace on every double and single block (once; another replace there is chained)."""
-    replaces: Dict = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     net = patched.model.diffusion_model
-    for name, blocks, make in (("double_block", net.double_blocks, make_double_replace),
-                               ("single_block", net.single_blocks, make_single_replace)):
-        for index in range(len(blocks)):
-            existing = replaces.get((name, index))
-            if existing is not None and getattr(existing, "patchlab_nag", False):
-                continue
-            patched.set_model_patch_replace(make(index, existing), "dit", name, index)
+    install_block_replaces(patched, "double_block", len(net.double_blocks), make_double_replace)
+    install_block_replaces(patched, "single_block", len(net.single_blocks), make_single_replace)

@@ -29,13 +29,11 @@ from comfy.ldm.flux.math import apply_rope
 
 from . import block_forward, once
 from .nag import CALL_KEY, NODE_ID, call_parts
-from .nag_flux import Negative, make_override, rows_of
+from .nag_flux import STATE_PE, STATE_TEXT, Negative, make_override, rows_of, stream
 
 log = logging.getLogger(__name__)
 
 WRAPPER_KEY = "patchlab_nag_lumina"
-STATE_TEXT = "text"          # the negative caption stream [R, T-, C]
-STATE_PE = "pe"              # its rotary embedding
 STATE_CAPTION = "caption"    # the positive caption's (padded) length: where the image tokens start
 
 
@@ -91,10 +89,7 @@ def _layer_forward(layer, inner):
         call, parts = call_parts(options, x.shape[0])
         if not parts or adaln_input is None or kwargs.get("timestep_zero_index") is not None:
             return inner(x, x_mask, freqs_cis, adaln_input, *args, transformer_options=transformer_options, **kwargs)
-        text = call.state.get(STATE_TEXT)
-        if text is None:
-            text = comfy.utils.repeat_to_batch_size(call.context, sum(p.stop - p.start for p in parts))
-            call.state[STATE_PE] = caption_rope(call.network, text.shape[1], text.device)
+        text = stream(call, parts, lambda tokens, device: caption_rope(call.network, tokens, device))
         scale_msa, gate_msa, scale_mlp, gate_mlp = layer.adaLN_modulation(rows_of(adaln_input, parts)).chunk(4, dim=1)
         negative = _negative_qkv(layer.attention, layer.attention_norm1(text) * (1 + scale_msa.unsqueeze(1)),
                                  call.state[STATE_PE])

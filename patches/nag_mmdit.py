@@ -17,16 +17,12 @@ already there).
 
 from __future__ import annotations
 
-from typing import Dict
-
 import comfy.ops
 import comfy.utils
 import torch
 
-from .nag import call_parts
-from .nag_flux import Negative, make_override, rows_of
-
-STATE_TEXT = "text"  # the negative text stream [R, T-, C]
+from .nag import call_parts, install_block_replaces, run_block
+from .nag_flux import STATE_TEXT, Negative, make_override, rows_of, stream
 
 
 def network_text(net, negative: torch.Tensor) -> torch.Tensor:
@@ -48,25 +44,20 @@ def network_text(net, negative: torch.Tensor) -> torch.Tensor:
 def make_replace(index: int, previous=None):
     """The ``double_block`` replace of joint block ``index``: NAG in its joint attention, the negative stream
     advanced through the block's text side."""
-    def run(args, extra):
-        return previous(args, extra) if previous is not None else extra["original_block"](args)
-
     def block_replace(args, extra):
         options = args.get("transformer_options") or {}
         call, parts = call_parts(options, args["img"].shape[0])
         if not parts or args.get("txt") is None:
-            return run(args, extra)
+            return run_block(previous, args, extra)
         text_side = call.network.joint_blocks[index].context_block
-        text = call.state.get(STATE_TEXT)
-        if text is None:
-            text = comfy.utils.repeat_to_batch_size(call.context, sum(p.stop - p.start for p in parts))
+        text = stream(call, parts)
         qkv, intermediates = text_side.pre_attention(text, rows_of(args["vec"], parts))
         negative = Negative(*qkv)
         n_txt = args["txt"].shape[1]
         inner = dict(options)
         inner["optimized_attention_override"] = make_override(
             options.get("optimized_attention_override"), call, parts, negative, lambda n: (n_txt, n), token_dim=1)
-        out = run({**args, "transformer_options": inner}, extra)
+        out = run_block(previous, {**args, "transformer_options": inner}, extra)
         if negative.text_out is not None and not text_side.pre_only:
             call.state[STATE_TEXT] = text_side.post_attention(negative.text_out, *intermediates)
         return out
@@ -77,9 +68,4 @@ def make_replace(index: int, previous=None):
 
 def install(patched) -> None:
     """A NAG replace on every joint block (once; another replace there is chained)."""
-    replaces: Dict = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    for index in range(len(patched.model.diffusion_model.joint_blocks)):
-        existing = replaces.get(("double_block", index))
-        if existing is not None and getattr(existing, "patchlab_nag", False):
-            continue
-        patched.set_model_patch_replace(make_replace(index, existing), "dit", "double_block", index)
+    install_block_replaces(patched, "double_block", len(patched.model.diffusion_model.joint_blocks), make_replace)

@@ -15,17 +15,11 @@ Hook: a ``double_block`` replace on every transformer block (chaining one alread
 
 from __future__ import annotations
 
-from typing import Dict
-
-import comfy.utils
 import torch
 from comfy.ldm.flux.math import apply_rope1
 
-from .nag import call_parts
-from .nag_flux import Negative, make_override, rows_of
-
-STATE_TEXT = "text"  # the negative text stream [R, T-, C]
-STATE_PE = "pe"      # its rotary embedding
+from .nag import call_parts, install_block_replaces, run_block
+from .nag_flux import STATE_PE, STATE_TEXT, Negative, make_override, rows_of, stream
 
 
 def network_text(net, negative: torch.Tensor) -> torch.Tensor:
@@ -49,21 +43,16 @@ def _heads(linear, x: torch.Tensor, heads: int) -> torch.Tensor:
 def make_replace(index: int, previous=None):
     """The ``double_block`` replace of block ``index``: NAG in its joint attention, the negative stream advanced
     through the block's text side."""
-    def run(args, extra):
-        return previous(args, extra) if previous is not None else extra["original_block"](args)
-
     def block_replace(args, extra):
         options = args.get("transformer_options") or {}
         call, parts = call_parts(options, args["img"].shape[0])
         if not parts:
-            return run(args, extra)
+            return run_block(previous, args, extra)
         block = call.network.transformer_blocks[index]
         attn = block.attn
-        text = call.state.get(STATE_TEXT)
-        if text is None:
-            text = comfy.utils.repeat_to_batch_size(call.context, sum(p.stop - p.start for p in parts))
-            call.state[STATE_PE] = text_rope(call.network, text.shape[1], call.latent_shape, args["img"].dtype,
-                                             text.device)
+        dtype = args["img"].dtype
+        text = stream(call, parts, lambda tokens, device: text_rope(call.network, tokens, call.latent_shape, dtype,
+                                                                     device))
         vec = args["vec"]
         if vec.shape[0] == 2 * args["img"].shape[0]:  # newer Qwen-Image-Edit: the text takes the first half
             vec = vec[:args["img"].shape[0]]
@@ -76,7 +65,7 @@ def make_replace(index: int, previous=None):
         inner = dict(options)
         inner["optimized_attention_override"] = make_override(
             options.get("optimized_attention_override"), call, parts, negative, lambda n: (n_txt, n))
-        out = run({**args, "transformer_options": inner}, extra)
+        out = run_block(previous, {**args, "transformer_options": inner}, extra)
         if negative.text_out is not None:
             text = text + gate1 * attn.to_add_out(negative.text_out)
             modulated, gate2 = block._modulate(block.txt_norm2(text), mod2)
@@ -89,9 +78,5 @@ def make_replace(index: int, previous=None):
 
 def install(patched) -> None:
     """A NAG replace on every transformer block (once; another replace there is chained)."""
-    replaces: Dict = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    for index in range(len(patched.model.diffusion_model.transformer_blocks)):
-        existing = replaces.get(("double_block", index))
-        if existing is not None and getattr(existing, "patchlab_nag", False):
-            continue
-        patched.set_model_patch_replace(make_replace(index, existing), "dit", "double_block", index)
+    install_block_replaces(patched, "double_block", len(patched.model.diffusion_model.transformer_blocks),
+                           make_replace)
