@@ -12,6 +12,7 @@ pictures, and PSNR against the full-compute picture of the same seed.
     .venv/bin/python bench/quality.py                       # both models, every variant
     .venv/bin/python bench/quality.py --models sd15_shapes --seeds 4 --variants full stepcache
     .venv/bin/python bench/quality.py --replot              # table and chart again from results/quality.json
+    .venv/bin/python bench/quality.py --name N --merge --variants tpg   # redo some variants of results/N.json
 
 Writes ``results/quality.json``, ``quality.md`` and ``quality.png`` (``--publish``: also to ``figures/``).
 """
@@ -123,11 +124,14 @@ def parse_args():
     parser.add_argument("--name", default="quality")
     parser.add_argument("--publish", action="store_true", help="copy NAME.json/.md/.png to bench/figures/")
     parser.add_argument("--replot", action="store_true", help="only redraw NAME.md and NAME.png")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the variants of results/NAME.json that this run does not redo")
     return parser.parse_args()
 
 
-def run(args, save: Callable[[Dict], None]) -> Dict:
-    """Sample every wanted variant; ``save`` gets the results so far after each (a long run keeps what it did)."""
+def run(args, save: Callable[[Dict], None], previous: Optional[Dict] = None) -> Dict:
+    """Sample every wanted variant; ``save`` gets the results so far after each (a long run keeps what it did).
+    ``previous``: earlier results per model, kept where this run does not redo a variant."""
     from devtools.testkit.counting import count_rows
     from devtools.testkit.shapes import evaluate, models, oracle
 
@@ -139,7 +143,7 @@ def run(args, save: Callable[[Dict], None]) -> Dict:
     for name in args.models:
         trained = models.load(name)
         rows_full, full = None, None
-        results[name] = {}
+        results[name] = dict((previous or {}).get(name, {}))
         for variant in VARIANTS:
             if variant.key not in wanted or name not in variant.models:
                 continue
@@ -240,7 +244,8 @@ def main():
             _common.write_results(args.name, {"seeds": args.seeds, "samples_per_variant": 18 * args.seeds,
                                               "results": results}, echo=False)
 
-        save(run(args, save))
+        previous = json.loads(path.read_text())["results"] if args.merge and path.exists() else None
+        save(run(args, save, previous))
         payload = json.loads(path.read_text())
     write_table_and_chart(payload, args.name)
     if args.publish:

@@ -218,3 +218,11 @@ def shuffle_tokens(x: torch.Tensor, start: int, stop: int, permutation: torch.Te
     out = x.clone()
     out[:, start:stop] = x[:, start:stop][:, permutation.to(x.device)]
     return out
+
+
+def unshuffle_tokens(x: torch.Tensor, start: int, stop: int, permutation: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`shuffle_tokens`: token ``j`` of the shuffled order x [B, N, C] (``start`` onwards)
+    goes back to where it came from, ``start + permutation[j]``; other tokens kept. A new tensor."""
+    out = x.clone()
+    out[:, start:stop] = x[:, start:stop][:, torch.argsort(permutation.to(x.device))]
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..kernels.attention import INFINITE_BLUR
 from ..patches import attention_guidance as ag
+from ..patches import dit_attention
 from ..patches.window import SigmaWindow
 from ._common import (
     MODEL_INPUT,
@@ -32,6 +33,7 @@ class _AttentionGuidanceNode:
     BLOCK_INPUT = "blocks"
     DIT = True
     UNET_AUTO = None  # the UNet keys 'auto' stands for (None: the middle block)
+    DIT_AUTO = None  # the DiT keys (None: dit_attention.auto_blocks)
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None, **blocks):
@@ -45,7 +47,8 @@ class _AttentionGuidanceNode:
         return first_error(check_window(cls, start_percent, end_percent), syntax)
 
     def _patch(self, model, text, start_percent, end_percent, **spec):
-        blocks = ag.resolve_blocks(model, text, self.NODE_ID, dit=self.DIT, unet_auto=self.UNET_AUTO)
+        blocks = ag.resolve_blocks(model, text, self.NODE_ID, dit=self.DIT, unet_auto=self.UNET_AUTO,
+                                   dit_auto=self.DIT_AUTO)
         window = SigmaWindow.from_percents(model, start_percent, end_percent)
         return (ag.with_guidance(model, ag.GuidanceSpec(blocks=blocks, window=window, **spec)),)
 
@@ -226,8 +229,9 @@ class TokenPerturbationGuidance(_AttentionGuidanceNode):
         "order) and guides away from that prediction; it improves quality without a negative prompt and works at "
         "CFG 1. The shuffles come from the node's seed (never the global RNG), so a run repeats exactly. Shares "
         "its extra model call with PAG, SEG and SLG. UNets (SD1.x, SD2.x, SDXL: the transformer blocks' input "
-        "stays shuffled, as pamparamm's implementation) and the DiTs PAG addresses (image tokens only; the block's "
-        "update, computed on the shuffled tokens, is added to the unshuffled stream)."
+        "stays shuffled, as in the paper's code) and the DiTs PAG addresses (image tokens only; each block's "
+        "update goes back to its own token where positions are rotary, as Flux, Wan or Z-Image; see the help "
+        "page)."
     )
 
     @classmethod
@@ -236,15 +240,16 @@ class TokenPerturbationGuidance(_AttentionGuidanceNode):
             "model": MODEL_INPUT,
             "scale": ("FLOAT", {
                 "default": 3.0, "min": 0.0, "max": 100.0, "step": 0.01,
-                "tooltip": "Strength of the guidance. 0 disables it; 3 is pamparamm's default for SDXL (the "
-                           "paper's range is similar to PAG's, 2-5).",
+                "tooltip": "Strength of the guidance. 0 disables it; 3 is the paper's SDXL value (its range is "
+                           "similar to PAG's, 2-5); on DiTs 1-3 (a starting point of ours).",
             }),
             "blocks": ("STRING", {
                 "default": "auto",
-                "tooltip": "Blocks whose input tokens are shuffled. " + DIT_BLOCKS + " For TPG, 'auto' on UNets is "
-                           "the third and fourth input blocks with transformers (SDXL input.7, input.8; SD1.5 "
-                           "input.4, input.5), the paper's SDXL choice; on DiTs, PAG's blocks (starting points of "
-                           "ours).",
+                "tooltip": "Blocks whose input tokens are shuffled. " + DIT_BLOCKS + " For TPG, 'auto' is not "
+                           "PAG's: on UNets the last two input blocks with transformers (SDXL input.7, input.8, the "
+                           "paper's SDXL layers; SD1.5 input.7, input.8); on DiTs the blocks from a third to half "
+                           "of the depth, all stacks counted in order (Flux single.0-9, Wan 2.1 double.10-14, "
+                           "SD3.5 Large joint.12-18; starting points of ours). Early DiT blocks are too strong.",
             }),
             "seed": ("INT", {
                 "default": 0, "min": 0, "max": 0xFFFFFFFF,
@@ -255,6 +260,7 @@ class TokenPerturbationGuidance(_AttentionGuidanceNode):
         }}
 
     UNET_AUTO = staticmethod(ag.tpg_auto_keys)
+    DIT_AUTO = staticmethod(dit_attention.tpg_auto_blocks)
 
     def patch(self, model, scale, blocks, seed, start_percent, end_percent):
         return self._patch(model, blocks, start_percent, end_percent, kind="tpg", scale=scale, seed=seed)

@@ -148,19 +148,19 @@ def _resolve_unet(available: List[Key], entries, node_id: str, auto: Optional[Li
     return frozenset(chosen)
 
 
-def resolve_blocks(model, text: str, node_id: str, dit: bool = True, unet_auto=None) -> FrozenSet:
+def resolve_blocks(model, text: str, node_id: str, dit: bool = True, unet_auto=None, dit_auto=None) -> FrozenSet:
     """The block keys a block description selects in this model; clear errors otherwise.
 
     UNet keys are (stage, block id, transformer index); DiT keys (stack, index). ``dit``
-    False: the node supports UNets only. ``unet_auto(model)``: the UNet keys ``auto`` stands for
-    (default: the middle block).
+    False: the node supports UNets only. ``unet_auto(model)`` / ``dit_auto(model)``: the keys
+    ``auto`` stands for (default: the middle block; :func:`dit_attention.auto_blocks`).
     """
     available = transformer_keys(model)
     if available:
         auto = unet_auto(model) if unet_auto is not None else None
         return _resolve_unet(available, parse_blocks(text), node_id, auto)
     if dit and dit_attention.family(model) is not None:
-        return frozenset(dit_attention.resolve(model, parse_blocks(text), node_id))
+        return frozenset(dit_attention.resolve(model, parse_blocks(text), node_id, dit_auto))
     supported = ("UNet models (SD1.x, SD2.x, SDXL and their fine-tunes)" if not dit else
                  f"UNet models (SD1.x, SD2.x, SDXL) and the DiTs {families.labels(lambda f: f.stacks)} (untested: "
                  f"{families.labels(lambda f: f.stacks, tested=False)})")
@@ -505,11 +505,13 @@ def transformer_block(net, key: Key) -> Optional[torch.nn.Module]:
 
 
 def tpg_auto_keys(model) -> List[Key]:
-    """TPG's UNet default: the transformers of the third and fourth input blocks that hold any (SDXL input.7-8,
-    SD1.5 input.4-5: pamparamm's ``d2,d3``, after the paper's SDXL down-block choice)."""
+    """TPG's UNet default: the transformers of the last two input blocks that hold any, the down path's lowest
+    resolution (SDXL input.7-8, the paper's SDXL layers; SD1.5 input.7-8). pamparamm counts the third and
+    fourth such blocks instead, SD1.5 input.4-5: on the trained SD1.5-layout reference model, at scale 3 and
+    CFG 1, those leave 78 % of prompts right (FID 1,133), input.7-8 93 % (FID 274), CFG 1 alone 92 % (168)."""
     keys = transformer_keys(model)
     ids = sorted({block_id for stage, block_id, _ in keys if stage == "input"})
-    chosen = set(ids[2:4] or ids[-2:])
+    chosen = set(ids[-2:])
     return [key for key in keys if key[0] == "input" and key[1] in chosen]
 
 

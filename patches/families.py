@@ -47,6 +47,7 @@ class Family:
     stacks: Dict[str, Stack] = field(default_factory=dict)
     first_block: bool = False
     tested: bool = True
+    rope: bool = True                  # positions enter every attention as a rotary embedding (not SD3, AuraFlow)
 
 
 _FLUX_STACKS = {"double": Stack("double_blocks", "double_block", "joint"),
@@ -56,7 +57,7 @@ FAMILIES = (
     Family("flux", "Flux, Flux.2", "comfy.ldm.flux.", ("Flux",), _FLUX_STACKS, first_block=True),
     Family("flux", "Chroma", "comfy.ldm.chroma.", ("Chroma",), _FLUX_STACKS, first_block=True),
     Family("mmdit", "SD3/SD3.5", "comfy.ldm.modules.diffusionmodules.mmdit", ("OpenAISignatureMMDITWrapper",),
-           {"joint": Stack("joint_blocks", "double_block", "joint")}, first_block=True),
+           {"joint": Stack("joint_blocks", "double_block", "joint")}, first_block=True, rope=False),
     Family("qwen_image", "Qwen-Image", "comfy.ldm.qwen_image.", ("QwenImageTransformer2DModel",),
            {"double": Stack("transformer_blocks", "double_block", "joint")}, first_block=True),
     Family("wan", "Wan 2.1/2.2", "comfy.ldm.wan.", ("WanModel",),
@@ -68,7 +69,7 @@ FAMILIES = (
             "single": Stack("single_blocks", "single_block", "text_last")}, first_block=True),
     Family("lumina2", "Z-Image, Lumina 2", "comfy.ldm.lumina.", ("NextDiT",),
            {"single": Stack("layers", None, "text_first")}),
-    Family("auraflow", "AuraFlow", "comfy.ldm.aura.", ("MMDiT",), first_block=True),
+    Family("auraflow", "AuraFlow", "comfy.ldm.aura.", ("MMDiT",), first_block=True, rope=False),
     Family("ltxv", "LTX-Video", "comfy.ldm.lightricks.", ("LTXVModel",), first_block=True, tested=False),
     Family("mochi", "Mochi", "comfy.ldm.genmo.", ("AsymmDiTJoint",), first_block=True, tested=False),
 )

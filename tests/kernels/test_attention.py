@@ -162,3 +162,9 @@ def test_shuffle_reorders_only_the_chosen_tokens_and_keeps_their_set():
     assert torch.equal(out[:, :4], x[:, :4])
     assert torch.equal(out[:, 4:], x[:, 4:][:, permutation])
     torch.testing.assert_close(out.norm(dim=(1, 2)), x.norm(dim=(1, 2)))
+
+
+def test_unshuffle_puts_every_shuffled_token_back_in_its_place():
+    x = torch.randn(2, 10, 4)
+    permutation = ka.token_permutation(6, seed=3)
+    assert torch.equal(ka.unshuffle_tokens(ka.shuffle_tokens(x, 4, 10, permutation), 4, 10, permutation), x)
