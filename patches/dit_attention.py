@@ -122,13 +122,18 @@ def auto_blocks(model) -> List[DitKey]:
     return [(stack, i) for i in range(first, last + 1)]
 
 
+def _in_order(available: Dict[str, int]) -> List[DitKey]:
+    """Every block of ``{stack: count}``, stacks in the order the network runs them."""
+    return [(stack, i) for stack, count in available.items() for i in range(count)]
+
+
 def tpg_auto_blocks(model) -> List[DitKey]:
     """TPG's default on DiTs, a starting point of ours (the paper tests UNets only): the blocks from a third to
     half of the network's depth, counted over all its stacks in the order they run (Flux single.0-9 of 19 + 38
     blocks, Wan 2.1 double.10-14 of 30, SD3.5 Large joint.12-18 of 38). Earlier blocks take the colours apart
     on the trained Flux-layout reference model: at scale 3 and CFG 1, its double.0 leaves 38 % of prompts
     right (FID 2,584), this rule's single.0 58 % (FID 182), CFG 1 alone 59 % (FID 290)."""
-    order = [(stack, i) for stack, count in stacks(model).items() for i in range(count)]
+    order = _in_order(stacks(model))
     first = len(order) // 3
     last = max(first, (len(order) - 1) // 2)
     return order[first:last + 1]
@@ -144,7 +149,7 @@ def resolve(model, entries, node_id: str, auto=None) -> List[DitKey]:
             chosen.extend((auto or auto_blocks)(model))
             continue
         if entry[0] == "all":
-            chosen.extend((stack, i) for stack, count in available.items() for i in range(count))
+            chosen.extend(_in_order(available))
             continue
         kind, stack, first, last = entry[0], entry[1], entry[2], entry[3]
         if kind != "dit" or stack not in available:
@@ -339,15 +344,12 @@ def make_block_replace(key: DitKey, previous, stack: Stack, patch: Tuple[int, in
                        text_multiple: Optional[int] = None, rope: bool = True):
     """The ``patches_replace["dit"]`` replace PatchLab puts at block ``key``, chaining ``previous`` (or None).
     ``rope``: the network's positions enter each attention as a rotary embedding (TPG's rule, below)."""
-    def run(args, extra):
-        return previous(args, extra) if previous is not None else extra["original_block"](args)
-
     def block_replace(args, extra):
         options = args.get("transformer_options") or {}
         groups = options.get(PASS_KEY)
         acting = [g for g, spec in enumerate(groups or ()) if key in spec.blocks]
         if not acting:
-            return run(args, extra)
+            return block_forward.run_block(previous, args, extra)
         chunks = max(1, len(options.get("cond_or_uncond", [0])))
         per_chunk = args["img"].shape[0] // chunks
         rows = per_chunk // len(groups)
@@ -374,7 +376,7 @@ def make_block_replace(key: DitKey, previous, stack: Stack, patch: Tuple[int, in
                 inner["optimized_attention_override"] = make_override(
                     options.get("optimized_attention_override"), parts, tokens)
                 args = {**args, "transformer_options": inner}
-        out = run(args, extra)
+        out = block_forward.run_block(previous, args, extra)
         if before is not None:  # TPG rows: the block's update, computed on shuffled tokens, added to the stream
             out = dict(out)
             img = out["img"].clone()
@@ -435,6 +437,7 @@ def install_replaces(patched, keys) -> None:
     patch = patch_size(patched)
     replaces = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     net_stacks = _stacks_of(net)
+    rope = _rope(net)
     forward_wrapped = False
     for stack_name, index in sorted(keys):
         stack = net_stacks[stack_name]
@@ -446,7 +449,7 @@ def install_replaces(patched, keys) -> None:
             continue
         flipped = bool(getattr(getattr(net, stack.attr)[index], "flipped_img_txt", False))
         patched.set_model_patch_replace(make_block_replace((stack_name, index), existing, stack, patch, flipped,
-                                                           rope=_rope(net)),
+                                                           rope=rope),
                                         "dit", stack.replace, index)
     install_wrappers(patched, forward_wrapped)
 
@@ -465,6 +468,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     patch = network_patch(net)
     text_multiple = getattr(net, "pad_tokens_multiple", None)
+    rope = _rope(net)
     undo = []
     try:
         for stack_name, index in sorted({key for spec in groups for key in spec.blocks}):
@@ -472,7 +476,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
             if stack is None or stack.replace is not None or index >= len(getattr(net, stack.attr)):
                 continue
             replace = make_block_replace((stack_name, index), None, stack, patch, text_multiple=text_multiple,
-                                         rope=_rope(net))
+                                         rope=rope)
             undo.append(block_forward.wrap(getattr(net, stack.attr)[index],
                                            lambda inner, replace=replace: _lumina_forward(inner, replace)))
         return executor(*args, **kwargs)

@@ -47,6 +47,7 @@ import torch
 
 from ..kernels import attention as ka
 from . import attention_guidance, families, once
+from .block_forward import run_block
 from .window import SigmaWindow
 
 log = logging.getLogger(__name__)
@@ -252,11 +253,6 @@ def call_parts(options: Dict, rows: int):
     NAG does not act in this call."""
     call = options.get(CALL_KEY)
     return call, (cond_parts(options.get("cond_or_uncond", []), rows) if call is not None else [])
-
-
-def run_block(previous, args: Dict, extra: Dict):
-    """Run a block through the replace that was there before NAG's (chained), or the block itself."""
-    return previous(args, extra) if previous is not None else extra["original_block"](args)
 
 
 def install_block_replaces(patched, name: str, count: int, make) -> None:

@@ -31,7 +31,8 @@ import torch
 from comfy.ldm.flux.math import apply_rope
 
 from ..kernels import attention as ka
-from .nag import call_parts, cond_parts, install_block_replaces, run_block
+from .block_forward import run_block
+from .nag import call_parts, cond_parts, install_block_replaces
 
 STATE_TEXT = "text"            # the negative text stream [R, T-, C]
 STATE_PE = "pe"                # its rotary embedding

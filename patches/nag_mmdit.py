@@ -21,7 +21,8 @@ import comfy.ops
 import comfy.utils
 import torch
 
-from .nag import call_parts, install_block_replaces, run_block
+from .block_forward import run_block
+from .nag import call_parts, install_block_replaces
 from .nag_flux import STATE_TEXT, Negative, make_override, rows_of, stream
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from comfy.ldm.flux.math import apply_rope1
 
-from .nag import call_parts, install_block_replaces, run_block
+from .block_forward import run_block
+from .nag import call_parts, install_block_replaces
 from .nag_flux import STATE_PE, STATE_TEXT, Negative, make_override, rows_of, stream
 
 
