@@ -35,6 +35,11 @@ def parse_args():
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=5.0)
+    parser.add_argument("--depth", type=int, default=None,
+                        help="blocks in the network (default bench/models.py's WAN_DEPTH; the 1.3B model has 30)")
+    parser.add_argument("--caches", default="uncached,stepcache,firstblock,easycache,lazycache",
+                        help="comma-separated cache variants to run; uncached is always run (the reference)")
+    parser.add_argument("--guidance-repeats", type=int, default=2, help="timed repeats of each guided step")
     parser.add_argument("--skip-caches", action="store_true", help="only the attention-guidance step costs")
     parser.add_argument("--skip-guidance", action="store_true", help="only the whole cached runs")
     return parser.parse_args()
@@ -62,6 +67,9 @@ def main():
     from patchlab.nodes import attention_guidance as ag_nodes
     from patchlab.nodes.step_cache import StepCache
 
+    if args.depth is not None:
+        models.CONFIGS["wan"]["num_layers"] = args.depth
+    depth = models.CONFIGS["wan"]["num_layers"]
     model = models.build("wan")
     positive, negative = models.conditioning("wan", seed=1), models.conditioning("wan", seed=2)
     latent = models.empty_video_latent("wan", args.width, args.height, args.frames)
@@ -78,17 +86,18 @@ def main():
     if not args.skip_caches:
         defaults = _common.node_defaults(StepCache)
         core = _common.CORE_CACHE_DEFAULTS
-        variants = [
-            ("uncached", model),
-            (f"StepCache defaults {defaults}", checks.run_node(StepCache, model=model, **defaults)[0]),
-            ("StepCache first block, threshold 0.1",
+        chosen = set(args.caches.split(",")) | {"uncached"}
+        variants = [(label, patched) for key, label, patched in [
+            ("uncached", "uncached", model),
+            ("stepcache", f"StepCache defaults {defaults}", checks.run_node(StepCache, model=model, **defaults)[0]),
+            ("firstblock", "StepCache first block, threshold 0.1",
              checks.run_node(StepCache, model=model, **{**defaults, "indicator": "first block",
                                                         "threshold": 0.1})[0]),
-            ("core EasyCache (defaults)",
+            ("easycache", "core EasyCache (defaults)",
              checks.run_node(comfy_nodes.NODE_CLASS_MAPPINGS["EasyCache"], model=model, **core)[0]),
-            ("core LazyCache (defaults)",
+            ("lazycache", "core LazyCache (defaults)",
              checks.run_node(comfy_nodes.NODE_CLASS_MAPPINGS["LazyCache"], model=model, **core)[0]),
-        ]
+        ] if key in chosen]
         reference = None
         for label, patched in variants:
             holder = {}
@@ -120,7 +129,8 @@ def main():
         base = None
         for label, patched in variants:
             holder = {}
-            timing = _common.time_call(lambda p=patched, h=holder: h.update(result=run(p, 1)), repeats=2, warmup=0)
+            timing = _common.time_call(lambda p=patched, h=holder: h.update(result=run(p, 1)),
+                                       repeats=args.guidance_repeats, warmup=0)
             rows = holder["result"][1]
             base = base or timing["min_s"]
             entry = {"variant": label, "seconds": round(timing["min_s"], 2), "cost": round(timing["min_s"] / base, 3),
@@ -128,7 +138,7 @@ def main():
             results["guidance"].append(entry)
             print(entry, flush=True)
     _common.write_results("wan", {
-        "what": f"Wan 2.1 1.3B width, {models.WAN_DEPTH} blocks (of 30), random weights; {args.width}x{args.height}, "
+        "what": f"Wan 2.1 1.3B width, {depth} blocks (of 30), random weights; {args.width}x{args.height}, "
                 f"{args.frames} frames (latent {list(latent.shape)}), euler/simple, cfg {args.cfg}; caches: whole "
                 f"{args.steps}-step runs; guidance: one step; rows counted at the output layer (head)",
         "device": _common.device_name(),
