@@ -106,11 +106,12 @@ def workflow(variant: Tuple[str, str, object, Dict], size: int, seed: int, defau
     return prompt
 
 
-def widget_defaults(object_info: Dict, node_id: str) -> Dict:
-    """The default of every required widget input of a node, from the server's /object_info."""
-    required = object_info[node_id]["input"]["required"]
-    return {name: spec[1]["default"] for name, spec in required.items()
-            if len(spec) > 1 and isinstance(spec[1], dict) and "default" in spec[1]}
+def node_class(node_id: str) -> type:
+    """A node class by id: PatchLab's or ComfyUI's core (both imported in this process by ``_common.boot``)."""
+    import nodes as comfy_nodes
+    from patchlab.nodes import NODE_CLASS_MAPPINGS
+
+    return NODE_CLASS_MAPPINGS.get(node_id) or comfy_nodes.NODE_CLASS_MAPPINGS[node_id]
 
 
 def seconds(entry: Dict) -> float:
@@ -127,13 +128,12 @@ def main():
     args.models_dir.mkdir(parents=True, exist_ok=True)
     write_weights(args.models_dir)
     chosen = [v for v in VARIANTS if v[0] in args.variants]
+    defaults = {v[2]: _common.node_defaults(node_class(v[2])) for v in chosen if v[2] is not None}
     times: Dict[str, List[float]] = {v[0]: [] for v in chosen}
     with tempfile.TemporaryDirectory(prefix="patchlab_bench_server_") as scratch:
         base = comfy_server.prepare_base_directory(Path(scratch), with_testkit=False, models=args.models_dir)
         server = comfy_server.ComfyServer(base, comfyui=args.comfyui, cpu=args.device == "cpu", python=args.python)
         with server:
-            info = server.object_info()
-            defaults = {v[2]: widget_defaults(info, v[2]) for v in chosen if v[2] is not None}
             stats = server.get("/system_stats")
             seed = 0
             for round_index in range(args.rounds + 1):  # round 0 warms up (loads, allocations)
