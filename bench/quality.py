@@ -177,7 +177,7 @@ def write_table_and_chart(payload: Dict, name: str) -> None:
              "PSNR against the full run's picture of the same seed (100 dB = identical); FID on the oracle "
              "classifier's features against 2,000 held-out pictures. DeepCache, ToMe and ToDo save work inside "
              "each evaluation, so their rows are a full run's and the chart leaves them out: compare their wall "
-             "time (the machine's other core was busy during these runs, so wall times are rough).", ""]
+             "time (some of these runs shared the machine's other core, so wall times are rough).", ""]
     for model, variants in results.items():
         lines += [f"## {model}", "", "| variant | CFG | evaluations | wall s | colour | shape | both | FID | PSNR dB |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -191,7 +191,10 @@ def write_table_and_chart(payload: Dict, name: str) -> None:
         lines.append("")
     out = _common.RESULTS_DIR / f"{name}.md"
     out.write_text("\n".join(lines))
-    _chart(results, _common.RESULTS_DIR / f"{name}.png")
+    chart = _common.RESULTS_DIR / f"{name}.png"
+    chart.unlink(missing_ok=True)
+    if any(r.get("group") == "speed" and key != "full" for variants in results.values() for key, r in variants.items()):
+        _chart(results, chart)  # a guidance-only run has nothing to plot on the speed axis
 
 
 def _chart(results: Dict, path) -> None:
@@ -251,7 +254,8 @@ def main():
     if args.publish:
         figures = _common.REPO_ROOT / "bench" / "figures"
         for suffix in (".json", ".md", ".png"):
-            shutil.copy(_common.RESULTS_DIR / f"{args.name}{suffix}", figures / f"{args.name}{suffix}")
+            if (_common.RESULTS_DIR / f"{args.name}{suffix}").exists():
+                shutil.copy(_common.RESULTS_DIR / f"{args.name}{suffix}", figures / f"{args.name}{suffix}")
 
 
 if __name__ == "__main__":
