@@ -79,8 +79,12 @@ VARIANTS: List[Variant] = [
     *[Variant(f"stepcache_{mode}_{t}", f"StepCache {mode} {t}", BOTH, "ours", "speed",
               ours("PatchLab_StepCache", threshold=t, reuse=mode))
       for mode in ("forecast", "plain") for t in (0.1, 0.2, 0.5, 0.8)],
+    *[Variant(f"stepcache_max_{m}", f"StepCache max_consecutive {m}", BOTH, "ours", "speed",
+              ours("PatchLab_StepCache", max_consecutive=m)) for m in (2, 5)],
     *[Variant(f"deepcache_{i}", f"DeepCache interval {i} (PatchLab)", (UNET,), "ours", "speed",
               ours("PatchLab_DeepCache", interval=i)) for i in (2, 3, 5)],
+    *[Variant(f"deepcache_3_depth_{d}", f"DeepCache interval 3, depth {d} (PatchLab)", (UNET,), "ours", "speed",
+              ours("PatchLab_DeepCache", interval=3, depth=d)) for d in (1, 3)],
     Variant("core_easycache", "EasyCache (core, defaults)", BOTH, "core", "speed", core("EasyCache", **CORE_CACHE)),
     Variant("core_lazycache", "LazyCache (core, defaults)", BOTH, "core", "speed", core("LazyCache", **CORE_CACHE)),
     Variant("guidance_interval", "GuidanceInterval defaults (PatchLab)", BOTH, "ours", "speed",
