@@ -185,7 +185,8 @@ def write_table_and_chart(payload: Dict, name: str) -> None:
     for model, variants in results.items():
         lines += [f"## {model}", "", "| variant | CFG | evaluations | wall s | colour | shape | both | FID | PSNR dB |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for r in variants.values():
+        order = {v.key: i for i, v in enumerate(VARIANTS)}  # the bench's order, however the runs were merged
+        for _key, r in sorted(variants.items(), key=lambda item: order.get(item[0], len(order))):
             if "error" in r:
                 lines.append(f"| {r['label']} | | refused: {r['error'][:80]} | | | | | | |")
                 continue
@@ -230,12 +231,20 @@ def _chart(results: Dict, path) -> None:
             x, y = at(0, db)
             pen.text((x - 28, y - 6), f"{db} dB", fill="black")
             pen.line([(x, y), (left + width, y)], fill=(225, 225, 225))
-        for saved, db, r in points:
+        taken = []  # label boxes drawn so far: a label that would overlap one moves down a line
+        for saved, db, r in sorted(points, key=lambda p: -p[1]):
             x, y = at(saved, db)
             colour = colours[r["kind"]]
             pen.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-            label = r["label"].replace(" (PatchLab)", "").replace(" (core, defaults)", " core")
-            pen.text((x + 5, y - 5), label[:34], fill=colour)
+            label = r["label"].replace(" (PatchLab)", "").replace(" (core, defaults)", " core")[:34]
+            box = [x + 5, y - 5, x + 5 + pen.textlength(label), y + 6]
+            while any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in taken):
+                box[1] += 11
+                box[3] += 11
+            if box[1] > y + 6:
+                pen.line([(x + 3, y), (box[0], box[1] + 5)], fill=colour)
+            taken.append(box)
+            pen.text((box[0], box[1]), label, fill=colour)
         pen.text((left + width / 2 - 80, top + height + 22), "share of model evaluations saved", fill="black")
     image.save(path)
 
