@@ -41,6 +41,7 @@ class Variant:
     group: str                    # "speed" or "guidance"
     make: Callable                # (model, name) -> patched model
     cfg: Optional[float] = None   # None: the model's recommended CFG
+    forecast_gain: Optional[float] = None  # StepCache's forecast gain for this variant (a module constant, restored)
 
 
 def ours(node_id: str, **inputs):
@@ -81,6 +82,8 @@ VARIANTS: List[Variant] = [
       for mode in ("forecast", "plain") for t in (0.1, 0.2, 0.5, 0.8)],
     *[Variant(f"stepcache_max_{m}", f"StepCache max_consecutive {m}", BOTH, "ours", "speed",
               ours("PatchLab_StepCache", max_consecutive=m)) for m in (2, 5)],
+    *[Variant(f"stepcache_gain_{g}", f"StepCache forecast gain {g}", BOTH, "ours", "speed",
+              ours("PatchLab_StepCache"), forecast_gain=g) for g in (0.25, 0.75, 1.0)],
     *[Variant(f"deepcache_{i}", f"DeepCache interval {i} (PatchLab)", (UNET,), "ours", "speed",
               ours("PatchLab_DeepCache", interval=i)) for i in (2, 3, 5)],
     *[Variant(f"deepcache_3_depth_{d}", f"DeepCache interval 3, depth {d} (PatchLab)", (UNET,), "ours", "speed",
@@ -157,10 +160,18 @@ def run(args, save: Callable[[Dict], None], previous: Optional[Dict] = None) -> 
                 results[name][variant.key] = {"label": variant.label, "error": f"{type(error).__name__}: {error}"}
                 print(f"{name} {variant.key}: {error}")
                 continue
-            start = time.perf_counter()
-            with count_rows(trained.model) as count:
-                samples = evaluate.sample(trained, prompts, model=patched, cfg=variant.cfg)
-            wall = time.perf_counter() - start
+            from patchlab.kernels import step_cache as step_cache_kernels
+
+            default_gain = step_cache_kernels.FORECAST_GAIN
+            if variant.forecast_gain is not None:
+                step_cache_kernels.FORECAST_GAIN = variant.forecast_gain
+            try:
+                start = time.perf_counter()
+                with count_rows(trained.model) as count:
+                    samples = evaluate.sample(trained, prompts, model=patched, cfg=variant.cfg)
+                wall = time.perf_counter() - start
+            finally:
+                step_cache_kernels.FORECAST_GAIN = default_gain
             if variant.key == "full":
                 rows_full, full = count.rows, samples
             result = evaluate.judge(samples, classifier, reference, full)
