@@ -141,6 +141,7 @@ def run(args, save: Callable[[Dict], None], previous: Optional[Dict] = None) -> 
     ``previous``: earlier results per model, kept where this run does not redo a variant."""
     from devtools.testkit.counting import count_rows
     from devtools.testkit.shapes import evaluate, models, oracle
+    from patchlab.kernels import step_cache as step_cache_kernels
 
     classifier = oracle.load()
     reference = oracle.reference_set()
@@ -160,8 +161,6 @@ def run(args, save: Callable[[Dict], None], previous: Optional[Dict] = None) -> 
                 results[name][variant.key] = {"label": variant.label, "error": f"{type(error).__name__}: {error}"}
                 print(f"{name} {variant.key}: {error}")
                 continue
-            from patchlab.kernels import step_cache as step_cache_kernels
-
             default_gain = step_cache_kernels.FORECAST_GAIN
             if variant.forecast_gain is not None:
                 step_cache_kernels.FORECAST_GAIN = variant.forecast_gain
