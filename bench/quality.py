@@ -208,8 +208,16 @@ def write_table_and_chart(payload: Dict, name: str) -> None:
     out.write_text("\n".join(lines))
     chart = _common.RESULTS_DIR / f"{name}.png"
     chart.unlink(missing_ok=True)
-    if any(r.get("group") == "speed" and key != "full" for variants in results.values() for key, r in variants.items()):
+    if any(_speed_points(variants) for variants in results.values()):
         _chart(results, chart)  # a guidance-only run has nothing to plot on the speed axis
+
+
+def _speed_points(variants: Dict) -> List[Tuple[float, float, Dict]]:
+    """(share of evaluations saved, PSNR capped at 60 dB, result) of the speed variants that save evaluations.
+    DeepCache, ToMe and ToDo save work inside each evaluation (every row still reaches the first layer): they have
+    no place on this axis; the table gives their wall time."""
+    return [(1 - r["evaluations"], min(r["psnr_db"], 60.0), r) for key, r in variants.items()
+            if "error" not in r and r["group"] == "speed" and key != "full" and r["evaluations"] < 0.999]
 
 
 def _chart(results: Dict, path) -> None:
@@ -223,10 +231,7 @@ def _chart(results: Dict, path) -> None:
     for panel, (model, variants) in enumerate(results.items()):
         left, top = panel * panel_w + margin, 30
         width, height = panel_w - margin - 20, panel_h - margin - 10
-        # DeepCache, ToMe and ToDo save work inside each evaluation (every row still reaches the first layer): they
-        # have no place on this axis; the table gives their wall time
-        points = [(1 - r["evaluations"], min(r["psnr_db"], 60.0), r) for key, r in variants.items()
-                  if "error" not in r and r["group"] == "speed" and key != "full" and r["evaluations"] < 0.999]
+        points = _speed_points(variants)
         top_db = max([p[1] for p in points] + [40.0])
 
         def at(saved, db, left=left, top=top, width=width, height=height, top_db=top_db):
