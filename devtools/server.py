@@ -8,18 +8,21 @@ checkout itself is never written to. Stopped by PID.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import ClassVar, Dict, List, Optional, Tuple
 
 from . import bootstrap
 
@@ -185,9 +188,9 @@ class ComfyServer:
     def object_info(self) -> Dict:
         return self.get("/object_info")
 
-    def queue(self, prompt: Dict) -> str:
+    def queue(self, prompt: Dict, client_id: Optional[str] = None) -> str:
         """POST /prompt; returns the prompt id, or raises PromptRejected with ComfyUI's errors."""
-        payload = {"prompt": prompt, "client_id": uuid.uuid4().hex}
+        payload = {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex}
         try:
             return self.post("/prompt", payload)["prompt_id"]
         except urllib.error.HTTPError as error:
@@ -217,6 +220,36 @@ class ComfyServer:
             raise ServerError(f"prompt failed: {execution_error(entry)}")
         return entry
 
+    def run_watched(self, prompt: Dict, timeout: float = 300.0) -> Tuple[Dict, List[NodeText]]:
+        """Run a prompt as the editor does: over a websocket with its client id, reading what the server sends.
+
+        Returns the history entry and the texts shown on nodes (binary message type 3), in order.
+        """
+        return asyncio.run(asyncio.wait_for(self._watch(prompt, timeout), timeout))
+
+    async def _watch(self, prompt: Dict, timeout: float) -> Tuple[Dict, List[NodeText]]:
+        import aiohttp  # ComfyUI's own dependency
+
+        client_id = uuid.uuid4().hex
+        texts: List[NodeText] = []
+        done = ("execution_success", "execution_error", "execution_interrupted")
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"ws://127.0.0.1:{self.port}/ws?clientId={client_id}") as socket_:
+                prompt_id = await asyncio.get_running_loop().run_in_executor(None, self.queue, prompt, client_id)
+                async for message in socket_:
+                    if message.type == aiohttp.WSMsgType.BINARY:
+                        text = NodeText.parse(message.data)
+                        if text is not None:
+                            texts.append(text)
+                    elif message.type == aiohttp.WSMsgType.TEXT:
+                        event = json.loads(message.data)
+                        if event.get("type") in done and event.get("data", {}).get("prompt_id") == prompt_id:
+                            break
+                    else:
+                        raise ServerError(f"the websocket closed while {prompt_id} ran:\n{self.log_tail()}")
+        entry = await asyncio.get_running_loop().run_in_executor(None, self.wait, prompt_id, timeout)
+        return entry, texts
+
     def output_images(self, entry: Dict) -> List[Path]:
         """Files of every image a finished prompt saved or previewed."""
         paths = []
@@ -225,6 +258,25 @@ class ComfyServer:
                 root = self.base / image.get("type", "output")
                 paths.append(root / image.get("subfolder", "") / image["filename"])
         return paths
+
+
+@dataclass(frozen=True)
+class NodeText:
+    """A text the server shows on a node (``PromptServer.send_progress_text``)."""
+
+    node: str
+    text: str
+
+    TYPE: ClassVar[int] = 3  # ComfyUI's BinaryEventTypes.TEXT
+
+    @classmethod
+    def parse(cls, data: bytes) -> Optional[NodeText]:
+        """A binary websocket message: 4-byte big-endian type; for type 3, the node id's length (4 bytes, big
+        endian), the node id and the UTF-8 text. None for other types (preview images)."""
+        if len(data) < 8 or struct.unpack(">I", data[:4])[0] != cls.TYPE:
+            return None
+        length = struct.unpack(">I", data[4:8])[0]
+        return cls(data[8:8 + length].decode("utf-8"), data[8 + length:].decode("utf-8"))
 
 
 def execution_error(entry: Dict) -> str:

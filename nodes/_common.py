@@ -11,6 +11,8 @@ MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
 
 MODEL_INPUT = ("MODEL", {"tooltip": "The model to patch. It is cloned; the input model is left unchanged."})
 MODEL_OUTPUT_TOOLTIP = "A patched clone of the input model."
+# The hidden input that tells a node its id in the graph: where it shows, after a run, what it saved.
+HIDDEN_NODE_ID = {"unique_id": "UNIQUE_ID"}
 
 
 def percent_inputs(what: str, start: float = 0.0) -> Dict[str, Any]:
@@ -54,9 +56,7 @@ def check_ranges(node_cls: type, **values: Any) -> Union[bool, str]:
     linked input, not known before the run) or not numbers (a malformed value ComfyUI's
     own type check reports) are not checked.
     """
-    spec: Dict[str, Any] = {}
-    for group in node_cls.INPUT_TYPES().values():
-        spec.update(group)
+    spec = input_specs(node_cls)
     for name, value in values.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or name not in spec or len(spec[name]) < 2:
             continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..patches import cfg, guidance_skip
 from ..patches.window import SigmaWindow
 from ._common import (
+    HIDDEN_NODE_ID,
     MODEL_INPUT,
     MODEL_OUTPUT_TOOLTIP,
     category,
@@ -90,6 +91,7 @@ class RenormCFG(_GuidanceNode):
                        "cfg_trunc is a percent, 100 never truncates). Either way truncated steps skip the "
                        "negative pass.",
         })}
+        types["hidden"] = HIDDEN_NODE_ID
         return types
 
     @classmethod
@@ -115,14 +117,15 @@ class RenormCFG(_GuidanceNode):
             return f"truncate is {truncate!r}; expected one of {', '.join(cls.TRUNCATE_MODES)}"
         return super().VALIDATE_INPUTS(start_percent=start_percent, end_percent=end_percent)
 
-    def patch(self, model, cfg_trunc, renorm_cfg, start_percent, end_percent, truncate="comfyui"):
+    def patch(self, model, cfg_trunc, renorm_cfg, start_percent, end_percent, truncate="comfyui", unique_id=None):
         channels = cfg.unet_in_channels(model, default=model.get_model_object("latent_format").latent_channels)
         window = self.window(model, start_percent, end_percent)
         truncation = guidance_skip.truncation(model, truncate, cfg_trunc)
         fn = cfg.renorm_cfg(truncation.mask, renorm_cfg, channels, window)
         patched = cfg.with_post_cfg(model, fn)
         if guidance_skip.can_truncate(model, truncation):
-            patched = guidance_skip.with_rule(patched, guidance_skip.TruncationRule(self.NODE_ID, truncation, window))
+            patched = guidance_skip.with_rule(patched, guidance_skip.TruncationRule(self.NODE_ID, truncation, window,
+                                                                                   unique_id))
         return (patched,)
 
 

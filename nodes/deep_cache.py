@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..patches import deep_cache as dc
 from ..patches.window import SigmaWindow
 from ._common import (
+    HIDDEN_NODE_ID,
     MODEL_INPUT,
     MODEL_OUTPUT_TOOLTIP,
     category,
@@ -45,15 +46,15 @@ class DeepCache:
                            "the fastest; higher keeps more detail and saves less. SD1.x/SD2.x allow 0-11, SDXL 0-8.",
             }),
             **percent_inputs("caching"),
-        }}
+        }, "hidden": HIDDEN_NODE_ID}
 
     @classmethod
     def VALIDATE_INPUTS(cls, interval=None, depth=None, start_percent=None, end_percent=None):
         return check_window(cls, start_percent, end_percent, interval=interval, depth=depth)
 
-    def patch(self, model, interval, depth, start_percent, end_percent):
+    def patch(self, model, interval, depth, start_percent, end_percent, unique_id=None):
         window = SigmaWindow.from_percents(model, start_percent, end_percent)
-        return (dc.with_deep_cache(model, self.NODE_ID, interval, depth, window),)
+        return (dc.with_deep_cache(model, self.NODE_ID, interval, depth, window, unique_id),)
 
 
 NODES = [DeepCache]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..patches import guidance_skip
 from ..patches.window import SigmaWindow
-from ._common import MODEL_INPUT, MODEL_OUTPUT_TOOLTIP, category, check_ranges, check_window
+from ._common import HIDDEN_NODE_ID, MODEL_INPUT, MODEL_OUTPUT_TOOLTIP, category, check_ranges, check_window
 
 CATEGORY = category("guidance")
 
@@ -49,17 +49,17 @@ class GuidanceInterval(_SkipNode):
                 "tooltip": "Where CFG stops (not below start_percent); after it no negative pass. The default "
                            "0.928 is sigma 0.28 on SD1.5/SDXL, the lower end of the paper's SD-XL interval.",
             }),
-        }}
+        }, "hidden": HIDDEN_NODE_ID}
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None):
         return check_window(cls, start_percent, end_percent)
 
-    def patch(self, model, start_percent, end_percent):
+    def patch(self, model, start_percent, end_percent, unique_id=None):
         window = SigmaWindow.from_percents(model, start_percent, end_percent)
         if window.is_always:
             return (model.clone(),)
-        return (guidance_skip.with_rule(model, guidance_skip.IntervalRule(self.NODE_ID, window)),)
+        return (guidance_skip.with_rule(model, guidance_skip.IntervalRule(self.NODE_ID, window, unique_id)),)
 
 
 class AdaptiveGuidance(_SkipNode):
@@ -91,17 +91,18 @@ class AdaptiveGuidance(_SkipNode):
                            "last): the similarity is checked from here on. 0 checks from the first step; 1 never "
                            "stops.",
             }),
-        }}
+        }, "hidden": HIDDEN_NODE_ID}
 
     @classmethod
     def VALIDATE_INPUTS(cls, threshold=None, start_percent=None):
         return check_ranges(cls, threshold=threshold, start_percent=start_percent)
 
-    def patch(self, model, threshold, start_percent):
+    def patch(self, model, threshold, start_percent, unique_id=None):
         if threshold >= 1.0 or start_percent >= 1.0:
             return (model.clone(),)
         sigma_start = float(model.get_model_object("model_sampling").percent_to_sigma(start_percent))
-        return (guidance_skip.with_rule(model, guidance_skip.AdaptiveRule(self.NODE_ID, threshold, sigma_start)),)
+        return (guidance_skip.with_rule(model, guidance_skip.AdaptiveRule(self.NODE_ID, threshold, sigma_start,
+                                                                         unique_id)),)
 
 
 NODES = [GuidanceInterval, AdaptiveGuidance]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..patches import step_cache as sc
 from ..patches.window import SigmaWindow
 from ._common import (
+    HIDDEN_NODE_ID,
     MODEL_INPUT,
     MODEL_OUTPUT_TOOLTIP,
     category,
@@ -27,7 +28,7 @@ class StepCache:
         "since then (of the model input, or of the first block's residual) stays below the threshold. Works on every "
         "model ComfyUI samples (first block: UNets and "
         "most DiTs), per batch item and per cond/uncond chunk, starts fresh every run (any size, steps or sampler), "
-        "and never reuses in extra guidance passes. One log line per run tells how many steps were reused."
+        "and never reuses in extra guidance passes. After each run the node shows how many evaluations it saved."
     )
 
     @classmethod
@@ -61,13 +62,13 @@ class StepCache:
             }),
             # The first steps set the composition and change the most: like core EasyCache/LazyCache, start at 15 %.
             **percent_inputs("reuse", start=0.15),
-        }}
+        }, "hidden": HIDDEN_NODE_ID}
 
     @classmethod
     def VALIDATE_INPUTS(cls, threshold=None, max_consecutive=None, start_percent=None, end_percent=None):
         return check_window(cls, start_percent, end_percent, threshold=threshold, max_consecutive=max_consecutive)
 
-    def patch(self, model, indicator, threshold, max_consecutive, reuse, start_percent, end_percent):
+    def patch(self, model, indicator, threshold, max_consecutive, reuse, start_percent, end_percent, unique_id=None):
         if indicator not in sc.INDICATORS:
             raise ValueError(f"{self.NODE_ID}: indicator must be one of {', '.join(sc.INDICATORS)}, got {indicator!r}")
         if reuse not in sc.REUSE_MODES:
@@ -78,7 +79,8 @@ class StepCache:
             raise ValueError(f"{self.NODE_ID}: max_consecutive must be at least 1, got {max_consecutive}")
         window = SigmaWindow.from_percents(model, start_percent, end_percent)
         spec = sc.CacheSpec(node_id=self.NODE_ID, indicator=indicator, threshold=float(threshold),
-                            max_consecutive=int(max_consecutive), forecast=reuse == "forecast", window=window)
+                            max_consecutive=int(max_consecutive), forecast=reuse == "forecast", window=window,
+                            canvas=unique_id)
         return (sc.with_step_cache(model, spec),)
 
 

@@ -48,6 +48,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import (
     timestep_embedding,
 )
 
+from . import canvas
 from .window import SigmaWindow
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ class Settings:
     normal_key: str  # set on the transformer_options of a step's normal pass
     marker_key: str  # the per-sampler-call marker set by the PREDICT_NOISE wrapper
     capture_key: str  # the capture slot of one full call
+    canvas: Optional[str] = None  # the node's id in the graph (UNIQUE_ID): where its summary is shown
 
 
 class _Marker:
@@ -260,6 +262,12 @@ class Run:
             text += f"; {self.extra_passes} extra guidance passes ran in full"
         return text if finished else text + " (run interrupted)"
 
+    def brief(self, total_steps: int, finished: bool) -> str:
+        """The node's line in the editor, e.g. ``deep blocks ran on 7 of 20 steps; 13 on cached features``."""
+        cached = len(self.cached_steps - self.full_steps)
+        text = f"deep blocks ran on {len(self.full_steps)} of {total_steps} steps; {cached} on cached features"
+        return text if finished else text + " (run interrupted)"
+
     def release(self) -> None:
         with self.lock:
             self.cache.clear()
@@ -303,6 +311,7 @@ def make_hooks(settings: Settings):
             guider.model_options = original
             total = max(0, int(sigmas.shape[-1]) - 1) if sigmas is not None else 0
             log.info(run.summary(total, finished))
+            canvas.show(s.canvas, run.brief(total, finished))
             run.release()
 
     def predict_noise_wrapper(executor, x, timestep, model_options=None, seed=None, *args, **kwargs):
@@ -357,15 +366,19 @@ def make_hooks(settings: Settings):
         output_block_patch
 
 
-def with_deep_cache(model, node_id: str, interval: int, depth: int, window: SigmaWindow):
-    """A clone of ``model`` with DeepCache; ``interval`` 1 evaluates every step in full (the result is unchanged)."""
+def with_deep_cache(model, node_id: str, interval: int, depth: int, window: SigmaWindow,
+                    canvas_node: Optional[str] = None):
+    """A clone of ``model`` with DeepCache; ``interval`` 1 evaluates every step in full (the result is unchanged).
+
+    ``canvas_node``: the node's graph id, where the run's summary is shown in the editor."""
     unet = check_unet(model, node_id)
     check_depth(unet, depth, node_id)
     if interval < 1:
         raise ValueError(f"{node_id}: interval must be at least 1 (1 = every step in full), got {interval}")
     n = next(_instances)
     settings = Settings(node_id, int(interval), int(depth), window, entry_block(unet, depth), f"{WRAPPER_KEY}.run.{n}",
-                        f"{WRAPPER_KEY}.normal.{n}", f"{WRAPPER_KEY}.marker.{n}", f"{WRAPPER_KEY}.capture.{n}")
+                        f"{WRAPPER_KEY}.normal.{n}", f"{WRAPPER_KEY}.marker.{n}", f"{WRAPPER_KEY}.capture.{n}",
+                        canvas_node)
     outer, predict, calc, forward, capture = make_hooks(settings)
     patched = model.clone()
     wrappers = comfy.patcher_extension.WrappersMP

@@ -43,7 +43,7 @@ import comfy.patcher_extension
 import torch
 
 from ..kernels.guidance_skip import prediction_similarity
-from . import core_nodes, once
+from . import canvas, core_nodes, once
 from .window import SigmaWindow
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class IntervalRule:
 
     node: str
     window: SigmaWindow
+    canvas: Optional[str] = None  # the node's id in the graph (UNIQUE_ID): where its summary is shown
 
     def off(self, sigmas: Sequence[float], state: RunState) -> bool:
         return not any(_inside(self.window, s) for s in sigmas)
@@ -107,6 +108,7 @@ class TruncationRule:
     node: str
     truncation: Truncation
     window: SigmaWindow
+    canvas: Optional[str] = None
 
     def off(self, sigmas: Sequence[float], state: RunState) -> bool:
         return all(self.truncation.covers(s) and _inside(self.window, s) for s in sigmas)
@@ -126,6 +128,7 @@ class AdaptiveRule:
     node: str
     threshold: float
     sigma_start: float
+    canvas: Optional[str] = None
 
     def off(self, sigmas: Sequence[float], state: RunState) -> bool:
         return id(self) in state.stopped
@@ -152,8 +155,10 @@ class RunState:
         self.pending: Dict[int, Tuple[AdaptiveRule, torch.Tensor]] = {}
         self.calls = 0
         self.skipped = 0
+        self.rows = 0  # batch rows the positive and negative prompts would have sent to the network
         self.rows_saved = 0
         self.by_node: Dict[str, int] = {}
+        self.by_rule: Dict[object, int] = {}  # rule -> calls where it turned guidance off
         self.deciding = False
 
     def set_pending(self, rule: AdaptiveRule, verdict: torch.Tensor) -> None:
@@ -178,14 +183,18 @@ class RunState:
                     self.stopped.add(id(rule))
         return values[:count]
 
-    def count(self, skipped: bool, rows: int, nodes: Sequence[str]) -> None:
+    def count(self, rows: int, saved: int, off: Sequence) -> None:
+        """One decided call: ``rows`` it would send with the negative, ``saved`` left out, the rules ``off``."""
         with self.lock:
             self.calls += 1
-            if skipped:
+            self.rows += rows
+            if saved:
                 self.skipped += 1
-                self.rows_saved += rows
-                for node in nodes:
+                self.rows_saved += saved
+                for node in sorted({rule.node for rule in off}):
                     self.by_node[node] = self.by_node.get(node, 0) + 1
+                for rule in off:
+                    self.by_rule[rule] = self.by_rule.get(rule, 0) + 1
 
     def __deepcopy__(self, memo):
         return self
@@ -229,14 +238,15 @@ def guarded_call(call: Callable, model, conds: List, x_in: torch.Tensor, timeste
     if state.deciding:  # inside our chained slot function, which has decided already
         return call(model, conds, x_in, timestep, model_options)
     sigmas = state.read(timestep)
-    off = [rule.node for rule in rules if rule.off(sigmas, state)]
+    off = [rule for rule in rules if rule.off(sigmas, state)]
+    rows = [x_in.shape[0] * max(len(c), 1) for c in conds]  # per prompt: batch x its conditioning entries
     if off and not negative_needed(model_options, sigmas):
         out = list(call(model, [conds[0], None], x_in, timestep, model_options))
         out[1] = out[0].clone()
-        state.count(True, x_in.shape[0] * max(len(conds[1]), 1), sorted(set(off)))
+        state.count(sum(rows), rows[1], off)
         return out
     out = call(model, conds, x_in, timestep, model_options)
-    state.count(False, 0, ())
+    state.count(sum(rows), 0, ())
     for rule in rules:
         if isinstance(rule, AdaptiveRule):
             rule.observe(x_in, out[0], out[1], sigmas, state)
@@ -296,6 +306,10 @@ def _report(state: RunState, options: Dict) -> None:
     per_node = ", ".join(f"{node} {state.by_node.get(node, 0)}" for node in nodes)
     log.info("PatchLab guidance skipping: negative prompt left out of %d of %d model calls, %d batch rows saved "
              "(steps turned off per node: %s)", state.skipped, state.calls, state.rows_saved, per_node)
+    evaluated = state.rows - state.rows_saved
+    for rule in rules:
+        canvas.show(rule.canvas, f"guidance off in {state.by_rule.get(rule, 0)} of {state.calls} model calls; "
+                                 f"evaluated {evaluated} of {state.rows} rows: {canvas.fewer(state.rows, evaluated)}")
 
 
 # --- installing ---------------------------------------------------------------------------------

@@ -17,8 +17,10 @@ COMFY_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK"
 
 
 def all_inputs(node):
-    for group in node.INPUT_TYPES().values():
-        yield from group.items()
+    """The inputs the editor shows (hidden inputs such as UNIQUE_ID have no widget and no tooltip)."""
+    for group, inputs in node.INPUT_TYPES().items():
+        if group != "hidden":
+            yield from inputs.items()
 
 
 def test_the_pack_registers_nodes():
