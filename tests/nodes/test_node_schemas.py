@@ -83,6 +83,13 @@ def test_every_node_has_a_help_page(node_id):
     assert page.read_text().startswith("# ")
 
 
+@pytest.mark.parametrize("node_id", sorted(NODES))
+def test_every_help_page_opens_with_quick_use(node_id):
+    page = Path(pack.__file__).parent / pack.WEB_DIRECTORY / "docs" / f"{node_id}.md"
+    sections = [line for line in page.read_text().splitlines() if line.startswith("## ")]
+    assert sections[0] == "## Quick use"
+
+
 def test_no_id_shadows_a_core_node(core_nodes):
     assert not set(NODES) & {k for k in core_nodes if not k.startswith("PatchLab_")}
 
