@@ -1,7 +1,7 @@
 """PatchLab: model patches for ComfyUI (sampling schedules, guidance, token merging, InstantID).
 
 ComfyUI imports this folder as a package and reads NODE_CLASS_MAPPINGS (the V1 node
-API; see README, "Developing"). The node classes import ComfyUI, so they are loaded
+API; see docs/development.md, "Why the V1 node API"). The node classes import ComfyUI, so they are loaded
 on first access: ``kernels/`` and ``viz/`` stay importable without ComfyUI.
 """
 

@@ -183,7 +183,9 @@ def run(args, save: Callable[[Dict], None], previous: Optional[Dict] = None) -> 
     return results
 
 
-def write_table_and_chart(payload: Dict, name: str) -> None:
+def redraw(payload: Dict, name: str, out=None) -> None:
+    """NAME.md and NAME.png (none for a guidance-only run) in ``out`` (default bench/results/)."""
+    out = out or _common.RESULTS_DIR
     results = payload["results"]
     lines = [f"# {name}: speed against quality on the trained reference models", "",
              f"{payload['samples_per_variant']} samples per variant (18 prompts x {payload['seeds']} seeds), euler, "
@@ -204,9 +206,8 @@ def write_table_and_chart(payload: Dict, name: str) -> None:
                          f"{r['accuracy_colour']:.1%} | {r['accuracy_shape']:.1%} | {r['accuracy_both']:.1%} | "
                          f"{r['fid']:.2f} | {r.get('psnr_db', float('nan')):.1f} |")
         lines.append("")
-    out = _common.RESULTS_DIR / f"{name}.md"
-    out.write_text("\n".join(lines))
-    chart = _common.RESULTS_DIR / f"{name}.png"
+    (out / f"{name}.md").write_text("\n".join(lines))
+    chart = out / f"{name}.png"
     chart.unlink(missing_ok=True)
     if any(_speed_points(variants) for variants in results.values()):
         _chart(results, chart)  # a guidance-only run has nothing to plot on the speed axis
@@ -278,7 +279,7 @@ def main():
         previous = json.loads(path.read_text())["results"] if args.merge and path.exists() else None
         save(run(args, save, previous))
         payload = json.loads(path.read_text())
-    write_table_and_chart(payload, args.name)
+    redraw(payload, args.name)
     if args.publish:
         figures = _common.REPO_ROOT / "bench" / "figures"
         for suffix in (".json", ".md", ".png"):

@@ -259,17 +259,20 @@ def replot(args) -> None:
     """Redraw the table and chart of an earlier run from its JSON (no model is built)."""
     import json
 
-    path = _common.RESULTS_DIR / f"{args.name}.json"
-    data = json.loads(path.read_text())
-    names = {name for row in data["results"].values() for name in row}
+    redraw(json.loads((_common.RESULTS_DIR / f"{args.name}.json").read_text()), args.name)
+
+
+def redraw(data: Dict, name: str, out=None) -> None:
+    """NAME.md and NAME.png in ``out`` (default bench/results/) from a run's JSON."""
+    names = {variant for row in data["results"].values() for variant in row}
     chosen = [v for v in VARIANTS if v.name in names]
-    data.setdefault("sample_rounds", 1)
-    write_table_and_chart(data["results"], chosen, data, args.name)
+    write_table_and_chart(data["results"], chosen, {"sample_rounds": 1, **data}, name, out)
 
 
-def write_table_and_chart(results: Dict, variants: List[Variant], meta: Dict, name: str) -> None:
-    (_common.RESULTS_DIR / f"{name}.md").write_text(markdown(results, variants, meta))
-    chart(results, variants, _common.RESULTS_DIR / f"{name}.png")
+def write_table_and_chart(results: Dict, variants: List[Variant], meta: Dict, name: str, out=None) -> None:
+    out = out or _common.RESULTS_DIR
+    (out / f"{name}.md").write_text(markdown(results, variants, meta))
+    chart(results, variants, out / f"{name}.png")
 
 
 def main():

@@ -1,4 +1,4 @@
-"""PatchLab next to ComfyUI's own newer model patches, one rule each (the README's composition table).
+"""PatchLab next to ComfyUI's own newer model patches, one rule each (docs/compatibility.md, the composition table).
 
 * ``CFGOverride`` (ComfyUI 0.24) and PatchLab's guidance skipping: a step is guided only where
   no PatchLab rule turns guidance off; where one does, the negative pass is left out whatever
@@ -184,7 +184,8 @@ def test_seg_still_guides_under_nag(sd15, core_nodes):
 # --- TorchCompileModel ---------------------------------------------------------------------------
 # TorchCompileModel calls comfy_api.torch_helpers.set_torch_compile_wrapper(model, backend); the tests call it with
 # the "aot_eager" backend (dynamo's graph capture with its graph breaks, no C++ code generation: a minute per
-# model on the 2-core machine instead of five). Inductor itself was checked by hand (README, composition table).
+# model on the 2-core machine instead of five). Inductor itself was checked by hand (docs/compatibility.md,
+# composition table).
 
 COMPILED_STEP_CACHE = {**STEP_CACHE, "indicator": "first block", "start_percent": 0.0}
 
