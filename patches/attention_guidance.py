@@ -50,40 +50,25 @@ from comfy.ldm.modules.attention import optimized_attention
 
 from ..kernels import attention as ka
 from ..kernels import guidance
-from . import core_nodes, dit_attention, families, once
+from . import block_forward, core_nodes, dit_attention, families, keys, once
+from .unet import STAGES, Key, attend, existing_replace, key_of, transformer_block, transformer_keys
 from .window import SigmaWindow
 
 log = logging.getLogger(__name__)
 _warn_once = functools.partial(once.warn_once, log)  # a warning per process, not per step
 
-SPECS_KEY = "patchlab_attention_guidance"
+SPECS_KEY = keys.ATTENTION_SPECS
 RUN_KEY = "patchlab_attention_run"          # transformer_options: the run's _Run token
-WRAPPER_KEY = "patchlab_attention_guidance"
+WRAPPER_KEY = dit_attention.WRAPPER_KEY
 OUTER = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
-PASS_KEY = dit_attention.PASS_KEY
-STEP_KEY = dit_attention.STEP_KEY
+PASS_KEY = keys.GUIDANCE_PASS
+STEP_KEY = keys.GUIDANCE_STEP
+MARK = keys.ATTENTION_MARK
 CORE_NAG_MODULE = "nodes_nag"
 PERTURBED = ("pag", "seg", "slg", "tpg")  # kinds whose rows share one batched extra pass on the positive
-Key = Tuple[str, int, int]
-STAGES = ("input", "middle", "output")
 
 
 # --- which transformers ---------------------------------------------------------------
-
-def transformer_keys(model) -> List[Key]:
-    """Every UNet transformer as ComfyUI addresses it: (stage, block id, transformer index)."""
-    unet = model.model.diffusion_model
-    if not hasattr(unet, "input_blocks"):
-        return []
-    keys = []
-    stages = (("input", unet.input_blocks), ("middle", [unet.middle_block]), ("output", unet.output_blocks))
-    for stage, blocks in stages:
-        for block_id, block in enumerate(blocks):
-            for layer in block:
-                count = len(getattr(layer, "transformer_blocks", ()))
-                keys.extend((stage, block_id, index) for index in range(count))
-    return keys
-
 
 UNET_ENTRY = re.compile(r"^(input|middle|output)(?:\.(\d+))?(?:\.(\d+))?$")
 DIT_ENTRY = re.compile(r"^(double|single|joint)(?:\.(\d+)(?:-(\d+))?)?$")
@@ -233,13 +218,6 @@ class GuidanceSpec:
 
 # --- the attn1 replace -------------------------------------------------------------------
 
-def attend(q, k, v, extra, previous=None):
-    """Attention of an attn1/attn2 replace: through ``previous`` (a replace another pack put there) or ComfyUI's."""
-    if previous is not None:
-        return previous(q, k, v, extra)
-    return optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"))
-
-
 def _grid(extra, tokens: int) -> Optional[Tuple[int, int]]:
     """The token grid of this attention call, or None when the tokens are not a grid (merged by ToMe, say)."""
     shape = extra["original_shape"]
@@ -294,7 +272,7 @@ def _record(q, k, extra, key, specs) -> None:
 def make_replace(previous=None):
     """The attn1 replace PatchLab puts at a transformer key, chaining ``previous`` (another pack's, or None)."""
     def attn1_replace(q, k, v, extra_options):
-        key = (extra_options["block"][0], extra_options["block"][1], extra_options.get("block_index", 0))
+        key = key_of(extra_options)
         out = attend(q, k, v, extra_options, previous)
         groups = extra_options.get(PASS_KEY)
         if groups is not None:
@@ -302,7 +280,7 @@ def make_replace(previous=None):
         _record(q, k, extra_options, key, extra_options.get(SPECS_KEY, ()))
         return out
 
-    attn1_replace.patchlab_attention = True
+    setattr(attn1_replace, MARK, True)
     return attn1_replace
 
 
@@ -459,11 +437,6 @@ guidance_runner.patchlab_attention_runner = True
 
 # --- installing --------------------------------------------------------------------------------
 
-def _existing_replace(model_options: Dict, key: Key):
-    replaces = model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
-    return replaces.get(key, replaces.get(key[:2]))
-
-
 def skip_attention_output(out: torch.Tensor, extra_options) -> torch.Tensor:
     """attn1/attn2 output patch (UNets): zero the attention output in the rows of SLG specs skipping this transformer.
 
@@ -473,10 +446,9 @@ def skip_attention_output(out: torch.Tensor, extra_options) -> torch.Tensor:
     groups = extra_options.get(PASS_KEY)
     if not groups or not any(spec.kind == "slg" for spec in groups):
         return out
-    block = extra_options.get("block")
-    if block is None:
+    if extra_options.get("block") is None:
         return out
-    key = (block[0], block[1], extra_options.get("block_index", 0))
+    key = key_of(extra_options)
     skipping = [g for g, spec in enumerate(groups) if spec.kind == "slg" and key in spec.blocks]
     if not skipping:
         return out
@@ -490,18 +462,7 @@ def skip_attention_output(out: torch.Tensor, extra_options) -> torch.Tensor:
     return out
 
 
-skip_attention_output.patchlab_attention = True
-
-
-def transformer_block(net, key: Key) -> Optional[torch.nn.Module]:
-    """The UNet's BasicTransformerBlock at ``(stage, block id, transformer index)`` (None if there is none)."""
-    stage, block_id, index = key
-    blocks = net.middle_block if stage == "middle" else getattr(net, f"{stage}_blocks")[block_id]
-    for layer in blocks:
-        transformers = getattr(layer, "transformer_blocks", None)
-        if transformers is not None and index < len(transformers):
-            return transformers[index]
-    return None
+setattr(skip_attention_output, MARK, True)
 
 
 def tpg_auto_keys(model) -> List[Key]:
@@ -515,24 +476,22 @@ def tpg_auto_keys(model) -> List[Key]:
     return [key for key in keys if key[0] == "input" and key[1] in chosen]
 
 
-def _shuffling_forward(block, parts):
-    """``block.forward`` with the input tokens of ``parts`` [(batch-row slice, seed)] shuffled first (TPG on UNets:
-    the shuffled order stays, as in pamparamm's implementation; the SpatialTransformer's own residual is not
-    shuffled)."""
-    original = block.__dict__.get("forward") or type(block).forward.__get__(block)
-
+def _shuffling(inner, parts):
+    """A transformer's ``forward`` (``inner``) with the input tokens of ``parts`` [(batch-row slice, seed)] shuffled
+    first (TPG on UNets: the shuffled order stays, as in pamparamm's implementation; the SpatialTransformer's own
+    residual is not shuffled)."""
     def forward(x, *args, **kwargs):
         x = x.clone()
         for part, seed in parts:
             x[part] = ka.shuffle_tokens(x[part], 0, x.shape[1], ka.token_permutation(x.shape[1], seed))
-        return original(x, *args, **kwargs)
+        return inner(x, *args, **kwargs)
 
     return forward
 
 
 def unet_tpg_wrapper(executor, *args, **kwargs):
     """DIFFUSION_MODEL wrapper (UNets): in PatchLab's extra passes with TPG rows, the chosen transformer blocks'
-    ``forward`` shuffles those rows' input tokens (an instance attribute, removed when the call returns)."""
+    ``forward`` shuffles those rows' input tokens (:func:`block_forward.wrap`, undone when the call returns)."""
     options = kwargs.get("transformer_options") if "transformer_options" in kwargs else (
         args[5] if len(args) > 5 else None)
     groups = (options or {}).get(PASS_KEY) or ()
@@ -544,7 +503,7 @@ def unet_tpg_wrapper(executor, *args, **kwargs):
     per_chunk = args[0].shape[0] // chunks
     rows = per_chunk // len(groups)
     step = options.get(STEP_KEY, 0)
-    saved = []
+    undo = []
     try:
         for key in sorted({key for _, spec in tpg for key in spec.blocks}):
             block = transformer_block(net, key)
@@ -553,18 +512,14 @@ def unet_tpg_wrapper(executor, *args, **kwargs):
             parts = [(slice(c * per_chunk + g * rows, c * per_chunk + (g + 1) * rows),
                       dit_attention.shuffle_seed(spec, step, key, c, g))
                      for c in range(chunks) for g, spec in tpg if key in spec.blocks]
-            saved.append((block, block.__dict__.get("forward")))
-            block.forward = _shuffling_forward(block, parts)
+            undo.append(block_forward.wrap(block, lambda inner, parts=parts: _shuffling(inner, parts)))
         return executor(*args, **kwargs)
     finally:
-        for block, previous in reversed(saved):
-            if previous is None:
-                del block.forward
-            else:
-                block.forward = previous
+        for step_back in reversed(undo):
+            step_back()
 
 
-unet_tpg_wrapper.patchlab_attention = True
+setattr(unet_tpg_wrapper, MARK, True)
 
 
 def _install_unet(patched, spec: GuidanceSpec) -> None:
@@ -576,13 +531,13 @@ def _install_unet(patched, spec: GuidanceSpec) -> None:
         return
     if spec.kind == "slg":
         patches = options.get("transformer_options", {}).get("patches", {})
-        if not any(getattr(p, "patchlab_attention", False) for p in patches.get("attn1_output_patch", [])):
+        if not any(getattr(p, MARK, False) for p in patches.get("attn1_output_patch", [])):
             patched.set_model_attn1_output_patch(skip_attention_output)
             patched.set_model_attn2_output_patch(skip_attention_output)
         return
     for key in sorted(spec.blocks):
-        existing = _existing_replace(options, key)
-        if existing is None or not getattr(existing, "patchlab_attention", False):
+        existing = existing_replace(options, "attn1", key)
+        if existing is None or not getattr(existing, MARK, False):
             patched.set_model_attn1_replace(make_replace(existing), key[0], key[1], key[2])
 
 

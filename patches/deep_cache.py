@@ -48,13 +48,13 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import (
     timestep_embedding,
 )
 
-from . import canvas
+from . import canvas, keys
+from .unet import is_unet
 from .window import SigmaWindow
 
 log = logging.getLogger(__name__)
 
 WRAPPER_KEY = "patchlab_deep_cache"
-GUIDANCE_PASS_KEY = "patchlab_guidance_pass"  # set by PatchLab's attention-guidance extra passes
 SUPPORTED = "SD1.x, SD2.x and SDXL UNets and their fine-tunes"
 _instances = itertools.count()
 ChunkKey = Tuple
@@ -65,7 +65,7 @@ ChunkKey = Tuple
 def check_unet(model, node_id: str) -> UNetModel:
     """The model's UNet; a clear error for any other network."""
     unet = model.model.diffusion_model
-    if not isinstance(unet, UNetModel) or unet.middle_block is None:
+    if not is_unet(unet) or unet.middle_block is None:
         raise RuntimeError(
             f"{node_id} works on UNet models ({SUPPORTED}); this model is {type(model.model).__name__} with a "
             f"{type(unet).__name__} network, which has no UNet skip connections to cache at. For DiT models "
@@ -333,16 +333,16 @@ def make_hooks(settings: Settings):
         sigmas, sample_sigmas = transformer_options.get("sigmas"), transformer_options.get("sample_sigmas")
         if run is None or sigmas is None or sample_sigmas is None:
             return executor(*args, **kwargs)
-        if not transformer_options.get(s.normal_key) or transformer_options.get(GUIDANCE_PASS_KEY) is not None:
+        if not transformer_options.get(s.normal_key) or transformer_options.get(keys.GUIDANCE_PASS) is not None:
             run.count_extra()
             return executor(*args, **kwargs)
-        keys = _chunk_keys(x, transformer_options)
+        chunks = _chunk_keys(x, transformer_options)
         sigma = float(sigmas.detach().max())  # one host sync per model call
-        if keys is None or not s.window.sigma_end <= sigma <= s.window.sigma_start:
+        if chunks is None or not s.window.sigma_end <= sigma <= s.window.sigma_start:
             return executor(*args, **kwargs)
         step, start = run.step_of(sigma, sample_sigmas)
         scheduled = start is not None and step >= start and (step - start) % s.interval == 0
-        deep = None if scheduled or s.interval == 1 else run.lookup(keys, step)
+        deep = None if scheduled or s.interval == 1 else run.lookup(chunks, step)
         if deep is not None and deep.shape[0] == x.shape[0]:
             run.count(step, full=False)
             return shallow_forward(executor.class_obj, s.depth, deep, *args, **kwargs)
@@ -353,7 +353,7 @@ def make_hooks(settings: Settings):
         args[5] = {**transformer_options, s.capture_key: slot}
         out = executor(*args, **kwargs)
         if "deep" in slot:
-            run.store(keys, step, slot["deep"])
+            run.store(chunks, step, slot["deep"])
         return out
 
     def output_block_patch(h, hsp, transformer_options):

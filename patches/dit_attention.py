@@ -54,14 +54,15 @@ from typing import Dict, List, Optional, Tuple
 import comfy.patcher_extension
 
 from ..kernels import attention as ka
-from . import block_forward, families, once
+from . import block_forward, families, keys, once
 from .families import Stack
 
 log = logging.getLogger(__name__)
 _warn_once = functools.partial(once.warn_once, log)  # a warning per process, not per step
 
-PASS_KEY = "patchlab_guidance_pass"
-STEP_KEY = "patchlab_guidance_step"   # an extra pass's per-step token (TPG's shuffle seeds)
+PASS_KEY = keys.GUIDANCE_PASS
+STEP_KEY = keys.GUIDANCE_STEP
+MARK = keys.ATTENTION_MARK
 LATENT_KEY = "patchlab_latent_shape"
 TEXT_KEY = "patchlab_text_tokens"
 REFERENCE_KEY = "patchlab_reference_latents"
@@ -191,7 +192,7 @@ def apply_model_wrapper(executor, x, *args, **kwargs):
     return executor(x, *args, **kwargs)
 
 
-apply_model_wrapper.patchlab_attention = True
+setattr(apply_model_wrapper, MARK, True)
 
 
 def install_wrappers(patched, forward_wrapped: bool) -> None:
@@ -244,11 +245,8 @@ def make_override(previous, parts, tokens: Tokens):
     Made for one block call (it counts that call's attention calls when ``tokens.calls`` is set)."""
     seen = [0]
 
-    def attend(func, *args, **kwargs):
-        return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
-
     def override(func, *args, **kwargs):
-        out = attend(func, *args, **kwargs)
+        out = block_forward.attend(previous, func, *args, **kwargs)
         seen[0] += 1
         if tokens.calls is not None and seen[0] > tokens.calls:
             return out
@@ -278,10 +276,11 @@ def make_override(previous, parts, tokens: Tokens):
                 mask = kwargs.get("mask")
                 if mask is not None and mask.ndim >= 3 and mask.shape[0] == q.shape[0]:
                     sub_kwargs["mask"] = mask[part]
-                out[part] = attend(func, blurred, k[part], v[part], *args[3:], **sub_kwargs).to(out.dtype)
+                out[part] = block_forward.attend(previous, func, blurred, k[part], v[part], *args[3:],
+                                                 **sub_kwargs).to(out.dtype)
         return out
 
-    override.patchlab_attention = True
+    setattr(override, MARK, True)
     return override
 
 
@@ -372,10 +371,7 @@ def make_block_replace(key: DitKey, previous, stack: Stack, patch: Tuple[int, in
         if parts:
             tokens = _tokens(stack, args, options, patch, flipped, text_multiple)
             if tokens is not None:
-                inner = dict(options)
-                inner["optimized_attention_override"] = make_override(
-                    options.get("optimized_attention_override"), parts, tokens)
-                args = {**args, "transformer_options": inner}
+                args = block_forward.with_override(args, lambda previous: make_override(previous, parts, tokens))
         out = block_forward.run_block(previous, args, extra)
         if before is not None:  # TPG rows: the block's update, computed on shuffled tokens, added to the stream
             out = dict(out)
@@ -397,7 +393,7 @@ def make_block_replace(key: DitKey, previous, stack: Stack, patch: Tuple[int, in
                 out[name] = result
         return out
 
-    block_replace.patchlab_attention = True
+    setattr(block_replace, MARK, True)
     return block_replace
 
 
@@ -435,7 +431,6 @@ def install_replaces(patched, keys) -> None:
     blocks' forward for the length of PatchLab's extra passes."""
     net = patched.model.diffusion_model
     patch = patch_size(patched)
-    replaces = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     net_stacks = _stacks_of(net)
     rope = _rope(net)
     forward_wrapped = False
@@ -444,13 +439,12 @@ def install_replaces(patched, keys) -> None:
         if stack.replace is None:
             forward_wrapped = True
             continue
-        existing = replaces.get((stack.replace, index))
-        if existing is not None and getattr(existing, "patchlab_attention", False):
-            continue
         flipped = bool(getattr(getattr(net, stack.attr)[index], "flipped_img_txt", False))
-        patched.set_model_patch_replace(make_block_replace((stack_name, index), existing, stack, patch, flipped,
-                                                           rope=rope),
-                                        "dit", stack.replace, index)
+        block_forward.install_block_replace(
+            patched, stack.replace, index,
+            lambda previous, key=(stack_name, index), stack=stack, flipped=flipped: make_block_replace(
+                key, previous, stack, patch, flipped, rope=rope),
+            MARK)
     install_wrappers(patched, forward_wrapped)
 
 
@@ -485,7 +479,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
             step()
 
 
-diffusion_model_wrapper.patchlab_attention = True
+setattr(diffusion_model_wrapper, MARK, True)
 
 
 def _lumina_forward(inner, replace):

@@ -9,6 +9,7 @@ and says
 * ``stacks``: the blocks attention guidance (PAG, SEG, SLG) addresses, ``stack.N`` (empty: none);
 * ``first_block``: whether StepCache's ``first block`` indicator reaches block 0 (the ``double_block``
   replace at index 0);
+* ``nag``: the module of ``patches.nag`` that reaches the network's text attention (None: NAG refuses it);
 * ``tested``: whether the test kit has a model of the class (messages list untested ones apart).
 
 Adding a family is one row here (and a test-kit layout).
@@ -48,27 +49,28 @@ class Family:
     first_block: bool = False
     tested: bool = True
     rope: bool = True                  # positions enter every attention as a rotary embedding (not SD3, AuraFlow)
+    nag: Optional[str] = None          # the patches.nag module for this network (None: no NAG)
 
 
 _FLUX_STACKS = {"double": Stack("double_blocks", "double_block", "joint"),
                 "single": Stack("single_blocks", "single_block", "text_first")}
 
 FAMILIES = (
-    Family("flux", "Flux, Flux.2", "comfy.ldm.flux.", ("Flux",), _FLUX_STACKS, first_block=True),
-    Family("flux", "Chroma", "comfy.ldm.chroma.", ("Chroma",), _FLUX_STACKS, first_block=True),
+    Family("flux", "Flux, Flux.2", "comfy.ldm.flux.", ("Flux",), _FLUX_STACKS, first_block=True, nag="flux"),
+    Family("flux", "Chroma", "comfy.ldm.chroma.", ("Chroma",), _FLUX_STACKS, first_block=True, nag="flux"),
     Family("mmdit", "SD3/SD3.5", "comfy.ldm.modules.diffusionmodules.mmdit", ("OpenAISignatureMMDITWrapper",),
-           {"joint": Stack("joint_blocks", "double_block", "joint")}, first_block=True, rope=False),
+           {"joint": Stack("joint_blocks", "double_block", "joint")}, first_block=True, rope=False, nag="mmdit"),
     Family("qwen_image", "Qwen-Image", "comfy.ldm.qwen_image.", ("QwenImageTransformer2DModel",),
-           {"double": Stack("transformer_blocks", "double_block", "joint")}, first_block=True),
+           {"double": Stack("transformer_blocks", "double_block", "joint")}, first_block=True, nag="qwen"),
     Family("wan", "Wan 2.1/2.2", "comfy.ldm.wan.", ("WanModel",),
-           {"double": Stack("blocks", "double_block", "self")}, first_block=True),
+           {"double": Stack("blocks", "double_block", "self")}, first_block=True, nag="wan"),
     Family("wan", "Wan VACE / camera / HuMo", "comfy.ldm.wan.", ("VaceWanModel", "CameraWanModel", "HumoWanModel"),
-           {"double": Stack("blocks", "double_block", "self")}, first_block=True, tested=False),
+           {"double": Stack("blocks", "double_block", "self")}, first_block=True, tested=False, nag="wan"),
     Family("hunyuan_video", "HunyuanVideo", "comfy.ldm.hunyuan_video.", ("HunyuanVideo",),
            {"double": Stack("double_blocks", "double_block", "joint"),
-            "single": Stack("single_blocks", "single_block", "text_last")}, first_block=True),
+            "single": Stack("single_blocks", "single_block", "text_last")}, first_block=True, nag="flux"),
     Family("lumina2", "Z-Image, Lumina 2", "comfy.ldm.lumina.", ("NextDiT",),
-           {"single": Stack("layers", None, "text_first")}),
+           {"single": Stack("layers", None, "text_first")}, nag="lumina"),
     Family("auraflow", "AuraFlow", "comfy.ldm.aura.", ("MMDiT",), first_block=True, rope=False),
     Family("ltxv", "LTX-Video", "comfy.ldm.lightricks.", ("LTXVModel",), first_block=True, tested=False),
     Family("mochi", "Mochi", "comfy.ldm.genmo.", ("AsymmDiTJoint",), first_block=True, tested=False),

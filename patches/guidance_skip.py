@@ -43,7 +43,7 @@ import comfy.patcher_extension
 import torch
 
 from ..kernels.guidance_skip import prediction_similarity
-from . import canvas, core_nodes, once
+from . import canvas, core_nodes, keys, once
 from .window import SigmaWindow
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,6 @@ _warn_once = functools.partial(once.warn_once, log)  # a warning per process, no
 RULES_KEY = "patchlab_guidance_skip"       # transformer_options: tuple of rules
 WRAPPER_KEY = "patchlab_guidance_skip"     # key of both wrappers
 STATE_KEY = "patchlab_guidance_skip_run"   # model_options: the run's RunState
-SAG_SPECS_KEY = "patchlab_attention_guidance"
-PASS_KEY = "patchlab_guidance_pass"
 CORE_SAG_MODULE = "nodes_sag"
 CALC = comfy.patcher_extension.WrappersMP.CALC_COND_BATCH
 OUTER = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
@@ -218,7 +216,7 @@ def negative_needed(model_options: Dict, sigmas: Sequence[float]) -> bool:
                        "at every step, so no model evaluation is saved; PatchLab_SelfAttentionGuidance needs it "
                        "only inside its window")
             return True
-    specs = model_options.get("transformer_options", {}).get(SAG_SPECS_KEY, ())
+    specs = model_options.get("transformer_options", {}).get(keys.ATTENTION_SPECS, ())
     for spec in specs:
         if getattr(spec, "kind", None) == "sag" and spec.scale != 0 and any(_inside(spec.window, s) for s in sigmas):
             return True
@@ -231,7 +229,7 @@ def guarded_call(call: Callable, model, conds: List, x_in: torch.Tensor, timeste
     transformer_options = model_options.get("transformer_options", {})
     rules = transformer_options.get(RULES_KEY, ())
     if (not rules or len(conds) != 2 or conds[0] is None or conds[1] is None
-            or transformer_options.get(PASS_KEY) is not None
+            or transformer_options.get(keys.GUIDANCE_PASS) is not None
             or (STATE_KEY not in model_options and "sample_sigmas" not in transformer_options)):
         return call(model, conds, x_in, timestep, model_options)  # not a sampling run's own options: no state
     state = _state(model_options)

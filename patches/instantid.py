@@ -24,16 +24,15 @@ from typing import Dict, List, Optional, Tuple
 import comfy.utils
 import torch
 import torch.nn.functional as F
-from comfy.ldm.modules.attention import optimized_attention
 
 from ..kernels import attention as ka
 from ..kernels.resampler import Resampler, ResamplerShape, shape_problems
+from .unet import Key, attend, transformers
 from .window import SigmaWindow
 
 log = logging.getLogger(__name__)
 
 SDXL_LAYERS = 70
-Key = Tuple[str, int, int]
 
 
 # --- weights ----------------------------------------------------------------------------------
@@ -128,17 +127,11 @@ class CrossAttentionLayer:
 
 def cross_attention_layers(model) -> List[CrossAttentionLayer]:
     """The UNet's cross-attention layers in InstantID's order: input blocks, output blocks, then the middle."""
-    unet = model.model.diffusion_model
     found = {"input": [], "middle": [], "output": []}
-    stages = (("input", getattr(unet, "input_blocks", [])), ("middle", [getattr(unet, "middle_block", [])]),
-              ("output", getattr(unet, "output_blocks", [])))
-    for stage, blocks in stages:
-        for block_id, block in enumerate(blocks):
-            for layer in block:
-                for index, transformer in enumerate(getattr(layer, "transformer_blocks", ())):
-                    attn2 = getattr(transformer, "attn2", None)
-                    if attn2 is not None:
-                        found[stage].append(CrossAttentionLayer((stage, block_id, index), attn2.to_k.out_features))
+    for key, transformer in transformers(model).items():
+        attn2 = getattr(transformer, "attn2", None)
+        if attn2 is not None:
+            found[key[0]].append(CrossAttentionLayer(key, attn2.to_k.out_features))
     return found["input"] + found["output"] + found["middle"]
 
 
@@ -217,14 +210,12 @@ def make_attn2_replace(face_kv: Dict[str, torch.Tensor], weight: float, window: 
                        mask: Optional[torch.Tensor], previous=None):
     """The attn2 replace of one layer; ``face_kv`` holds k/v [1, T, C] for "cond" and "uncond"."""
     def attn2_replace(q, k, v, extra_options):
-        out = previous(q, k, v, extra_options) if previous is not None else \
-            optimized_attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"))
+        out = attend(q, k, v, extra_options, previous)
         tags = extra_options.get("cond_or_uncond") or [0]
         per_chunk = q.shape[0] // len(tags)
         keys = torch.cat([face_kv["uncond_k" if t == 1 else "cond_k"].expand(per_chunk, -1, -1) for t in tags])
         values = torch.cat([face_kv["uncond_v" if t == 1 else "cond_v"].expand(per_chunk, -1, -1) for t in tags])
-        face = optimized_attention(q, keys.to(q.device, q.dtype), values.to(q.device, q.dtype),
-                                   extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"))
+        face = attend(q, keys.to(q.device, q.dtype), values.to(q.device, q.dtype), extra_options)
         scale = torch.full((q.shape[0], 1, 1), weight, device=q.device, dtype=q.dtype)
         sigmas = extra_options.get("sigmas")
         if sigmas is not None and not window.is_always:

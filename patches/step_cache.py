@@ -69,8 +69,8 @@ import comfy.patcher_extension
 import torch
 
 from ..kernels import step_cache as kc
-from . import canvas, families, once
-from .attention_guidance import PASS_KEY
+from . import block_forward, canvas, families, keys, once
+from .unet import is_unet
 from .window import SigmaWindow
 
 log = logging.getLogger(__name__)
@@ -464,7 +464,7 @@ def calc_cond_batch_wrapper(executor, *args, **kwargs):
     model_options = args[-1] if args and isinstance(args[-1], dict) else kwargs.get("model_options", {})
     transformer_options = model_options.get("transformer_options", {})
     state = transformer_options.get(STATE_KEY)
-    if state is None or transformer_options.get(PASS_KEY) is not None or len(args) < 3:
+    if state is None or transformer_options.get(keys.GUIDANCE_PASS) is not None or len(args) < 3:
         return executor(*args, **kwargs)
     step = state.claim(args[2])
     if step is None:
@@ -487,7 +487,7 @@ def apply_model_wrapper(executor, *args, **kwargs):
     x = args[0] if args else kwargs.get("x")
     sigma = args[1] if len(args) > 1 else kwargs.get("t")
     step = transformer_options.get(MAIN_KEY)
-    if step is None or not torch.is_tensor(x) or x.ndim < 3 or transformer_options.get(PASS_KEY) is not None:
+    if step is None or not torch.is_tensor(x) or x.ndim < 3 or transformer_options.get(keys.GUIDANCE_PASS) is not None:
         if torch.is_tensor(x):
             state.count_extra(int(x.shape[0]))
         return executor(*args, **kwargs)
@@ -552,20 +552,20 @@ def unet_input_block_patch(h, transformer_options):
     return h
 
 
-unet_input_block_patch.patchlab_step_cache = True
+setattr(unet_input_block_patch, keys.STEP_CACHE_MARK, True)
 
 
 def dit_first_block(previous=None):
     """A ("double_block", 0) replace: run the block (or the replace already there), hand its residual to the call."""
     def replace(args, extra):
-        out = previous(args, extra) if previous is not None else extra["original_block"](args)
+        out = block_forward.run_block(previous, args, extra)
         options = args.get("transformer_options")
         call = options.get(CALL_KEY) if isinstance(options, dict) else None
         if call is not None and torch.is_tensor(out.get("img")) and out["img"].shape == args["img"].shape:
             call.first_block(out["img"] - args["img"])
         return out
 
-    replace.patchlab_step_cache = True
+    setattr(replace, keys.STEP_CACHE_MARK, True)
     return replace
 
 
@@ -574,8 +574,7 @@ def dit_first_block(previous=None):
 def first_block_family(model) -> Optional[str]:
     """"unet", "dit" or None: how StepCache reaches this network's first block."""
     network = model.model.diffusion_model
-    name = type(network).__name__
-    if name == "UNetModel" and len(getattr(network, "input_blocks", ())) >= 2:
+    if is_unet(network) and len(network.input_blocks) >= 2:
         return "unet"
     row = families.of_network(network)
     if row is not None and row.first_block:
@@ -606,10 +605,8 @@ def with_step_cache(model, spec: CacheSpec):
     options = patched.model_options.get("transformer_options", {})
     if family == "unet":
         existing = options.get("patches", {}).get("input_block_patch", [])
-        if not any(getattr(p, "patchlab_step_cache", False) for p in existing):
+        if not any(getattr(p, keys.STEP_CACHE_MARK, False) for p in existing):
             patched.set_model_input_block_patch(unet_input_block_patch)
     elif family == "dit":
-        previous = options.get("patches_replace", {}).get("dit", {}).get(("double_block", 0))
-        if previous is None or not getattr(previous, "patchlab_step_cache", False):
-            patched.set_model_patch_replace(dit_first_block(previous), "dit", "double_block", 0)
+        block_forward.install_block_replace(patched, "double_block", 0, dit_first_block, keys.STEP_CACHE_MARK)
     return patched

@@ -21,13 +21,14 @@ import logging
 import threading
 import weakref
 import zlib
-from typing import Dict, Optional, Set, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from ..kernels import attention as ka
 from ..kernels import token_merging as tm
 from . import once
+from .unet import Key, key_of, transformer_levels, transformers
 from .window import SigmaWindow
 
 log = logging.getLogger(__name__)
@@ -35,46 +36,9 @@ _warn_once = functools.partial(once.warn_once, log)  # a warning per process, no
 
 UNMERGE_KEY = "patchlab_tome_unmerge"
 CANDIDATE_LAYOUTS = 16  # random destination layouts per layer; each step picks one from its sigma
-Key = Tuple[str, int, int]
 
 
 # --- the model's structure ------------------------------------------------------------------
-
-def transformer_modules(model) -> Dict[Key, torch.nn.Module]:
-    """Every UNet transformer block by the key ComfyUI gives it: (stage, block id, index)."""
-    unet = model.model.diffusion_model
-    modules = {}
-    for stage, blocks in (("input", getattr(unet, "input_blocks", [])), ("middle", [getattr(unet, "middle_block", [])]),
-                          ("output", getattr(unet, "output_blocks", []))):
-        for block_id, block in enumerate(blocks):
-            for layer in block:
-                for index, transformer in enumerate(getattr(layer, "transformer_blocks", ())):
-                    modules[(stage, block_id, index)] = transformer
-    return modules
-
-
-def transformer_levels(model) -> Set[int]:
-    """Downsampling levels (0 = full resolution) that hold a UNet transformer."""
-    unet = model.model.diffusion_model
-    if not hasattr(unet, "input_blocks"):
-        return set()
-    levels, level = set(), 0
-    for block in unet.input_blocks:
-        for layer in block:
-            if type(layer).__name__ == "Downsample":
-                level += 1
-            elif hasattr(layer, "transformer_blocks"):
-                levels.add(level)
-    if any(hasattr(layer, "transformer_blocks") for layer in unet.middle_block):
-        levels.add(level)
-    for block in unet.output_blocks:
-        for layer in block:
-            if hasattr(layer, "transformer_blocks"):
-                levels.add(level)
-            elif type(layer).__name__ == "Upsample":
-                level -= 1
-    return levels
-
 
 def check_reach(model, max_downsample: int, node_id: str) -> None:
     """Warn once when ``max_downsample`` reaches no transformer of this model."""
@@ -129,11 +93,6 @@ def layer_grid(extra_options, tokens: int, max_downsample: int) -> Optional[Tupl
     return (h, w) if 2 ** level <= max_downsample else None
 
 
-def layer_key(extra_options) -> Key:
-    block = extra_options.get("block") or ("", 0)
-    return block[0], block[1], extra_options.get("block_index", 0)
-
-
 def step_pick(sigmas: Optional[torch.Tensor], device) -> torch.Tensor:
     """A per-step index in [0, CANDIDATE_LAYOUTS) hashed on device from the sigma's bits (no host sync)."""
     if sigmas is None:
@@ -174,7 +133,7 @@ def tome(ratio: float, max_downsample: int, sx: int, sy: int, random_destination
         if r <= 0 or h == 1 or w == 1 or h < sy or w < sx:
             _warn_once(f"token merging skips a {h}x{w} token grid (too small to merge)")
             return n, context, value
-        key = layer_key(extra_options)
+        key = key_of(extra_options)
         if metric == "query" and key in modules:
             with torch.no_grad():
                 similarity = modules[key].attn1.to_q(n)
@@ -207,7 +166,7 @@ def with_tome(model, node_id: str, ratio: float, max_downsample: int, sx: int, s
     if ratio <= 0:
         return patched
     before, after = tome(ratio, max_downsample, sx, sy, random_destinations, seed, metric, merge_keys, window,
-                         transformer_modules(model) if metric == "query" else {})
+                         transformers(model) if metric == "query" else {})
     patched.set_model_attn1_patch(before)
     patched.set_model_attn1_output_patch(after)
     return patched

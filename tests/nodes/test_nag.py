@@ -345,16 +345,16 @@ def attention(q, k, v, heads):
 def replace_call(tiny_model, cond_or_uncond):
     net = tiny_model("sd15").model.diffusion_model
     extra = {"block": ("middle", 0), "block_index": 0, "cond_or_uncond": cond_or_uncond}
-    attn2 = nag.unet_cross_attention(net, extra)
+    attn2 = nag.unet.cross_attention(net, extra)
     generator = torch.Generator().manual_seed(0)
     rows = len(cond_or_uncond)
     x = torch.randn(rows, 12, attn2.to_q.in_features, generator=generator)
     positive, negative = (torch.randn(rows, 7, attn2.to_k.in_features, generator=generator) for _ in range(2))
     q, k, v = attn2.to_q(x), attn2.to_k(positive), attn2.to_v(positive)
     spec = nag.NagSpec(scale=5.0, tau=2.5, alpha=0.5, window=SigmaWindow.always())
-    extra.update({"n_heads": attn2.heads, nag.CALL_KEY: nag.NagCall(spec, negative, net)})
+    extra.update({"n_heads": attn2.heads, nag.core.CALL_KEY: nag.NagCall(spec, negative, net)})
     with torch.no_grad():
-        out = nag.make_unet_replace()(q, k, v, extra)
+        out = nag.unet.make_replace()(q, k, v, extra)
         z_pos = attention(q, k, v, attn2.heads)
         z_neg = attention(q, attn2.to_k(negative), attn2.to_v(negative), attn2.heads)
     return out, z_pos, z_neg, spec

@@ -1,21 +1,5 @@
-"""Normalized Attention Guidance on Flux-layout DiTs (Flux.1, Flux.2, Chroma, HunyuanVideo): joint attention.
-
-Flux has no cross-attention: text and image tokens attend to each other in one joint call per
-block. Z- needs the negative prompt's own text tokens as they would be at that block, so the
-negative gets a **text stream of its own** (its ``txt_in`` embedding, carried block by block with
-each block's text-side weights: modulation, norm, qkv, q/k norm, projection, MLP), but never an
-image stream: in every block its keys and values sit next to the image keys and values the
-positive pass has just computed (after RoPE), and
-
-* the image queries attend once more, to ``[K-text; K-image]`` -> Z-; the image rows of the
-  joint attention output become ``NAG(Z+, Z-)`` before the output projection;
-* the negative text queries attend to the same keys -> their update, as the block would
-  compute it for a text stream beside this image stream.
-
-Per block: the text-side linear layers on the negative's tokens and two attention calls of
-their size (image queries x (text + image) keys, text queries x the same keys). No second image
-stream (a CFG pass would run the whole network again). The negative text stream lives in the
-model call's :class:`~.nag.NagCall` (``state``) and dies with it.
+"""NAG on Flux-layout DiTs (Flux.1, Flux.2, Chroma, HunyuanVideo): the negative's text stream (:mod:`.joint`)
+through the double and single blocks.
 
 Hooks: a ``double_block`` / ``single_block`` replace on every block (chaining one already there)
 computes the negative's q/k/v before the block and installs an ``optimized_attention_override``
@@ -30,19 +14,17 @@ import comfy.utils
 import torch
 from comfy.ldm.flux.math import apply_rope
 
-from ..kernels import attention as ka
-from .block_forward import run_block
-from .nag import call_parts, cond_parts, install_block_replaces
+from .. import block_forward
+from .core import MARK, call_parts, cond_parts, install_block_replaces
+from .joint import STATE_PE, STATE_TEXT, Negative, make_override, rows_of, stream
 
-STATE_TEXT = "text"            # the negative text stream [R, T-, C]
-STATE_PE = "pe"                # its rotary embedding
 STATE_TEXT_TOKENS = "tokens"   # the positive prompt's text length (Flux single blocks: [text; image])
 STATE_IMAGE_TOKENS = "image"   # the image stream's length (HunyuanVideo single blocks: [image; text])
 STATE_TEXT_LAST = "text_last"  # whether the double blocks put the text last (HunyuanVideo)
 
 
 def network_text(base, negative: torch.Tensor, t: torch.Tensor, options: Dict,
-                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 mask: Optional[torch.Tensor]) -> torch.Tensor:
     """The negative prompt in the network's text-stream space [R, T-, C] (``txt_in``; HunyuanVideo's token refiner
     reads each row's timestep, so it gets one row per positive row of the call, and the negative's text mask, an
     additive bias [1, T-])."""
@@ -78,11 +60,6 @@ def _heads(qkv: torch.Tensor, heads: int):
     return q, k, v
 
 
-def rows_of(t: torch.Tensor, parts: List[slice]) -> torch.Tensor:
-    """The rows of ``t`` in ``parts``, in order (dim 0)."""
-    return torch.cat([t[part] for part in parts]) if len(parts) > 1 else t[parts[0]]
-
-
 def _mod_rows(mod, parts: List[slice]):
     """A ModulationOut whose tensors are cut to the rows of ``parts`` (rows of 1 broadcast)."""
     fields = {}
@@ -110,75 +87,6 @@ def _single_mod(block, vec):
     return vec
 
 
-class Negative:
-    """The negative text stream's pieces for one block call: its q/k/v, and its attention output once the override
-    has run."""
-
-    def __init__(self, q, k, v):
-        self.q, self.k, self.v = q, k, v
-        self.text_out: Optional[torch.Tensor] = None
-
-
-def make_override(previous, call, parts: List[slice], negative: Negative, image_range, token_dim: int = 2,
-                  which: int = 1):
-    """``optimized_attention_override`` for one block call of a joint-attention DiT: in the block's ``which``-th
-    attention call, NAG on the image rows of the cond ``parts``, and the negative text queries' attention recorded
-    for the stream update. ``token_dim``: the token axis of q/k/v (2 for [B, H, N, D], 1 for [B, N, H*D]); the
-    output is [B, N, H*D] either way."""
-    seen = [0]
-
-    def override(func, *args, **kwargs):
-        out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
-        seen[0] += 1
-        if seen[0] != which:
-            return out
-        q, k, v = args[:3]
-        sub = dict(kwargs)
-        sub.pop("mask", None)
-        heads = args[3] if len(args) > 3 else sub.pop("heads")
-        start, stop = image_range(q.shape[token_dim])
-        mask = None  # over [negative text; image] keys: the negative's text mask, the image all attended
-        if call.mask is not None:
-            rows = sum(part.stop - part.start for part in parts)
-            text_mask = comfy.utils.repeat_to_batch_size(call.mask, rows).to(q.dtype)
-            mask = torch.cat([text_mask, text_mask.new_zeros(rows, stop - start)], dim=1).view(rows, 1, 1, -1)
-        if len(args) > 4:
-            rest = (mask, *args[5:])
-        else:
-            rest = ()
-            if mask is not None:
-                sub["mask"] = mask
-        q_img, k_img, v_img = (rows_of(t, parts).narrow(token_dim, start, stop - start) for t in (q, k, v))
-        k_neg = torch.cat([negative.k.to(k_img.dtype), k_img], dim=token_dim)
-        v_neg = torch.cat([negative.v.to(v_img.dtype), v_img], dim=token_dim)
-        z_neg = func(q_img, k_neg, v_neg, heads, *rest, **sub)
-        negative.text_out = func(negative.q.to(q_img.dtype), k_neg, v_neg, heads, *rest, **sub)
-        out = out.clone()
-        offset = 0
-        for part in parts:
-            rows = part.stop - part.start
-            out[part, start:stop] = ka.normalized_attention_guidance(
-                out[part, start:stop], z_neg[offset:offset + rows], call.spec.scale, call.spec.tau, call.spec.alpha)
-            offset += rows
-        return out
-
-    override.patchlab_nag = True
-    return override
-
-
-def stream(call, parts: List[slice], rope=None) -> torch.Tensor:
-    """The negative text stream [R, T-, C] for this call's cond rows, created at the first block from the call's
-    negative (``rope(tokens, device)``: its rotary embedding, kept in the call's state as ``STATE_PE``)."""
-    text = call.state.get(STATE_TEXT)
-    if text is None:
-        rows = sum(part.stop - part.start for part in parts)
-        text = comfy.utils.repeat_to_batch_size(call.context, rows)
-        call.state[STATE_TEXT] = text
-        if rope is not None:
-            call.state[STATE_PE] = rope(text.shape[1], text.device)
-    return text
-
-
 def _flux_rope(call):
     return lambda tokens, device: text_rope(call.network, tokens, device)
 
@@ -190,7 +98,7 @@ def make_double_replace(index: int, previous=None):
         options = args.get("transformer_options") or {}
         call, parts = call_parts(options, args["img"].shape[0])
         if not parts:
-            return run_block(previous, args, extra)
+            return block_forward.run_block(previous, args, extra)
         block = call.network.double_blocks[index]
         text = stream(call, parts, _flux_rope(call))
         mod1, mod2 = (_mod_rows(m, parts) for m in _double_text_mods(block, args["vec"]))
@@ -206,17 +114,16 @@ def make_double_replace(index: int, previous=None):
         def image_range(n):
             return (0, n_img) if flipped else (n_txt, n_txt + n_img)
 
-        inner = dict(options)
-        inner["optimized_attention_override"] = make_override(
-            options.get("optimized_attention_override"), call, parts, negative, image_range)
-        out = run_block(previous, {**args, "transformer_options": inner}, extra)
+        args = block_forward.with_override(
+            args, lambda chained: make_override(chained, call, parts, negative, image_range))
+        out = block_forward.run_block(previous, args, extra)
         if negative.text_out is not None:
             text = text + _apply(block.txt_attn.proj(negative.text_out), mod1.gate)
             text = text + _apply(block.txt_mlp(_apply(block.txt_norm2(text), 1 + mod2.scale, mod2.shift)), mod2.gate)
             call.state[STATE_TEXT] = text
         return out
 
-    block_replace.patchlab_nag = True
+    setattr(block_replace, MARK, True)
     return block_replace
 
 
@@ -227,7 +134,7 @@ def make_single_replace(index: int, previous=None):
         call, parts = call_parts(options, args["img"].shape[0])
         n_txt = call.state.get(STATE_TEXT_TOKENS) if call is not None else None
         if not parts or n_txt is None:
-            return run_block(previous, args, extra)
+            return block_forward.run_block(previous, args, extra)
         block = call.network.single_blocks[index]
         text = stream(call, parts, _flux_rope(call))
         mod = _mod_rows(_single_mod(block, args["vec"]), parts)
@@ -242,16 +149,15 @@ def make_single_replace(index: int, previous=None):
         def image_range(n):
             return (0, call.state[STATE_IMAGE_TOKENS]) if call.state.get(STATE_TEXT_LAST) else (n_txt, n)
 
-        inner = dict(options)
-        inner["optimized_attention_override"] = make_override(
-            options.get("optimized_attention_override"), call, parts, negative, image_range)
-        out = run_block(previous, {**args, "transformer_options": inner}, extra)
+        args = block_forward.with_override(
+            args, lambda chained: make_override(chained, call, parts, negative, image_range))
+        out = block_forward.run_block(previous, args, extra)
         if negative.text_out is not None:
             update = block.linear2(torch.cat((negative.text_out, block.mlp_act(mlp)), 2))
             call.state[STATE_TEXT] = text + _apply(update, mod.gate)
         return out
 
-    block_replace.patchlab_nag = True
+    setattr(block_replace, MARK, True)
     return block_replace
 
 

@@ -1,15 +1,15 @@
 """Normalized Attention Guidance on Z-Image and Lumina 2 (NextDiT): single-stream layers over [caption; image].
 
-As on Flux (:mod:`.nag_flux`), the negative prompt gets a text stream of its own and never an image
-stream. NextDiT first refines the caption alone (``context_refiner``, text-only blocks without
-modulation), then runs its main layers over the joined [caption; image] tokens. So the negative
-goes through ``cap_embedder``, Z-Image's caption padding (``cap_pad_token`` up to a multiple of
-``pad_tokens_multiple``) and the context refiner with the caption's rotary positions (1, 2, ...
-on the first axis) once per model call; then in every main layer it runs the layer's own code on
-its tokens: modulation (the layer's ``adaLN_modulation`` of the positive rows' time embedding),
-norms, qkv with grouped-query heads, q/k norm, rotary embedding; the layer's attention call is
-overridden (the image queries attend to [negative caption keys; image keys] -> Z-, the negative's
-queries to the same keys), then the gated output and feed-forward.
+As on Flux (:mod:`.flux`, the stream of :mod:`.joint`), the negative prompt gets a text stream of
+its own and never an image stream. NextDiT first refines the caption alone (``context_refiner``,
+text-only blocks without modulation), then runs its main layers over the joined [caption; image]
+tokens. So the negative goes through ``cap_embedder``, Z-Image's caption padding (``cap_pad_token``
+up to a multiple of ``pad_tokens_multiple``) and the context refiner with the caption's rotary
+positions (1, 2, ... on the first axis) once per model call; then in every main layer it runs the
+layer's own code on its tokens: modulation (the layer's ``adaLN_modulation`` of the positive rows'
+time embedding), norms, qkv with grouped-query heads, q/k norm, rotary embedding; the layer's
+attention call is overridden (the image queries attend to [negative caption keys; image keys] -> Z-,
+the negative's queries to the same keys), then the gated output and feed-forward.
 
 0.3.75's NextDiT has no block replace: a DIFFUSION_MODEL wrapper wraps the main layers' ``forward``
 for the length of the call (:mod:`.block_forward`, nesting with the attention-guidance nodes'
@@ -21,15 +21,16 @@ guided: a warning, and the layers run plain.
 from __future__ import annotations
 
 import logging
+from typing import Dict, Optional
 
 import comfy.patcher_extension
 import comfy.utils
 import torch
 from comfy.ldm.flux.math import apply_rope
 
-from . import block_forward, once
-from .nag import CALL_KEY, NODE_ID, call_parts
-from .nag_flux import STATE_PE, STATE_TEXT, Negative, make_override, rows_of, stream
+from .. import block_forward, once
+from .core import CALL_KEY, NODE_ID, call_parts
+from .joint import STATE_PE, STATE_TEXT, Negative, make_override, rows_of, stream
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,10 @@ def caption_rope(net, tokens: int, device) -> torch.Tensor:
     return net.rope_embedder(ids).movedim(1, 2)
 
 
-def network_text(net, negative: torch.Tensor) -> torch.Tensor:
+def network_text(base, negative: torch.Tensor, t: torch.Tensor, options: Dict,
+                 mask: Optional[torch.Tensor]) -> torch.Tensor:
     """The negative prompt as NextDiT's main layers read a caption [1, T-, C]: embedded, padded, refined."""
+    net = base.diffusion_model
     text = _padded(net, net.cap_embedder(negative))
     rope = caption_rope(net, text.shape[1], text.device)
     for layer in net.context_refiner:
@@ -94,9 +97,8 @@ def _layer_forward(layer, inner):
         negative = _negative_qkv(layer.attention, layer.attention_norm1(text) * (1 + scale_msa.unsqueeze(1)),
                                  call.state[STATE_PE])
         n_txt = call.state[STATE_CAPTION]
-        inner_options = dict(options)
-        inner_options["optimized_attention_override"] = make_override(
-            options.get("optimized_attention_override"), call, parts, negative, lambda n: (n_txt, n))
+        inner_options = block_forward.override_options(
+            options, lambda previous: make_override(previous, call, parts, negative, lambda n: (n_txt, n)))
         out = inner(x, x_mask, freqs_cis, adaln_input, *args, transformer_options=inner_options, **kwargs)
         if negative.text_out is not None:
             attended = _clamp_fp16(layer.attention.out(negative.text_out))

@@ -1,11 +1,11 @@
 """Normalized Attention Guidance on SD3 / SD3.5 (MMDiT): joint attention over [text; image].
 
-As on Flux (:mod:`.nag_flux`), the negative prompt gets a text stream of its own and never an image
-stream. MMDiT's joint blocks are split into a ``context_block`` (the text side) and an ``x_block``
-(the image side), each with ``pre_attention`` (modulation, norm, qkv, RMS qk-norm) and
-``post_attention`` (projection, MLP), so the negative's stream runs exactly the block's own text
-code: its ``context_embedder`` embedding (with the network's registers in front where it has
-them), then per block ``context_block.pre_attention`` -> q/k/v [R, T-, H*D], the joint attention
+As on Flux (:mod:`.flux`, the stream of :mod:`.joint`), the negative prompt gets a text stream of
+its own and never an image stream. MMDiT's joint blocks are split into a ``context_block`` (the text
+side) and an ``x_block`` (the image side), each with ``pre_attention`` (modulation, norm, qkv, RMS
+qk-norm) and ``post_attention`` (projection, MLP), so the negative's stream runs exactly the block's
+own text code: its ``context_embedder`` embedding (with the network's registers in front where it
+has them), then per block ``context_block.pre_attention`` -> q/k/v [R, T-, H*D], the joint attention
 call's override (the image queries attend to [negative text keys; image keys] -> Z-; the negative
 text queries to the same keys), ``context_block.post_attention``. The last block is ``pre_only`` on
 the text side: there the stream ends. SD3.5 Medium's extra image self-attention (``attn2`` of the
@@ -17,18 +17,22 @@ already there).
 
 from __future__ import annotations
 
+from typing import Dict, Optional
+
 import comfy.ops
 import comfy.utils
 import torch
 
-from .block_forward import run_block
-from .nag import call_parts, install_block_replaces
-from .nag_flux import STATE_TEXT, Negative, make_override, rows_of, stream
+from .. import block_forward
+from .core import MARK, call_parts, install_block_replaces
+from .joint import STATE_TEXT, Negative, make_override, rows_of, stream
 
 
-def network_text(net, negative: torch.Tensor) -> torch.Tensor:
+def network_text(base, negative: torch.Tensor, t: torch.Tensor, options: Dict,
+                 mask: Optional[torch.Tensor]) -> torch.Tensor:
     """The negative prompt as MMDiT's first joint block reads its text [1, T-, C] (``context_embedder``, registers
     in front)."""
+    net = base.diffusion_model
     if getattr(net, "context_embedder", None) is None:
         raise RuntimeError("PatchLab_NormalizedAttentionGuidance: this SD3-family model has no text input "
                            "(no context_embedder), so there is no negative prompt to guide with; remove the node")
@@ -49,21 +53,20 @@ def make_replace(index: int, previous=None):
         options = args.get("transformer_options") or {}
         call, parts = call_parts(options, args["img"].shape[0])
         if not parts or args.get("txt") is None:
-            return run_block(previous, args, extra)
+            return block_forward.run_block(previous, args, extra)
         text_side = call.network.joint_blocks[index].context_block
         text = stream(call, parts)
         qkv, intermediates = text_side.pre_attention(text, rows_of(args["vec"], parts))
         negative = Negative(*qkv)
         n_txt = args["txt"].shape[1]
-        inner = dict(options)
-        inner["optimized_attention_override"] = make_override(
-            options.get("optimized_attention_override"), call, parts, negative, lambda n: (n_txt, n), token_dim=1)
-        out = run_block(previous, {**args, "transformer_options": inner}, extra)
+        args = block_forward.with_override(
+            args, lambda chained: make_override(chained, call, parts, negative, lambda n: (n_txt, n), token_dim=1))
+        out = block_forward.run_block(previous, args, extra)
         if negative.text_out is not None and not text_side.pre_only:
             call.state[STATE_TEXT] = text_side.post_attention(negative.text_out, *intermediates)
         return out
 
-    block_replace.patchlab_nag = True
+    setattr(block_replace, MARK, True)
     return block_replace
 
 

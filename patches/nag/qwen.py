@@ -1,30 +1,35 @@
 """Normalized Attention Guidance on Qwen-Image: double-stream blocks, joint attention over [text; image].
 
-As on Flux (:mod:`.nag_flux`), the negative prompt gets a text stream of its own and never an image
-stream. Qwen-Image has double-stream blocks only; per block the negative's stream runs the block's
-text side: ``txt_mod`` modulation of ``txt_norm1``, ``attn.add_q/k/v_proj``, the added q/k RMS
-norms, the rotary embedding of its own text positions (Qwen-Image numbers the text from an offset
-set by the latent's size, the same for the negative), then the joint attention call's override
-(the image queries attend to [negative text keys; image keys] -> Z-, the negative text queries to
-the same keys), ``attn.to_add_out``, the gated residual, ``txt_norm2`` / ``txt_mlp``. Reference
-latents of Qwen-Image-Edit count as image tokens (they are guided too). The text attention mask of
-newer ComfyUI is not applied to the negative (its tokens are all attended).
+As on Flux (:mod:`.flux`, the stream of :mod:`.joint`), the negative prompt gets a text stream of
+its own and never an image stream. Qwen-Image has double-stream blocks only; per block the
+negative's stream runs the block's text side: ``txt_mod`` modulation of ``txt_norm1``,
+``attn.add_q/k/v_proj``, the added q/k RMS norms, the rotary embedding of its own text positions
+(Qwen-Image numbers the text from an offset set by the latent's size, the same for the negative),
+then the joint attention call's override (the image queries attend to [negative text keys; image
+keys] -> Z-, the negative text queries to the same keys), ``attn.to_add_out``, the gated residual,
+``txt_norm2`` / ``txt_mlp``. Reference latents of Qwen-Image-Edit count as image tokens (they are
+guided too). The text attention mask of newer ComfyUI is not applied to the negative (its tokens are
+all attended).
 
 Hook: a ``double_block`` replace on every transformer block (chaining one already there).
 """
 
 from __future__ import annotations
 
+from typing import Dict, Optional
+
 import torch
 from comfy.ldm.flux.math import apply_rope1
 
-from .block_forward import run_block
-from .nag import call_parts, install_block_replaces
-from .nag_flux import STATE_PE, STATE_TEXT, Negative, make_override, rows_of, stream
+from .. import block_forward
+from .core import MARK, call_parts, install_block_replaces
+from .joint import STATE_PE, STATE_TEXT, Negative, make_override, rows_of, stream
 
 
-def network_text(net, negative: torch.Tensor) -> torch.Tensor:
+def network_text(base, negative: torch.Tensor, t: torch.Tensor, options: Dict,
+                 mask: Optional[torch.Tensor]) -> torch.Tensor:
     """The negative prompt in Qwen-Image's text-stream space [1, T-, C] (``txt_norm``, ``txt_in``)."""
+    net = base.diffusion_model
     return net.txt_in(net.txt_norm(negative))
 
 
@@ -48,7 +53,7 @@ def make_replace(index: int, previous=None):
         options = args.get("transformer_options") or {}
         call, parts = call_parts(options, args["img"].shape[0])
         if not parts:
-            return run_block(previous, args, extra)
+            return block_forward.run_block(previous, args, extra)
         block = call.network.transformer_blocks[index]
         attn = block.attn
         dtype = args["img"].dtype
@@ -63,17 +68,16 @@ def make_replace(index: int, previous=None):
         k = apply_rope1(attn.norm_added_k(_heads(attn.add_k_proj, modulated, attn.heads)), call.state[STATE_PE])
         negative = Negative(q, k, _heads(attn.add_v_proj, modulated, attn.heads))
         n_txt = args["txt"].shape[1]
-        inner = dict(options)
-        inner["optimized_attention_override"] = make_override(
-            options.get("optimized_attention_override"), call, parts, negative, lambda n: (n_txt, n))
-        out = run_block(previous, {**args, "transformer_options": inner}, extra)
+        args = block_forward.with_override(
+            args, lambda chained: make_override(chained, call, parts, negative, lambda n: (n_txt, n)))
+        out = block_forward.run_block(previous, args, extra)
         if negative.text_out is not None:
             text = text + gate1 * attn.to_add_out(negative.text_out)
             modulated, gate2 = block._modulate(block.txt_norm2(text), mod2)
             call.state[STATE_TEXT] = torch.addcmul(text, gate2, block.txt_mlp(modulated))
         return out
 
-    block_replace.patchlab_nag = True
+    setattr(block_replace, MARK, True)
     return block_replace
 
 
