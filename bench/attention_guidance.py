@@ -117,24 +117,32 @@ def sag_memory(model, core_node, ours_node, size: int, block: str, sag: dict, pr
     recorder = replaces.pop(("middle", 0, 0))
     core.set_model_attn1_replace(recorder, stage, int(block_id), int(index))
     (ours,) = checks.run_node(ours_node, model=model, **{**sag, "block": block}, start_percent=0.0, end_percent=1.0)
-    (spec,) = ours.model_options["transformer_options"][ag.SPECS_KEY]
-    recorded = []
+    recorded, runs = [], []
+    original_init, original_add = ag.AttentionRun.__init__, ag.AttentionRun.add
 
-    class Recording(ag.RecordStore):
-        def add(self, run_key, mass, grid):
-            recorded.append(nbytes(mass))
-            super().add(run_key, mass, grid)
+    def init(self):
+        original_init(self)
+        runs.append(self)
 
-    object.__setattr__(spec, "store", Recording())
-    latent = tiny_models.empty_latent("sd15", size, size)
-    peaks = {name: _common.peak_memory(functools.partial(sample, patched, "sd15", steps=1, latent=latent, **prompts))
-             for name, patched in (("core", core), ("patchlab", ours))}
+    def add(self, spec, mass, grid):
+        recorded.append(nbytes(mass))
+        original_add(self, spec, mass, grid)
+
+    ag.AttentionRun.__init__, ag.AttentionRun.add = init, add
+    try:
+        latent = tiny_models.empty_latent("sd15", size, size)
+        peaks = {name: _common.peak_memory(functools.partial(sample, patched, "sd15", steps=1, latent=latent,
+                                                             **prompts))
+                 for name, patched in (("core", core), ("patchlab", ours))}
+    finally:
+        ag.AttentionRun.__init__, ag.AttentionRun.add = original_init, original_add
+    held = sum(len(r.records) for r in runs)
     (core_post_cfg,) = core.model_options["sampler_post_cfg_function"]
     core_kept = sum(nbytes(t) for t in tensors_in_closure(core_post_cfg))
     return {
         "record_block": block,
         "bytes_kept_per_step": {"core": core_kept, "patchlab": max(recorded, default=0)},
-        "bytes_still_held_after_sampling": {"core": core_kept, "patchlab": len(spec.store) * max(recorded, default=0)},
+        "bytes_still_held_after_sampling": {"core": core_kept, "patchlab": held * max(recorded, default=0)},
         "process_peak_bytes_one_step": peaks,
     }
 

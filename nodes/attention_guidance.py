@@ -94,7 +94,7 @@ class SelfAttentionGuidance(_AttentionGuidanceNode):
 
     def patch(self, model, scale, blur_sigma, threshold, block, start_percent, end_percent):
         return self._patch(model, block, start_percent, end_percent, kind="sag", scale=scale,
-                           blur_sigma=blur_sigma, threshold=threshold, store=ag.RecordStore())
+                           blur_sigma=blur_sigma, threshold=threshold)
 
 
 class PerturbedAttentionGuidance(_AttentionGuidanceNode):

@@ -193,7 +193,7 @@ class AdaptiveProjectedGuidance(_GuidanceNode):
             raise ValueError(f"{self.NODE_ID}: mode must be 'paper' or 'comfyui', got {mode!r}")
         fn = cfg.adaptive_projected_guidance(eta, norm_threshold, momentum, mode,
                                              self.window(model, start_percent, end_percent))
-        return (cfg.with_pre_cfg(model, fn),)
+        return (cfg.with_apg(model, fn),)
 
 
 class TangentialDampingCFG(_GuidanceNode):

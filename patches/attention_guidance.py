@@ -24,12 +24,11 @@ conditioning on a blurred input and runs on its own, tagged as uncond. Next to C
 the extra pass carries the negative rows too, so both sides of ``positive - perturbed``
 are NAG-guided (one more row per spec and image).
 
-SAG's record is keyed by the sampling run and holds only the attention mass per token of
-the uncond rows ([B, tokens]); the runner pops it each step. The run's key is a token an
-``OUTER_SAMPLE`` wrapper puts into the run's ``transformer_options`` and takes out again
-(with what an interrupted run left recorded) when the run ends: ComfyUI hands that same
-object to every device of a multi-GPU split (0.23+), which gives each device its own copy
-of ``sample_sigmas``, so the tensor cannot serve as the key.
+SAG's record lives in the run's :class:`AttentionRun` (the run-state protocol, :mod:`.run`)
+and holds only the attention mass per token of the uncond rows ([B, tokens]); the runner
+pops it each step, and the state is dropped when the run ends, however it ends. ComfyUI
+hands that one object to every device of a multi-GPU split (0.23+), which gives each device
+its own copy of the rest of the options.
 """
 
 from __future__ import annotations
@@ -37,10 +36,8 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import threading
-import weakref
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import comfy.patcher_extension
@@ -50,7 +47,7 @@ from comfy.ldm.modules.attention import optimized_attention
 
 from ..kernels import attention as ka
 from ..kernels import guidance
-from . import block_forward, core_nodes, dit_attention, families, keys, once
+from . import block_forward, core_nodes, dit_attention, families, keys, once, run
 from .unet import STAGES, Key, attend, existing_replace, key_of, transformer_block, transformer_keys
 from .window import SigmaWindow
 
@@ -58,9 +55,8 @@ log = logging.getLogger(__name__)
 _warn_once = functools.partial(once.warn_once, log)  # a warning per process, not per step
 
 SPECS_KEY = keys.ATTENTION_SPECS
-RUN_KEY = "patchlab_attention_run"          # transformer_options: the run's _Run token
+RUN_KEY = "patchlab_attention_run"          # transformer_options: the run's AttentionRun
 WRAPPER_KEY = dit_attention.WRAPPER_KEY
-OUTER = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
 PASS_KEY = keys.GUIDANCE_PASS
 STEP_KEY = keys.GUIDANCE_STEP
 MARK = keys.ATTENTION_MARK
@@ -158,44 +154,40 @@ def resolve_blocks(model, text: str, node_id: str, dit: bool = True, unet_auto=N
 
 # --- the specs -------------------------------------------------------------------------
 
-class RecordStore:
-    """SAG's attention mass per sampling run, summed over the uncond chunks of a step. Thread-safe."""
+class AttentionRun(run.RunState):
+    """One sampling run's attention-guidance state (the run-state protocol, :mod:`.run`): SAG's attention mass per
+    spec, summed over the uncond chunks of a step and taken by the runner each step, and whether the run's INFO
+    line was written. Nothing is left when the run ends, however it ends."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self._records: Dict[int, list] = {}
+        super().__init__()
+        self.records: Dict[int, list] = {}  # id(spec) -> [mass sum [B, tokens], count, grid]
+        self.logged = False
 
-    def add(self, run_key: Optional[object], mass: torch.Tensor, grid: Tuple[int, int]) -> None:
-        ident = id(run_key)
-        with self._lock:
-            record = self._records.get(ident)
+    def add(self, spec: GuidanceSpec, mass: torch.Tensor, grid: Tuple[int, int]) -> None:
+        with self.lock:
+            record = self.records.get(id(spec))
             if record is None:
-                self._records[ident] = [mass, 1, grid]
-                if run_key is not None:
-                    weakref.finalize(run_key, self._drop, ident)
+                self.records[id(spec)] = [mass, 1, grid]
             else:
                 record[0] = record[0] + mass.to(record[0].device)
                 record[1] += 1
 
-    def pop(self, run_key: Optional[object]):
-        """(mean mass [B, tokens], token grid) recorded this step for the run, or None."""
-        with self._lock:
-            record = self._records.pop(id(run_key), None)
+    def pop(self, spec: GuidanceSpec):
+        """(mean mass [B, tokens], token grid) recorded this step for ``spec``, or None."""
+        with self.lock:
+            record = self.records.pop(id(spec), None)
         return None if record is None else (record[0] / record[1], record[2])
 
-    def _drop(self, ident: int) -> None:
-        with self._lock:
-            self._records.pop(ident, None)
+    def first_log(self) -> bool:
+        """True once per run: the run's INFO line is due."""
+        with self.lock:
+            first, self.logged = not self.logged, True
+            return first
 
-    def discard(self, run_key: object) -> None:
-        """Forget what ``run_key``'s run recorded (an interrupted run's last step)."""
-        self._drop(id(run_key))
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def __deepcopy__(self, memo):
-        return self
+    def finish(self, finished: bool) -> None:
+        with self.lock:
+            self.records.clear()
 
 
 @dataclass(frozen=True, eq=False)
@@ -209,7 +201,6 @@ class GuidanceSpec:
     blur_sigma: float = 0.0
     threshold: float = 1.0
     rescale: float = 0.0
-    store: Optional[RecordStore] = field(default=None)
     seed: int = 0  # TPG's shuffles
 
     def __deepcopy__(self, memo):
@@ -259,14 +250,16 @@ def _record(q, k, extra, key, specs) -> None:
     grid = _grid(extra, k.shape[1])
     if grid is None:
         return
-    run_key = current_run(extra)
+    state = run.of(extra, RUN_KEY)
+    if state is None:  # a call outside a sampling run (no OUTER_SAMPLE): nothing to record for
+        return
     for chunk, tag in enumerate(cond_or_uncond):
         if tag != 1:
             continue
         part = slice(chunk * per_chunk, (chunk + 1) * per_chunk)
         mass = ka.attention_column_mass(q[part], k[part], extra["n_heads"])
         for spec in readers:
-            spec.store.add(run_key, mass, grid)
+            state.add(spec, mass, grid)
 
 
 def make_replace(previous=None):
@@ -282,37 +275,6 @@ def make_replace(previous=None):
 
     setattr(attn1_replace, MARK, True)
     return attn1_replace
-
-
-# --- the run -----------------------------------------------------------------------------------
-
-class _Run:
-    """One sampling run's key (weak-referenceable; the same object on every copy of the options)."""
-
-    __slots__ = ("__weakref__",)
-
-    def __deepcopy__(self, memo):
-        return self
-
-
-def current_run(transformer_options: Dict) -> Optional[object]:
-    """The run's token; without the wrapper (a caller outside ComfyUI's sampler) its ``sample_sigmas``."""
-    run = transformer_options.get(RUN_KEY)
-    return run if run is not None else transformer_options.get("sample_sigmas")
-
-
-def outer_sample_wrapper(executor, *args, **kwargs):
-    """OUTER_SAMPLE wrapper: a fresh run token for the run; what the run recorded is dropped after it."""
-    options = executor.class_obj.model_options.setdefault("transformer_options", {})
-    run = _Run()
-    options[RUN_KEY] = run
-    try:
-        return executor(*args, **kwargs)
-    finally:
-        options.pop(RUN_KEY, None)
-        for spec in options.get(SPECS_KEY, ()):
-            if spec.store is not None:
-                spec.store.discard(run)
 
 
 # --- the post-CFG runner --------------------------------------------------------------------
@@ -379,30 +341,8 @@ def sag_term(spec: GuidanceSpec, record, args) -> Optional[torch.Tensor]:
     return (degraded - prediction) * spec.scale
 
 
-class _RunLog:
-    """One INFO line per sampling run (keyed by its run token, forgotten with it)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._seen = set()
-
-    def first(self, run_key: Optional[object]) -> bool:
-        if run_key is None:
-            return False
-        ident = id(run_key)
-        with self._lock:
-            if ident in self._seen:
-                return False
-            self._seen.add(ident)
-        weakref.finalize(run_key, self._seen.discard, ident)
-        return True
-
-
-_run_log = _RunLog()
-
-
-def _log_extra_pass(run_key, perturbed: List[GuidanceSpec], x: torch.Tensor) -> None:
-    if _run_log.first(run_key):
+def _log_extra_pass(state: Optional[AttentionRun], perturbed: List[GuidanceSpec], x: torch.Tensor) -> None:
+    if state is not None and state.first_log():
         names = ", ".join(spec.kind.upper() for spec in perturbed)
         log.info("PatchLab attention guidance: %s in one batched extra model call per step (%d rows for %d "
                  "image(s))", names, len(perturbed) * x.shape[0], x.shape[0])
@@ -412,14 +352,14 @@ def guidance_runner(args) -> torch.Tensor:
     """Post-CFG: add the guidance of every attention-guidance spec active at this step."""
     transformer_options = args["model_options"].get("transformer_options", {})
     specs = transformer_options.get(SPECS_KEY, ())
-    run_key = current_run(transformer_options)
-    records = {id(s): s.store.pop(run_key) for s in specs if s.kind == "sag"}
+    state = run.of(transformer_options, RUN_KEY)
+    records = {id(s): state.pop(s) if state is not None else None for s in specs if s.kind == "sag"}
     result = args["denoised"]
     active = [s for s in specs if s.scale != 0 and s.window.contains(args["sigma"])]
     perturbed = [s for s in active if s.kind in PERTURBED]
     predictions = dict(zip(map(id, perturbed), perturbed_predictions(args, perturbed))) if perturbed else {}
     if perturbed:
-        _log_extra_pass(run_key, perturbed, args["input"])
+        _log_extra_pass(state, perturbed, args["input"])
     for spec in active:
         if spec.kind == "sag":
             term = sag_term(spec, records[id(spec)], args)
@@ -555,8 +495,7 @@ def with_guidance(model, spec: GuidanceSpec):
         dit_attention.install_replaces(patched, spec.blocks)
     transformer_options = options.setdefault("transformer_options", {})
     transformer_options[SPECS_KEY] = tuple(transformer_options.get(SPECS_KEY, ())) + (spec,)
-    if not patched.get_wrappers(OUTER, WRAPPER_KEY):
-        patched.add_wrapper_with_key(OUTER, WRAPPER_KEY, outer_sample_wrapper)
+    run.install(patched, RUN_KEY, lambda guider, sigmas: AttentionRun())
     runners = [f for f in options.get("sampler_post_cfg_function", []) if getattr(f, "patchlab_attention_runner", 0)]
     if not runners:
         patched.set_model_sampler_post_cfg_function(guidance_runner, disable_cfg1_optimization=spec.kind == "sag")

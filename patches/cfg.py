@@ -17,18 +17,21 @@ live across the steps of one run (APG's momentum) is kept in that run's own
 
 from __future__ import annotations
 
+import itertools
 import logging
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import comfy.model_sampling
 import torch
 
 from ..kernels import guidance
+from . import run
 from .window import SigmaWindow
 
 log = logging.getLogger(__name__)
 
-RUN_STATE_KEY = "patchlab_run_state"
+MOMENTUM_KEY = "patchlab_apg_momentum"  # transformer_options: one APG node's MomentumRun (a suffix per node)
+_apg_instances = itertools.count()
 PreCFG = Callable[[Dict], List]
 PostCFG = Callable[[Dict], torch.Tensor]
 
@@ -41,9 +44,16 @@ def in_window(window: SigmaWindow, sigma: torch.Tensor, patched: torch.Tensor, p
     return torch.where(mask, patched, plain)
 
 
-def run_state(model_options: Dict, owner: object) -> Dict:
-    """A dict private to ``owner`` for the current sampling run (its model_options copy)."""
-    return model_options.setdefault(RUN_STATE_KEY, {}).setdefault(id(owner), {})
+class MomentumRun(run.RunState):
+    """APG's momentum buffer for one sampling run (the run-state protocol, :mod:`.run`): every run starts from
+    zero, and nothing is kept after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.running: Optional[torch.Tensor] = None
+
+    def finish(self, finished: bool) -> None:
+        self.running = None
 
 
 # --- prediction spaces -------------------------------------------------------------
@@ -190,9 +200,10 @@ def adaptive_projected_guidance(eta: float, norm_threshold: float, momentum: flo
     along ``cond`` scaled by ``eta``. ``paper`` mode produces
     ``cond + (s - 1) * update`` (the paper's and diffusers' rule: eta 1, no cap, no
     momentum is plain CFG); ``comfyui`` mode ComfyUI's APG, ``cond + s * update``. The
-    momentum buffer lives in this run's state: every run starts from zero.
+    momentum buffer lives in this run's :class:`MomentumRun` under ``pre_cfg.run_key`` (:func:`with_apg`
+    installs it): every run starts from zero; a call outside a sampling run has no momentum to carry.
     """
-    token = object()
+    key = f"{MOMENTUM_KEY}.{next(_apg_instances)}"
 
     def pre_cfg(args):
         out, cond, uncond = _cond_uncond(args)
@@ -202,18 +213,26 @@ def adaptive_projected_guidance(eta: float, norm_threshold: float, momentum: flo
         sigma = args["sigma"]
         diff = cond - uncond
         if momentum != 0:
-            state = run_state(args["model_options"], token)
-            running = state.get("running")
-            running = torch.zeros_like(diff) if running is None else running
-            state["running"] = in_window(window, sigma, guidance.momentum_update(running, diff, momentum), running)
-            diff = state["running"]
+            state = run.of(args["model_options"], key) or MomentumRun()
+            running = torch.zeros_like(diff) if state.running is None else state.running
+            state.running = in_window(window, sigma, guidance.momentum_update(running, diff, momentum), running)
+            diff = state.running
         update = guidance.apg_update(diff, cond, eta, norm_threshold)
         if mode == "paper":
             modified = uncond + (cond + (scale - 1) * update - uncond) / scale
         else:
             modified = uncond + update + (cond - uncond) / scale
         return [in_window(window, sigma, modified, cond), uncond] + list(out[2:])
+
+    pre_cfg.run_key = key
     return pre_cfg
+
+
+def with_apg(model, fn: PreCFG):
+    """A clone with APG's pre-CFG function and the run state of its momentum."""
+    patched = with_pre_cfg(model, fn)
+    run.install(patched, fn.run_key, lambda guider, sigmas: MomentumRun())
+    return patched
 
 
 def tangential_damping_cfg(window: SigmaWindow) -> PreCFG:

@@ -9,11 +9,12 @@ first convolution and the last output block run on a cached step).
 
 Hooks (all stack with other patches; nothing is shared between clones):
 
-* ``WrappersMP.OUTER_SAMPLE`` brackets a run: it puts a fresh :class:`Run` into the
-  run's own copy of ``model_options`` and drops it (and every cached tensor) when the
-  run ends, however it ends, and logs one INFO line.
+* ``WrappersMP.OUTER_SAMPLE`` brackets a run (:mod:`.run`, the run-state protocol): a
+  fresh :class:`DeepRun` in the run's own options, dropped (with every cached tensor)
+  when the run ends, however it ends, after one INFO line and the node's summary.
 * ``WrappersMP.PREDICT_NOISE`` + ``WrappersMP.CALC_COND_BATCH`` mark the first
-  ``calc_cond_batch`` of each sampler call as the step's normal pass. Extra passes
+  ``calc_cond_batch`` of each sampler call, on the call's own input, as the step's normal
+  pass (:func:`.run.mark_main_pass`). Extra passes
   (post-CFG guidance: PatchLab's PAG/SEG/SAG, core PAG/SAG, anything else calling
   ``calc_cond_batch`` again) are never marked, so they run the whole network and
   neither read nor write the cache.
@@ -34,8 +35,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Tuple
 
 import comfy.patcher_extension
@@ -48,7 +48,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import (
     timestep_embedding,
 )
 
-from . import canvas, keys
+from . import canvas, keys, run
 from .unet import is_unet
 from .window import SigmaWindow
 
@@ -168,24 +168,11 @@ class Settings:
     depth: int
     window: SigmaWindow
     entry: int  # the output block whose incoming h is cached (see entry_block)
-    run_key: str  # where this patch's Run lives in transformer_options
+    run_key: str  # where this patch's DeepRun lives in transformer_options
     normal_key: str  # set on the transformer_options of a step's normal pass
     marker_key: str  # the per-sampler-call marker set by the PREDICT_NOISE wrapper
     capture_key: str  # the capture slot of one full call
     canvas: Optional[str] = None  # the node's id in the graph (UNIQUE_ID): where its summary is shown
-
-
-class _Marker:
-    """One sampler call: its first calc_cond_batch is the normal pass."""
-
-    def __init__(self):
-        self.taken = False
-        self.lock = threading.Lock()
-
-    def take(self) -> bool:
-        with self.lock:
-            first, self.taken = not self.taken, True
-            return first
 
 
 @dataclass
@@ -194,17 +181,19 @@ class _Entry:
     deep: torch.Tensor
 
 
-@dataclass
-class Run:
-    """The state of one sampling run of one patched model (dropped when the run ends)."""
+class DeepRun(run.RunState):
+    """The state of one sampling run of one patched model (the run-state protocol, :mod:`.run`): the cached deep
+    features per chunk, which steps ran in full; summarised and dropped when the run ends."""
 
-    settings: Settings
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    cache: Dict[ChunkKey, _Entry] = field(default_factory=dict)
-    full_steps: Set[int] = field(default_factory=set)
-    cached_steps: Set[int] = field(default_factory=set)
-    extra_passes: int = 0
-    _schedule: Optional[Tuple[object, List[float], Optional[int]]] = None
+    def __init__(self, settings: Settings, total_steps: int):
+        super().__init__()
+        self.settings = settings
+        self.total_steps = total_steps
+        self.cache: Dict[ChunkKey, _Entry] = {}
+        self.full_steps: Set[int] = set()
+        self.cached_steps: Set[int] = set()
+        self.extra_passes = 0
+        self._schedule: Optional[Tuple[object, List[float], Optional[int]]] = None
 
     def _sigmas(self, sample_sigmas: torch.Tensor) -> Tuple[List[float], Optional[int]]:
         """The run's sigmas as floats and the first step inside the window (one host sync per run)."""
@@ -253,22 +242,24 @@ class Run:
         with self.lock:
             self.extra_passes += 1
 
-    def summary(self, total_steps: int, finished: bool) -> str:
+    def summary(self, finished: bool) -> str:
         cached = self.cached_steps - self.full_steps
         s = self.settings
         text = (f"{s.node_id}: {len(self.full_steps)} full evaluations, {len(cached)} cached steps of "
-                f"{total_steps} (interval {s.interval}, depth {s.depth})")
+                f"{self.total_steps} (interval {s.interval}, depth {s.depth})")
         if self.extra_passes:
             text += f"; {self.extra_passes} extra guidance passes ran in full"
         return text if finished else text + " (run interrupted)"
 
-    def brief(self, total_steps: int, finished: bool) -> str:
+    def brief(self, finished: bool) -> str:
         """The node's line in the editor, e.g. ``deep blocks ran on 7 of 20 steps; 13 on cached features``."""
         cached = len(self.cached_steps - self.full_steps)
-        text = f"deep blocks ran on {len(self.full_steps)} of {total_steps} steps; {cached} on cached features"
+        text = f"deep blocks ran on {len(self.full_steps)} of {self.total_steps} steps; {cached} on cached features"
         return text if finished else text + " (run interrupted)"
 
-    def release(self) -> None:
+    def finish(self, finished: bool) -> None:
+        log.info(self.summary(finished))
+        canvas.show(self.settings.canvas, self.brief(finished))
         with self.lock:
             self.cache.clear()
 
@@ -293,34 +284,19 @@ def _chunk_keys(x: torch.Tensor, transformer_options: Dict) -> Optional[List[Chu
 
 
 def make_hooks(settings: Settings):
-    """(outer_sample, predict_noise, calc_cond_batch, diffusion_model, output_block_patch) for one patch."""
+    """(start, predict_noise, calc_cond_batch, diffusion_model, output_block_patch) for one patch: ``start`` makes
+    the run's state (:func:`.run.install`), the others are the hooks."""
     s = settings
 
-    def outer_sample_wrapper(executor, *args, **kwargs):
-        guider = executor.class_obj
-        original = guider.model_options
-        run = Run(s)
-        guider.model_options = _with_transformer_options(original, **{s.run_key: run})
-        sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
-        finished = False
-        try:
-            result = executor(*args, **kwargs)
-            finished = True
-            return result
-        finally:
-            guider.model_options = original
-            total = max(0, int(sigmas.shape[-1]) - 1) if sigmas is not None else 0
-            log.info(run.summary(total, finished))
-            canvas.show(s.canvas, run.brief(total, finished))
-            run.release()
+    def start(guider, sigmas) -> DeepRun:
+        return DeepRun(s, max(0, int(sigmas.shape[-1]) - 1) if sigmas is not None else 0)
 
     def predict_noise_wrapper(executor, x, timestep, model_options=None, seed=None, *args, **kwargs):
-        model_options = _with_transformer_options(model_options or {}, **{s.marker_key: _Marker()})
+        model_options = run.mark_main_pass(model_options, s.marker_key, x)
         return executor(x, timestep, model_options, seed, *args, **kwargs)
 
     def calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_options, *args, **kwargs):
-        marker = model_options.get("transformer_options", {}).get(s.marker_key)
-        if marker is not None and marker.take():
+        if run.take_main_pass(model_options, s.marker_key, x_in) is not None:
             model_options = _with_transformer_options(model_options, **{s.normal_key: True})
         return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
 
@@ -329,31 +305,31 @@ def make_hooks(settings: Settings):
         if len(args) < 6:
             return executor(*args, **kwargs)
         x, timesteps, context, y, control, transformer_options = args[:6]
-        run = transformer_options.get(s.run_key)
+        state = transformer_options.get(s.run_key)
         sigmas, sample_sigmas = transformer_options.get("sigmas"), transformer_options.get("sample_sigmas")
-        if run is None or sigmas is None or sample_sigmas is None:
+        if state is None or sigmas is None or sample_sigmas is None:
             return executor(*args, **kwargs)
         if not transformer_options.get(s.normal_key) or transformer_options.get(keys.GUIDANCE_PASS) is not None:
-            run.count_extra()
+            state.count_extra()
             return executor(*args, **kwargs)
         chunks = _chunk_keys(x, transformer_options)
         sigma = float(sigmas.detach().max())  # one host sync per model call
         if chunks is None or not s.window.sigma_end <= sigma <= s.window.sigma_start:
             return executor(*args, **kwargs)
-        step, start = run.step_of(sigma, sample_sigmas)
+        step, start = state.step_of(sigma, sample_sigmas)
         scheduled = start is not None and step >= start and (step - start) % s.interval == 0
-        deep = None if scheduled or s.interval == 1 else run.lookup(chunks, step)
+        deep = None if scheduled or s.interval == 1 else state.lookup(chunks, step)
         if deep is not None and deep.shape[0] == x.shape[0]:
-            run.count(step, full=False)
+            state.count(step, full=False)
             return shallow_forward(executor.class_obj, s.depth, deep, *args, **kwargs)
-        run.count(step, full=True)
+        state.count(step, full=True)
         if s.interval == 1:
             return executor(*args, **kwargs)
         slot: Dict[str, torch.Tensor] = {}
         args[5] = {**transformer_options, s.capture_key: slot}
         out = executor(*args, **kwargs)
         if "deep" in slot:
-            run.store(chunks, step, slot["deep"])
+            state.store(chunks, step, slot["deep"])
         return out
 
     def output_block_patch(h, hsp, transformer_options):
@@ -362,8 +338,7 @@ def make_hooks(settings: Settings):
             slot["deep"] = h.detach().clone()  # later patches (FreeU) may change h in place
         return h, hsp
 
-    return outer_sample_wrapper, predict_noise_wrapper, calc_cond_batch_wrapper, diffusion_model_wrapper, \
-        output_block_patch
+    return start, predict_noise_wrapper, calc_cond_batch_wrapper, diffusion_model_wrapper, output_block_patch
 
 
 def with_deep_cache(model, node_id: str, interval: int, depth: int, window: SigmaWindow,
@@ -379,10 +354,10 @@ def with_deep_cache(model, node_id: str, interval: int, depth: int, window: Sigm
     settings = Settings(node_id, int(interval), int(depth), window, entry_block(unet, depth), f"{WRAPPER_KEY}.run.{n}",
                         f"{WRAPPER_KEY}.normal.{n}", f"{WRAPPER_KEY}.marker.{n}", f"{WRAPPER_KEY}.capture.{n}",
                         canvas_node)
-    outer, predict, calc, forward, capture = make_hooks(settings)
+    start, predict, calc, forward, capture = make_hooks(settings)
     patched = model.clone()
     wrappers = comfy.patcher_extension.WrappersMP
-    patched.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, outer)
+    run.install(patched, settings.run_key, start)
     patched.add_wrapper_with_key(wrappers.PREDICT_NOISE, WRAPPER_KEY, predict)
     patched.add_wrapper_with_key(wrappers.CALC_COND_BATCH, WRAPPER_KEY, calc)
     patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY, forward)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -43,7 +42,7 @@ import comfy.patcher_extension
 import torch
 
 from ..kernels.guidance_skip import prediction_similarity
-from . import canvas, core_nodes, keys, once
+from . import canvas, core_nodes, keys, once, run
 from .window import SigmaWindow
 
 log = logging.getLogger(__name__)
@@ -51,10 +50,9 @@ _warn_once = functools.partial(once.warn_once, log)  # a warning per process, no
 
 RULES_KEY = "patchlab_guidance_skip"       # transformer_options: tuple of rules
 WRAPPER_KEY = "patchlab_guidance_skip"     # key of both wrappers
-STATE_KEY = "patchlab_guidance_skip_run"   # model_options: the run's RunState
+STATE_KEY = "patchlab_guidance_skip_run"   # transformer_options: the run's SkipRun
 CORE_SAG_MODULE = "nodes_sag"
 CALC = comfy.patcher_extension.WrappersMP.CALC_COND_BATCH
-OUTER = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
 
 
 def _inside(window: SigmaWindow, sigma: float) -> bool:
@@ -71,7 +69,7 @@ class IntervalRule:
     window: SigmaWindow
     canvas: Optional[str] = None  # the node's id in the graph (UNIQUE_ID): where its summary is shown
 
-    def off(self, sigmas: Sequence[float], state: RunState) -> bool:
+    def off(self, sigmas: Sequence[float], state: SkipRun) -> bool:
         return not any(_inside(self.window, s) for s in sigmas)
 
     def __deepcopy__(self, memo):
@@ -108,7 +106,7 @@ class TruncationRule:
     window: SigmaWindow
     canvas: Optional[str] = None
 
-    def off(self, sigmas: Sequence[float], state: RunState) -> bool:
+    def off(self, sigmas: Sequence[float], state: SkipRun) -> bool:
         return all(self.truncation.covers(s) and _inside(self.window, s) for s in sigmas)
 
     def __deepcopy__(self, memo):
@@ -128,11 +126,11 @@ class AdaptiveRule:
     sigma_start: float
     canvas: Optional[str] = None
 
-    def off(self, sigmas: Sequence[float], state: RunState) -> bool:
+    def off(self, sigmas: Sequence[float], state: SkipRun) -> bool:
         return id(self) in state.stopped
 
     def observe(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, sigmas: Sequence[float],
-                state: RunState) -> None:
+                state: SkipRun) -> None:
         if self.threshold >= 1.0 or id(self) in state.stopped or any(s > self.sigma_start for s in sigmas):
             return
         similarity = prediction_similarity(x, cond, uncond)
@@ -144,11 +142,13 @@ class AdaptiveRule:
 
 # --- per-run state ---------------------------------------------------------------------
 
-class RunState:
-    """What one sampling run remembers: stopped adaptive rules, the last verdicts, counters."""
+class SkipRun(run.RunState):
+    """What one sampling run remembers: stopped adaptive rules, the last verdicts, counters; at the end, one INFO
+    line and each node's summary on the canvas. ``options``: the run's model options (the rules, the slot)."""
 
-    def __init__(self):
-        self.lock = threading.Lock()
+    def __init__(self, options: Optional[Dict] = None):
+        super().__init__()
+        self.options = options or {}
         self.stopped = set()
         self.pending: Dict[int, Tuple[AdaptiveRule, torch.Tensor]] = {}
         self.calls = 0
@@ -194,14 +194,15 @@ class RunState:
                 for rule in off:
                     self.by_rule[rule] = self.by_rule.get(rule, 0) + 1
 
-    def __deepcopy__(self, memo):
-        return self
+    def finish(self, finished: bool) -> None:
+        if finished:
+            _report(self, self.options)
 
 
-def _state(model_options: Dict) -> RunState:
-    state = model_options.get(STATE_KEY)
+def _state(model_options: Dict) -> SkipRun:
+    state = run.of(model_options, STATE_KEY)
     if state is None:  # sampled without the OUTER_SAMPLE wrapper: this model_options copy is the run's
-        state = model_options.setdefault(STATE_KEY, RunState())
+        state = model_options.setdefault("transformer_options", {}).setdefault(STATE_KEY, SkipRun(model_options))
     return state
 
 
@@ -230,7 +231,7 @@ def guarded_call(call: Callable, model, conds: List, x_in: torch.Tensor, timeste
     rules = transformer_options.get(RULES_KEY, ())
     if (not rules or len(conds) != 2 or conds[0] is None or conds[1] is None
             or transformer_options.get(keys.GUIDANCE_PASS) is not None
-            or (STATE_KEY not in model_options and "sample_sigmas" not in transformer_options)):
+            or (run.of(model_options, STATE_KEY) is None and "sample_sigmas" not in transformer_options)):
         return call(model, conds, x_in, timestep, model_options)  # not a sampling run's own options: no state
     state = _state(model_options)
     if state.deciding:  # inside our chained slot function, which has decided already
@@ -260,7 +261,7 @@ def chain_slot(previous: Callable) -> Callable:
     """A ``sampler_calc_cond_batch_function`` that decides, then calls ``previous`` (another node's)."""
     def calc_cond_batch_function(args):
         def call(model, conds, x, sigma, model_options):
-            state = model_options.get(STATE_KEY)
+            state = run.of(model_options, STATE_KEY)
             if state is not None:
                 state.deciding = True
             try:
@@ -276,21 +277,7 @@ def chain_slot(previous: Callable) -> Callable:
     return calc_cond_batch_function
 
 
-def outer_sample_wrapper(executor, *args, **kwargs):
-    """OUTER_SAMPLE wrapper: a fresh RunState for the run, one INFO line after it."""
-    guider = executor.class_obj
-    options = guider.model_options  # this run's copy (CFGGuider.sample cloned it)
-    state = RunState()
-    options[STATE_KEY] = state
-    try:
-        result = executor(*args, **kwargs)
-    finally:
-        options.pop(STATE_KEY, None)
-    _report(state, options)
-    return result
-
-
-def _report(state: RunState, options: Dict) -> None:
+def _report(state: SkipRun, options: Dict) -> None:
     rules = options.get("transformer_options", {}).get(RULES_KEY, ())
     nodes = sorted({rule.node for rule in rules})
     if not nodes:
@@ -341,8 +328,7 @@ def with_rule(model, rule):
     transformer_options[RULES_KEY] = rules_of(model) + (rule,)
     if not patched.get_wrappers(CALC, WRAPPER_KEY):
         patched.add_wrapper_with_key(CALC, WRAPPER_KEY, calc_cond_batch_wrapper)
-    if not patched.get_wrappers(OUTER, WRAPPER_KEY):
-        patched.add_wrapper_with_key(OUTER, WRAPPER_KEY, outer_sample_wrapper)
+    run.install(patched, STATE_KEY, lambda guider, sigmas: SkipRun(guider.model_options))
     slot: Optional[Callable] = patched.model_options.get("sampler_calc_cond_batch_function")
     if slot is not None and not getattr(slot, "patchlab_guidance_skip", False):
         patched.set_model_sampler_calc_cond_batch_function(chain_slot(slot))

@@ -3,13 +3,12 @@
 Hooks, all from ComfyUI's wrapper/patch API (``comfy.patcher_extension``) under one key,
 so a second StepCache on the same model replaces the first:
 
-* ``OUTER_SAMPLE`` brackets a run. It puts a fresh :class:`RunState` into the run's own
-  ``model_options`` copy (``guider.model_options`` is cloned per run by ComfyUI), logs
-  the run's one INFO line and drops every cached tensor in ``finally``, so an
-  interrupted run leaves nothing behind and every run (any size, steps, sampler)
-  starts empty.
+* ``OUTER_SAMPLE`` brackets a run (:mod:`.run`, the run-state protocol): a fresh
+  :class:`StepRun` in the run's own options, and after the run, interrupted or not, the
+  run's one INFO line, its summary on the node, and every cached tensor dropped, so
+  every run (any size, steps, sampler) starts empty.
 * ``PREDICT_NOISE`` marks one sampler evaluation (a "step"; a second-order sampler has
-  two per step) and remembers the ``x`` it was given.
+  two per step) with its ``x`` (:func:`.run.mark_main_pass`).
 * ``CALC_COND_BATCH`` tags the step's *main* pass: the first ``calc_cond_batch`` of the
   evaluation whose ``x_in`` is that very ``x`` and that is not a PatchLab guidance pass
   (``transformer_options["patchlab_guidance_pass"]``). Extra passes made later in the
@@ -61,7 +60,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -69,7 +67,7 @@ import comfy.patcher_extension
 import torch
 
 from ..kernels import step_cache as kc
-from . import block_forward, canvas, families, keys, once
+from . import block_forward, canvas, families, keys, once, run
 from .unet import is_unet
 from .window import SigmaWindow
 
@@ -77,7 +75,8 @@ log = logging.getLogger(__name__)
 _warn_once = functools.partial(once.warn_once, log)  # a warning per process, not per step
 
 WRAPPER_KEY = "patchlab_step_cache"
-STATE_KEY = "patchlab_step_cache"            # RunState, in the run's transformer_options
+STATE_KEY = "patchlab_step_cache"            # StepRun, in the run's transformer_options
+MARKER_KEY = "patchlab_step_cache_marker"    # run.MainPass, on one evaluation's transformer_options
 MAIN_KEY = "patchlab_step_cache_main"        # step id, on the main pass's transformer_options
 CALL_KEY = "patchlab_step_cache_call"        # _Call, on one network call's transformer_options
 INDICATORS = ("input", "first block")
@@ -128,55 +127,39 @@ class _Entry:
 ChunkKey = Tuple[Any, int, Tuple[int, ...]]
 
 
-class RunState:
-    """Everything StepCache knows during one sampling run; created by OUTER_SAMPLE, cleared when the run ends."""
+class StepRun(run.RunState):
+    """Everything StepCache knows during one sampling run (the run-state protocol, :mod:`.run`)."""
 
     def __init__(self, spec: CacheSpec):
+        super().__init__()
         self.spec = spec
-        self._lock = threading.Lock()
         self.entries: Dict[ChunkKey, _Entry] = {}
         self._step = 0
-        self._step_x: Optional[torch.Tensor] = None
-        self._claimed = True
         self.steps: Dict[int, List[int]] = {}  # step id -> [full calls, reused calls]
         self.full_rows = 0
         self.reused_rows = 0
         self.extra_rows = 0
 
-    # -- steps and passes
-    def begin_step(self, x: torch.Tensor) -> None:
-        with self._lock:
+    # -- steps
+    def next_step(self) -> int:
+        with self.lock:
             self._step += 1
-            self._step_x = x
-            self._claimed = False
-
-    def end_step(self) -> None:
-        with self._lock:
-            self._step_x = None
-            self._claimed = True
-
-    def claim(self, x_in: torch.Tensor) -> Optional[int]:
-        """The step id if ``x_in`` is this evaluation's x and no main pass took it yet, else None."""
-        with self._lock:
-            if self._claimed or x_in is not self._step_x:
-                return None
-            self._claimed = True
             return self._step
 
     # -- entries and counts
     def get(self, keys: List[ChunkKey]) -> List[Optional[_Entry]]:
-        with self._lock:
+        with self.lock:
             return [self.entries.get(key) for key in keys]
 
     def put(self, key: ChunkKey, entry: Optional[_Entry]) -> None:
-        with self._lock:
+        with self.lock:
             if entry is None:
                 self.entries.pop(key, None)
             else:
                 self.entries[key] = entry
 
     def count(self, step: int, reused: bool, rows: int) -> None:
-        with self._lock:
+        with self.lock:
             counts = self.steps.setdefault(step, [0, 0])
             counts[1 if reused else 0] += 1
             if reused:
@@ -185,11 +168,11 @@ class RunState:
                 self.full_rows += rows
 
     def count_extra(self, rows: int) -> None:
-        with self._lock:
+        with self.lock:
             self.extra_rows += rows
 
     def summary(self) -> str:
-        with self._lock:
+        with self.lock:
             steps = len(self.steps)
             reused = sum(1 for full, hit in self.steps.values() if hit and not full)
             partly = sum(1 for full, hit in self.steps.values() if hit and full)  # some rows or chunks reused
@@ -203,23 +186,25 @@ class RunState:
 
     def brief(self) -> str:
         """The node's line in the editor, e.g. ``evaluated 18 of 40 rows: 2.2x fewer; 11 of 20 steps reused``."""
-        with self._lock:
+        with self.lock:
             total = self.full_rows + self.reused_rows
             steps = len(self.steps)
             reused = sum(1 for full, hit in self.steps.values() if hit and not full)
             return (f"evaluated {self.full_rows} of {total} rows: {canvas.fewer(total, self.full_rows)}; "
                     f"{reused} of {steps} steps reused")
 
-    def clear(self) -> None:
-        with self._lock:
+    def finish(self, finished: bool) -> None:
+        """The run's INFO line and the node's summary in the editor; every cached tensor dropped."""
+        log.info(self.summary())
+        canvas.show(self.spec.canvas, self.brief())
+        with self.lock:
             self.entries.clear()
-            self._step_x = None
 
 
 class _Call:
     """One tagged model call (``apply_model``): its chunks, their entries, and what the first-block hook saw."""
 
-    def __init__(self, state: RunState, x: torch.Tensor, sigma: torch.Tensor, transformer_options: Dict,
+    def __init__(self, state: StepRun, x: torch.Tensor, sigma: torch.Tensor, transformer_options: Dict,
                  model_sampling):
         self.state = state
         self.spec = state.spec
@@ -429,34 +414,20 @@ def refuse_double_cache(node_id: str, caches: List[str]) -> None:
             f"{node_id} out of the model's chain.")
 
 
-def outer_sample_wrapper(spec: CacheSpec):
-    def wrapper(executor, *args, **kwargs):
-        guider = executor.class_obj
-        refuse_double_cache(spec.node_id, core_caches(guider.model_patcher))  # applied after this node
-        options = guider.model_options.setdefault("transformer_options", {})
-        state = RunState(spec)
-        options[STATE_KEY] = state
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            options.pop(STATE_KEY, None)
-            log.info(state.summary())
-            canvas.show(spec.canvas, state.brief())
-            state.clear()
+def start_run(spec: CacheSpec):
+    """The run's state; refuses a core step cache applied after this node (the node refused one before)."""
+    def start(guider, sigmas) -> StepRun:
+        refuse_double_cache(spec.node_id, core_caches(guider.model_patcher))
+        return StepRun(spec)
 
-    return wrapper
+    return start
 
 
-def predict_noise_wrapper(executor, *args, **kwargs):
-    model_options = args[2] if len(args) > 2 else kwargs.get("model_options", {})
-    state = (model_options or {}).get("transformer_options", {}).get(STATE_KEY)
-    if state is None:
-        return executor(*args, **kwargs)
-    state.begin_step(args[0])
-    try:
-        return executor(*args, **kwargs)
-    finally:
-        state.end_step()
+def predict_noise_wrapper(executor, x, timestep, model_options=None, seed=None, *args, **kwargs):
+    state = run.of(model_options, STATE_KEY)
+    if state is not None:
+        model_options = run.mark_main_pass(model_options, MARKER_KEY, x, state.next_step())
+    return executor(x, timestep, model_options, seed, *args, **kwargs)
 
 
 def calc_cond_batch_wrapper(executor, *args, **kwargs):
@@ -466,11 +437,11 @@ def calc_cond_batch_wrapper(executor, *args, **kwargs):
     state = transformer_options.get(STATE_KEY)
     if state is None or transformer_options.get(keys.GUIDANCE_PASS) is not None or len(args) < 3:
         return executor(*args, **kwargs)
-    step = state.claim(args[2])
-    if step is None:
+    marker = run.take_main_pass(model_options, MARKER_KEY, args[2])
+    if marker is None:
         return executor(*args, **kwargs)
     tagged = dict(model_options)
-    tagged["transformer_options"] = {**transformer_options, MAIN_KEY: step}
+    tagged["transformer_options"] = {**transformer_options, MAIN_KEY: marker.step}
     if isinstance(args[-1], dict):
         args[-1] = tagged
     else:
@@ -598,7 +569,7 @@ def with_step_cache(model, spec: CacheSpec):
     for wrapper_type in WRAPPER_TYPES:
         patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
     WrappersMP = comfy.patcher_extension.WrappersMP
-    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper(spec))
+    run.install(patched, STATE_KEY, start_run(spec), replace=True)
     patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, WRAPPER_KEY, predict_noise_wrapper)
     patched.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, calc_cond_batch_wrapper)
     patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)

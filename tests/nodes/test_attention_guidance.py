@@ -1,8 +1,5 @@
 """SAG, PAG, SEG and SLG on tiny SD1.5/SDXL models: parity with core, batching, chunking, composition."""
 
-import gc
-import weakref
-
 import comfy.sample
 import pytest
 import torch
@@ -204,35 +201,50 @@ def test_sags_extra_pass_is_evaluated_as_uncond(sd15):
     assert seen and all(tags == [1] for tags in seen)
 
 
-def test_no_attention_record_survives_the_run(sd15):
-    model = apply(sd15, "SAG")
-    (spec,) = model.model_options["transformer_options"][ag.SPECS_KEY]
-    sample(model, "sd15", steps=3)
-    assert len(spec.store) == 0
+def recording(monkeypatch):
+    """Every AttentionRun made while the test runs, and the shapes of what SAG records in them."""
+    runs, shapes = [], []
+    original_init, original_add = ag.AttentionRun.__init__, ag.AttentionRun.add
+
+    def init(self):
+        original_init(self)
+        runs.append(self)
+
+    def add(self, spec, mass, grid):
+        shapes.append(tuple(mass.shape))
+        original_add(self, spec, mass, grid)
+
+    monkeypatch.setattr(ag.AttentionRun, "__init__", init)
+    monkeypatch.setattr(ag.AttentionRun, "add", add)
+    return runs, shapes
 
 
-def test_a_record_left_by_an_interrupted_run_dies_with_the_run():
-    store = ag.RecordStore()
-    run_key = torch.linspace(14.6, 0, 4)
-    mass = torch.ones(1, 4)
-    store.add(run_key, mass, (2, 2))
-    alive = weakref.ref(mass)
-    del mass, run_key
-    gc.collect()
-    assert len(store) == 0 and alive() is None
+def test_no_attention_record_survives_the_run(sd15, monkeypatch):
+    runs, shapes = recording(monkeypatch)
+    sample(apply(sd15, "SAG"), "sd15", steps=3)
+    assert len(runs) == 1 and shapes
+    assert runs[0].records == {}
 
 
-def test_sag_record_holds_one_value_per_token_not_the_attention_matrix(sd15):
-    model = apply(sd15, "SAG", block="input.1")
-    (spec,) = model.model_options["transformer_options"][ag.SPECS_KEY]
-    recorded = []
-    original_add = spec.store.add
-    spec.store.add = lambda key, mass, grid: (recorded.append(tuple(mass.shape)), original_add(key, mass, grid))
-    try:
-        sample(model, "sd15", steps=1, height=16, width=24)
-    finally:
-        del spec.store.add
-    assert recorded and all(shape == (1, 16 * 24) for shape in recorded)
+def test_a_record_left_by_an_interrupted_run_dies_with_the_run(sd15, monkeypatch):
+    runs, shapes = recording(monkeypatch)
+
+    def stop(args):  # a post-CFG function ahead of SAG's runner: the step's record is made, never taken
+        raise KeyboardInterrupt
+
+    interrupted = sd15.clone()
+    interrupted.set_model_sampler_post_cfg_function(stop)
+    model = apply(interrupted, "SAG")
+    with pytest.raises(KeyboardInterrupt):
+        sample(model, "sd15", steps=3)
+    assert shapes and len(runs) == 1 and runs[0].records == {}
+    assert ag.RUN_KEY not in model.model_options.get("transformer_options", {})
+
+
+def test_sag_record_holds_one_value_per_token_not_the_attention_matrix(sd15, monkeypatch):
+    _, shapes = recording(monkeypatch)
+    sample(apply(sd15, "SAG", block="input.1"), "sd15", steps=1, height=16, width=24)
+    assert shapes and all(shape == (1, 16 * 24) for shape in shapes)
 
 
 # --- composition and chaining ---------------------------------------------------------------------

@@ -288,6 +288,7 @@ def test_an_interrupted_run_leaves_nothing_behind(sd15):
     count, _ = rows(model, counted=sd15, steps=STEPS)
     assert count.rows == STEPS + 1
     assert skip.STATE_KEY not in model.model_options
+    assert skip.STATE_KEY not in model.model_options.get("transformer_options", {})
 
 
 def comfy_sample_with_callback(model, noise, callback):
