@@ -41,7 +41,6 @@ class Variant:
     group: str                    # "speed" or "guidance"
     make: Callable                # (model, name) -> patched model
     cfg: Optional[float] = None   # None: the model's recommended CFG
-    forecast_gain: Optional[float] = None  # StepCache's forecast gain for this variant (a module constant, restored)
 
 
 def ours(node_id: str, **inputs):
@@ -66,6 +65,19 @@ def unpatched(model, _name):
     return model
 
 
+def stepcache_gain(gain: float):
+    """StepCache at its defaults with another forecast gain (a field of its spec, not an input of the node)."""
+    def make(model, _name):
+        import dataclasses
+
+        from patchlab.nodes import step_cache as nodes
+        from patchlab.patches import step_cache as sc
+
+        spec = nodes.StepCache.spec(model, **_common.node_defaults(nodes.StepCache))
+        return sc.with_step_cache(model, dataclasses.replace(spec, forecast_gain=gain))
+    return make
+
+
 CORE_CACHE = _common.CORE_CACHE_DEFAULTS
 FULL = {"start_percent": 0.0, "end_percent": 1.0}
 VARIANTS: List[Variant] = [
@@ -82,8 +94,8 @@ VARIANTS: List[Variant] = [
       for mode in ("forecast", "plain") for t in (0.1, 0.2, 0.5, 0.8)],
     *[Variant(f"stepcache_max_{m}", f"StepCache max_consecutive {m}", BOTH, "ours", "speed",
               ours("PatchLab_StepCache", max_consecutive=m)) for m in (2, 5)],
-    *[Variant(f"stepcache_gain_{g}", f"StepCache forecast gain {g}", BOTH, "ours", "speed",
-              ours("PatchLab_StepCache"), forecast_gain=g) for g in (0.25, 0.75, 1.0)],
+    *[Variant(f"stepcache_gain_{g}", f"StepCache forecast gain {g}", BOTH, "ours", "speed", stepcache_gain(g))
+      for g in (0.25, 0.75, 1.0)],
     *[Variant(f"deepcache_{i}", f"DeepCache interval {i} (PatchLab)", (UNET,), "ours", "speed",
               ours("PatchLab_DeepCache", interval=i)) for i in (2, 3, 5)],
     *[Variant(f"deepcache_3_depth_{d}", f"DeepCache interval 3, depth {d} (PatchLab)", (UNET,), "ours", "speed",
@@ -141,7 +153,6 @@ def run(args, save: Callable[[Dict], None], previous: Optional[Dict] = None) -> 
     ``previous``: earlier results per model, kept where this run does not redo a variant."""
     from devtools.testkit.counting import count_rows
     from devtools.testkit.shapes import evaluate, models, oracle
-    from patchlab.kernels import step_cache as step_cache_kernels
 
     classifier = oracle.load()
     reference = oracle.reference_set()
@@ -161,16 +172,10 @@ def run(args, save: Callable[[Dict], None], previous: Optional[Dict] = None) -> 
                 results[name][variant.key] = {"label": variant.label, "error": f"{type(error).__name__}: {error}"}
                 print(f"{name} {variant.key}: {error}")
                 continue
-            default_gain = step_cache_kernels.FORECAST_GAIN
-            if variant.forecast_gain is not None:
-                step_cache_kernels.FORECAST_GAIN = variant.forecast_gain
-            try:
-                start = time.perf_counter()
-                with count_rows(trained.model) as count:
-                    samples = evaluate.sample(trained, prompts, model=patched, cfg=variant.cfg)
-                wall = time.perf_counter() - start
-            finally:
-                step_cache_kernels.FORECAST_GAIN = default_gain
+            start = time.perf_counter()
+            with count_rows(trained.model) as count:
+                samples = evaluate.sample(trained, prompts, model=patched, cfg=variant.cfg)
+            wall = time.perf_counter() - start
             if variant.key == "full":
                 rows_full, full = count.rows, samples
             result = evaluate.judge(samples, classifier, reference, full)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from ..kernels.attention import INFINITE_BLUR
 from ..patches import attention_guidance as ag
-from ..patches import dit_attention
 from ..patches.window import SigmaWindow
 from ._common import (
     MODEL_INPUT,
@@ -33,7 +32,7 @@ class _AttentionGuidanceNode:
     BLOCK_INPUT = "blocks"
     DIT = True
     UNET_AUTO = None  # the UNet keys 'auto' stands for (None: the middle block)
-    DIT_AUTO = None  # the DiT keys (None: dit_attention.auto_blocks)
+    DIT_AUTO = None  # the DiT keys (None: ag.auto_blocks)
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None, **blocks):
@@ -260,7 +259,7 @@ class TokenPerturbationGuidance(_AttentionGuidanceNode):
         }}
 
     UNET_AUTO = staticmethod(ag.tpg_auto_keys)
-    DIT_AUTO = staticmethod(dit_attention.tpg_auto_blocks)
+    DIT_AUTO = staticmethod(ag.tpg_auto_blocks)
 
     def patch(self, model, scale, blocks, seed, start_percent, end_percent):
         return self._patch(model, blocks, start_percent, end_percent, kind="tpg", scale=scale, seed=seed)

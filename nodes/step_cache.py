@@ -69,19 +69,25 @@ class StepCache:
         return check_window(cls, start_percent, end_percent, threshold=threshold, max_consecutive=max_consecutive)
 
     def patch(self, model, indicator, threshold, max_consecutive, reuse, start_percent, end_percent, unique_id=None):
+        return (sc.with_step_cache(model, self.spec(model, indicator, threshold, max_consecutive, reuse,
+                                                    start_percent, end_percent, unique_id)),)
+
+    @classmethod
+    def spec(cls, model, indicator, threshold, max_consecutive, reuse, start_percent, end_percent,
+             unique_id=None) -> sc.CacheSpec:
+        """The node's inputs checked and turned into the cache's spec (sigma window from the percents)."""
         if indicator not in sc.INDICATORS:
-            raise ValueError(f"{self.NODE_ID}: indicator must be one of {', '.join(sc.INDICATORS)}, got {indicator!r}")
+            raise ValueError(f"{cls.NODE_ID}: indicator must be one of {', '.join(sc.INDICATORS)}, got {indicator!r}")
         if reuse not in sc.REUSE_MODES:
-            raise ValueError(f"{self.NODE_ID}: reuse must be one of {', '.join(sc.REUSE_MODES)}, got {reuse!r}")
+            raise ValueError(f"{cls.NODE_ID}: reuse must be one of {', '.join(sc.REUSE_MODES)}, got {reuse!r}")
         if threshold < 0:
-            raise ValueError(f"{self.NODE_ID}: threshold must be >= 0 (0 disables it), got {threshold}")
+            raise ValueError(f"{cls.NODE_ID}: threshold must be >= 0 (0 disables it), got {threshold}")
         if max_consecutive < 1:
-            raise ValueError(f"{self.NODE_ID}: max_consecutive must be at least 1, got {max_consecutive}")
+            raise ValueError(f"{cls.NODE_ID}: max_consecutive must be at least 1, got {max_consecutive}")
         window = SigmaWindow.from_percents(model, start_percent, end_percent)
-        spec = sc.CacheSpec(node_id=self.NODE_ID, indicator=indicator, threshold=float(threshold),
+        return sc.CacheSpec(node_id=cls.NODE_ID, indicator=indicator, threshold=float(threshold),
                             max_consecutive=int(max_consecutive), forecast=reuse == "forecast", window=window,
                             canvas=unique_id)
-        return (sc.with_step_cache(model, spec),)
 
 
 NODES = [StepCache]

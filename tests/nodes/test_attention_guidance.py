@@ -10,6 +10,7 @@ from devtools.testkit import tiny_models
 from patchlab.nodes import attention_guidance as nodes
 from patchlab.nodes import cfg as cfg_nodes
 from patchlab.patches import attention_guidance as ag
+from patchlab.patches.window import SigmaWindow
 
 FULL = {"start_percent": 0.0, "end_percent": 1.0}
 NEVER = {"start_percent": 1.0, "end_percent": 1.0}
@@ -176,7 +177,7 @@ def test_pag_seg_slg_and_tpg_share_one_extra_model_call(sd15):
 
 
 def test_slg_removes_the_attention_of_its_transformers_in_its_rows_only():
-    window = ag.SigmaWindow.always()
+    window = SigmaWindow.always()
     slg = ag.GuidanceSpec(kind="slg", scale=3.0, blocks=frozenset({("middle", 0, 0)}), window=window)
     pag = ag.GuidanceSpec(kind="pag", scale=3.0, blocks=frozenset({("middle", 0, 0)}), window=window)
     extra = {ag.PASS_KEY: (pag, slg), "block": ("middle", 0), "block_index": 0, "cond_or_uncond": [0, 0]}

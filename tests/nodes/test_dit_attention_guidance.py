@@ -12,7 +12,7 @@ from devtools.sampling import sample
 from devtools.testkit import tiny_models
 from devtools.testkit.counting import count_rows
 from patchlab.nodes import attention_guidance as nodes
-from patchlab.patches import dit_attention
+from patchlab.patches.attention_guidance import dit as dit_attention
 
 FULL = {"start_percent": 0.0, "end_percent": 1.0}
 NEVER = {"start_percent": 1.0, "end_percent": 1.0}

@@ -1,5 +1,6 @@
 """PatchLab_StepCache on tiny SD1.5/SDXL/Flux/SD3/Lumina 2 models: exactness, counted rows, core caches, robustness."""
 
+import dataclasses
 import logging
 
 import comfy.sample
@@ -13,6 +14,7 @@ from devtools.testkit.counting import count_rows
 from patchlab.nodes import attention_guidance as ag_nodes
 from patchlab.nodes import step_cache as nodes
 from patchlab.nodes import token_merging as tm_nodes
+from patchlab.patches import step_cache as sc
 
 BASE = {"indicator": "input", "threshold": 0.3, "max_consecutive": 2, "reuse": "forecast", "start_percent": 0.0,
         "end_percent": 1.0}
@@ -375,3 +377,15 @@ def test_validation_rejects_start_after_end():
 
 def test_validation_rejects_a_negative_threshold():
     assert "below its minimum" in nodes.StepCache.VALIDATE_INPUTS(threshold=-0.1)
+
+
+def test_the_forecast_gain_is_a_field_of_the_spec_and_gain_zero_is_plain_reuse(tiny_model):
+    model = tiny_model("sd15")
+    inputs = {"indicator": "input", "threshold": 0.5, "max_consecutive": 3, "start_percent": 0.0, "end_percent": 1.0}
+    forecast = nodes.StepCache.spec(model, reuse="forecast", **inputs)
+    plain = sc.with_step_cache(model, nodes.StepCache.spec(model, reuse="plain", **inputs))
+    gain_zero = sc.with_step_cache(model, dataclasses.replace(forecast, forecast_gain=0.0))
+    default_gain = sc.with_step_cache(model, forecast)
+    assert forecast.forecast_gain == 0.5
+    assert torch.equal(sample(gain_zero, "sd15", steps=8), sample(plain, "sd15", steps=8))
+    assert not torch.equal(sample(default_gain, "sd15", steps=8), sample(plain, "sd15", steps=8))

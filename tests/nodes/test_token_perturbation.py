@@ -8,7 +8,9 @@ from devtools.sampling import sample
 from patchlab.kernels import attention as ka
 from patchlab.nodes import attention_guidance as nodes
 from patchlab.patches import attention_guidance as ag
-from patchlab.patches import dit_attention, families
+from patchlab.patches import families
+from patchlab.patches.attention_guidance import core as ag_core
+from patchlab.patches.attention_guidance import dit as dit_attention
 
 FULL = {"start_percent": 0.0, "end_percent": 1.0}
 CFG = {"sd15": 4.0, "sdxl": 4.0, "flux": 1.0, "wan21": 4.0, "zimage": 1.0}
@@ -101,7 +103,7 @@ def shuffled_block(model, rope, original_block, tokens=12):
     img, txt = torch.randn(1, tokens, 8, generator=torch.Generator().manual_seed(0)), torch.zeros(1, 3, 8)
     options = {ag.PASS_KEY: (spec,), ag.STEP_KEY: 5, "cond_or_uncond": [0]}
     out = replace({"img": img, "txt": txt, "transformer_options": options}, {"original_block": original_block})
-    order = ka.token_permutation(tokens, dit_attention.shuffle_seed(spec, 5, ("double", 0), 0, 0))
+    order = ka.token_permutation(tokens, ag_core.shuffle_seed(spec, 5, ("double", 0), 0, 0))
     return img, out["img"], order
 
 

@@ -1,4 +1,4 @@
-"""Attention guidance on DiTs: block addresses, the per-block replace and the attention override it installs.
+"""Attention guidance on DiTs: the per-block replace and the attention override it installs.
 
 A DiT block is addressed as ``stack.index`` (``double.7``, ``single.0``, ``joint.10``), the stacks
 named as ComfyUI's ``patches_replace["dit"]`` names them: Qwen-Image's transformer blocks and Wan's
@@ -47,132 +47,24 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import zlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import comfy.patcher_extension
 
-from ..kernels import attention as ka
-from . import block_forward, families, keys, once
-from .families import Stack
+from ...kernels import attention as ka
+from .. import block_forward, once
+from ..families import Stack
+from .blocks import DitKey, _rope, _stacks_of, network_patch, patch_size
+from .core import MARK, PASS_KEY, STEP_KEY, WRAPPER_KEY, shuffle_seed
 
 log = logging.getLogger(__name__)
 _warn_once = functools.partial(once.warn_once, log)  # a warning per process, not per step
 
-PASS_KEY = keys.GUIDANCE_PASS
-STEP_KEY = keys.GUIDANCE_STEP
-MARK = keys.ATTENTION_MARK
 LATENT_KEY = "patchlab_latent_shape"
 TEXT_KEY = "patchlab_text_tokens"
 REFERENCE_KEY = "patchlab_reference_latents"
-WRAPPER_KEY = "patchlab_attention_guidance"
-DitKey = Tuple[str, int]
 
-
-def family(model) -> Optional[str]:
-    """Which supported DiT family (token layout) the model's network is (None: no blocks to address)."""
-    row = families.of_model(model)
-    return row.key if row is not None and row.stacks else None
-
-
-def _rope(net) -> bool:
-    row = families.of_network(net)
-    return row is None or row.rope
-
-
-def _stacks_of(net) -> Dict[str, Stack]:
-    row = families.of_network(net)
-    return row.stacks if row is not None else {}
-
-
-def stacks(model) -> Dict[str, int]:
-    """``{stack name: number of blocks}`` of a supported DiT (empty for any other model)."""
-    net = model.model.diffusion_model
-    return {stack: len(getattr(net, s.attr)) for stack, s in _stacks_of(net).items()}
-
-
-def patch_size(model) -> Tuple[int, int, int]:
-    return network_patch(model.model.diffusion_model)
-
-
-def network_patch(net) -> Tuple[int, int, int]:
-    """The network's patch (frames, height, width): an int ``p`` is ``(1, p, p)``."""
-    size = getattr(net, "patch_size", 2)
-    if isinstance(size, (tuple, list)):
-        return (1, int(size[0]), int(size[1])) if len(size) == 2 else tuple(int(p) for p in size[-3:])
-    return (1, int(size), int(size))
-
-
-def describe(available: Dict[str, int]) -> str:
-    return ", ".join(f"{stack}.0-{count - 1}" if count > 1 else f"{stack}.0"
-                     for stack, count in available.items() if count)
-
-
-def auto_blocks(model) -> List[DitKey]:
-    """The family's default: blocks 7-9 of the first stack (Flux double, SD3 joint; HunyuanVideo's Flux-like
-    double stack too, a starting point of ours), the anchors' SLG layers and the middle of the stack PAG papers
-    perturb; the same relative depth (7/19 to 9/19) in a shallower stack. Families without a published value
-    and deeper stacks take that relative depth in their first stack, starting points of ours: Qwen-Image
-    double.22-28 of 60, Wan 2.1 1.3B / 14B double.11-14 of 30 / 14-18 of 40, Z-Image single.11-14 of 30."""
-    stack, count = next(iter(stacks(model).items()))
-    if count >= 10 and family(model) in ("flux", "mmdit", "hunyuan_video"):
-        return [(stack, i) for i in (7, 8, 9)]
-    first = min(count - 1, int(count * 7 / 19))
-    last = max(first, min(count - 1, int(count * 9 / 19)))
-    return [(stack, i) for i in range(first, last + 1)]
-
-
-def _in_order(available: Dict[str, int]) -> List[DitKey]:
-    """Every block of ``{stack: count}``, stacks in the order the network runs them."""
-    return [(stack, i) for stack, count in available.items() for i in range(count)]
-
-
-def tpg_auto_blocks(model) -> List[DitKey]:
-    """TPG's default on DiTs, a starting point of ours (the paper tests UNets only): the blocks from a third to
-    half of the network's depth, counted over all its stacks in the order they run (Flux single.0-9 of 19 + 38
-    blocks, Wan 2.1 double.10-14 of 30, SD3.5 Large joint.12-18 of 38). Earlier blocks take the colours apart
-    on the trained Flux-layout reference model: at scale 3 and CFG 1, its double.0 leaves 38 % of prompts
-    right (FID 2,584), this rule's single.0 58 % (FID 182), CFG 1 alone 59 % (FID 290)."""
-    order = _in_order(stacks(model))
-    first = len(order) // 3
-    last = max(first, (len(order) - 1) // 2)
-    return order[first:last + 1]
-
-
-def resolve(model, entries, node_id: str, auto=None) -> List[DitKey]:
-    """The block keys the parsed entries select in this DiT; ValueError listing the model's blocks otherwise.
-    ``auto(model)``: the blocks ``auto`` stands for (default :func:`auto_blocks`)."""
-    available = stacks(model)
-    chosen: List[DitKey] = []
-    for entry in entries:
-        if entry[0] == "auto":
-            chosen.extend((auto or auto_blocks)(model))
-            continue
-        if entry[0] == "all":
-            chosen.extend(_in_order(available))
-            continue
-        kind, stack, first, last = entry[0], entry[1], entry[2], entry[3]
-        if kind != "dit" or stack not in available:
-            name = ".".join(str(p) for p in entry[1:] if p is not None)
-            raise ValueError(f"{node_id}: block {name!r} is a UNet address; this model is a DiT with blocks "
-                             f"{describe(available)} (write e.g. '{next(iter(available))}.0' or 'auto')"
-                             if kind != "dit" else
-                             f"{node_id}: this model has no {stack!r} blocks; it has {describe(available)}")
-        count = available[stack]
-        if first is None:
-            first, last = 0, count - 1
-        elif last is None:
-            last = first
-        if first > last or last >= count:
-            wanted = f"{stack}.{first}" + (f"-{last}" if last != first else "")
-            raise ValueError(f"{node_id}: block {wanted!r} does not exist in this model; it has "
-                             f"{describe(available)}")
-        chosen.extend((stack, i) for i in range(first, last + 1))
-    return chosen
-
-
-# --- the extra pass: latent shape and text length --------------------------------------------
 
 def apply_model_wrapper(executor, x, *args, **kwargs):
     """APPLY_MODEL wrapper: in PatchLab's extra passes, hand the latent shape and text length to the blocks
@@ -202,8 +94,6 @@ def install_wrappers(patched, forward_wrapped: bool) -> None:
     if forward_wrapped and not patched.get_wrappers(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY):
         patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model_wrapper)
 
-
-# --- the attention override -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Tokens:
@@ -284,8 +174,6 @@ def make_override(previous, parts, tokens: Tokens):
     return override
 
 
-# --- where the tokens are ------------------------------------------------------------------------
-
 def _grid(options: Dict, patch: Tuple[int, int, int], image_tokens: int) -> Optional[Tuple[int, ...]]:
     """The image's token grid: (h, w) for a picture, (t, h, w) for a video (None: no grid SEG can blur)."""
     shape = options.get(LATENT_KEY)
@@ -336,8 +224,6 @@ def _tokens(stack: Stack, args: Dict, options: Dict, patch: Tuple[int, int, int]
         return None
     return Tokens(n_joint, (0, n_txt), (n_txt, n_joint), _grid(options, patch, n_joint - n_txt))
 
-
-# --- the block replace -----------------------------------------------------------------------------
 
 def make_block_replace(key: DitKey, previous, stack: Stack, patch: Tuple[int, int, int], flipped: bool = False,
                        text_multiple: Optional[int] = None, rope: bool = True):
@@ -397,12 +283,6 @@ def make_block_replace(key: DitKey, previous, stack: Stack, patch: Tuple[int, in
     return block_replace
 
 
-def shuffle_seed(spec, step: int, key, chunk: int, group: int) -> int:
-    """The seed of one TPG shuffle: the node's seed, the step, the block, the chunk and row group (stable across
-    processes: no Python hash)."""
-    return zlib.crc32(repr((spec.seed, step, tuple(key), chunk, group)).encode())
-
-
 def _shuffle_image(args: Dict, shuffled, key: DitKey, stack: Stack, options: Dict, patch, flipped: bool,
                    text_multiple: Optional[int]):
     """TPG: the block's arguments with the image tokens of the shuffled rows reordered, the unshuffled image
@@ -447,8 +327,6 @@ def install_replaces(patched, keys) -> None:
             MARK)
     install_wrappers(patched, forward_wrapped)
 
-
-# --- networks without a block replace (Lumina 2 / Z-Image) ----------------------------------------------
 
 def diffusion_model_wrapper(executor, *args, **kwargs):
     """DIFFUSION_MODEL wrapper for networks without a block replace: in PatchLab's extra passes only, each
