@@ -153,7 +153,8 @@ def case_ids(cases: List[Case]) -> List[str]:
 
 @functools.cache
 def _instantid_bundle(layout: str) -> Dict[str, Any]:
-    from patchlab.patches import face_analysis, instantid
+    from patchlab.patches import instantid
+    from patchlab.patches.instantid import face_analysis
 
     from .testkit import face_models
 

@@ -8,8 +8,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..patches import face_analysis as fa
 from ..patches import instantid as iid
+from ..patches.instantid import face_analysis as fa
 from ..patches.window import SigmaWindow
 from ..viz import keypoints as kp
 from ._common import MODEL_INPUT, category, check_percents, check_ranges, first_error

@@ -10,8 +10,8 @@ from devtools import checks
 from devtools.sampling import sample
 from devtools.testkit import face_models, tiny_models
 from patchlab.nodes import instantid as nodes
-from patchlab.patches import face_analysis as fa
 from patchlab.patches import instantid as iid
+from patchlab.patches.instantid import face_analysis as fa
 
 pytest.importorskip("insightface", reason="insightface is installed by scripts/setup.sh")
 NODE = "PatchLab_Test"

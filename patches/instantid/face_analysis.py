@@ -28,7 +28,7 @@ PROVIDERS = {"CPU": "CPUExecutionProvider", "CUDA": "CUDAExecutionProvider", "RO
              "CoreML": "CoreMLExecutionProvider"}
 # The face nodes' optional requirements, in PatchLab's folder under the name it has in ComfyUI/custom_nodes
 # (not resolved: a symlinked folder keeps its name).
-REQUIREMENTS = Path(__file__).absolute().parent.parent / "requirements-instantid.txt"
+REQUIREMENTS = Path(__file__).absolute().parents[2] / "requirements-instantid.txt"
 
 
 def install_hint() -> str:

@@ -25,10 +25,10 @@ import comfy.utils
 import torch
 import torch.nn.functional as F
 
-from ..kernels import attention as ka
-from ..kernels.resampler import Resampler, ResamplerShape, shape_problems
-from .unet import Key, attend, transformers
-from .window import SigmaWindow
+from ...kernels import attention as ka
+from ...kernels.resampler import Resampler, ResamplerShape, shape_problems
+from ..unet import Key, attend, transformers
+from ..window import SigmaWindow
 
 log = logging.getLogger(__name__)
 
