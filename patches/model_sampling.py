@@ -10,6 +10,13 @@ object from :mod:`..kernels.sigma_schedules` and install it on a clone with
 The schedule classes subclass ComfyUI's own (and the prediction types are ComfyUI's
 mixins), so ``isinstance`` checks in samplers and other packs (``CONST`` marks a flow
 model, for instance) keep working; the tables and time maps are ours.
+
+The tables (``sigmas``, ``log_sigmas``) are plain tensor attributes, not registered buffers
+(:class:`_OwnTables`): ComfyUI's dynamic VRAM (0.16+, CUDA) backs a loaded model's buffers up
+and writes them back by attribute path, into whatever object then sits at ``model_sampling``,
+so a patched schedule and the checkpoint's own swap tables between runs (ComfyUI issue 16490).
+Without buffers nothing of ours is backed up, and a by-path write into our object is ignored;
+``model.to(...)`` still moves the tables.
 """
 
 from __future__ import annotations
@@ -25,6 +32,31 @@ import torch
 from ..kernels import sigma_schedules as ss
 
 log = logging.getLogger(__name__)
+
+
+class _OwnTables(torch.nn.Module):
+    """The schedule's tables as plain attributes (see the module's docstring), first in a schedule's bases."""
+
+    TABLES = ("sigmas", "log_sigmas")
+
+    def _set_table(self, name: str, table: torch.Tensor) -> None:
+        self._buffers.pop(name, None)
+        self.__dict__[name] = table
+
+    def set_sigmas(self, sigmas):
+        self._set_table("sigmas", sigmas.float())
+        self._set_table("log_sigmas", sigmas.log().float())
+
+    def register_buffer(self, name, tensor, persistent=True):
+        """Ignored: after construction only ComfyUI's dynamic loader writes buffers, restoring another object's."""
+        log.debug("model_sampling: a by-path write of buffer %r left out (ComfyUI issue 16490)", name)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        for name in self.TABLES:
+            if name in self.__dict__:
+                self.__dict__[name] = fn(self.__dict__[name])
+        return out
 
 
 # --- prediction types ---------------------------------------------------------
@@ -65,7 +97,7 @@ def _settings(model_config) -> dict:
     return dict(getattr(model_config, "sampling_settings", None) or {})
 
 
-class DiscreteSchedule(cms.ModelSamplingDiscrete):
+class DiscreteSchedule(_OwnTables, cms.ModelSamplingDiscrete):
     """The DDPM table of SD1.x/SDXL-style models, from the model config's beta schedule."""
 
     def __init__(self, model_config=None, zsnr=None):
@@ -114,7 +146,7 @@ class DistilledSchedule(DiscreteSchedule):
         return ss.table_sigma(self.log_sigmas, timestep, skip=self.skip_steps)
 
 
-class FlowSchedule(cms.ModelSamplingDiscreteFlow):
+class FlowSchedule(_OwnTables, cms.ModelSamplingDiscreteFlow):
     """Rectified-flow schedule with the SD3 shift; timestep = sigma * multiplier."""
 
     def __init__(self, model_config=None):
@@ -125,7 +157,7 @@ class FlowSchedule(cms.ModelSamplingDiscreteFlow):
     def set_parameters(self, shift=1.0, timesteps=1000, multiplier=1000):
         self.shift = shift
         self.multiplier = multiplier
-        self.register_buffer("sigmas", ss.flow_table(shift, multiplier, timesteps))
+        self._set_table("sigmas", ss.flow_table(shift, multiplier, timesteps))
 
     def timestep(self, sigma):
         return sigma * self.multiplier
@@ -141,7 +173,7 @@ class FlowSchedule(cms.ModelSamplingDiscreteFlow):
         return ss.flow_shift(1.0 - percent, self.shift)
 
 
-class FluxSchedule(cms.ModelSamplingFlux):
+class FluxSchedule(_OwnTables, cms.ModelSamplingFlux):
     """Flux's schedule: the flow shift written as ``mu = log(shift)``; timestep = sigma."""
 
     def __init__(self, model_config=None):
@@ -150,7 +182,7 @@ class FluxSchedule(cms.ModelSamplingFlux):
 
     def set_parameters(self, shift=1.15, timesteps=10000):
         self.shift = shift
-        self.register_buffer("sigmas", ss.flux_table(shift, timesteps))
+        self._set_table("sigmas", ss.flux_table(shift, timesteps))
 
     def timestep(self, sigma):
         return sigma
@@ -166,7 +198,7 @@ class FluxSchedule(cms.ModelSamplingFlux):
         return ss.flux_shift(1.0 - percent, self.shift)
 
 
-class ContinuousEDMSchedule(cms.ModelSamplingContinuousEDM):
+class ContinuousEDMSchedule(_OwnTables, cms.ModelSamplingContinuousEDM):
     """Continuous log-linear schedule between sigma_min and sigma_max; timestep = log(sigma) / 4."""
 
     def __init__(self, model_config=None):
@@ -178,8 +210,8 @@ class ContinuousEDMSchedule(cms.ModelSamplingContinuousEDM):
     def set_parameters(self, sigma_min, sigma_max, sigma_data):
         self.sigma_data = sigma_data
         sigmas = ss.log_linear_table(sigma_min, sigma_max)
-        self.register_buffer("sigmas", sigmas)
-        self.register_buffer("log_sigmas", sigmas.log())
+        self._set_table("sigmas", sigmas)
+        self._set_table("log_sigmas", sigmas.log())
 
     def timestep(self, sigma):
         return ss.edm_timestep(sigma)
@@ -215,7 +247,7 @@ class RFlowSchedule(ContinuousEDMSchedule, cms.ModelSamplingCosmosRFlow):
         return ss.rflow_sigma(torch.as_tensor(timestep), self.sigma_max)
 
 
-class CascadeSchedule(cms.StableCascadeSampling):
+class CascadeSchedule(_OwnTables, cms.StableCascadeSampling):
     """Stable Cascade's shifted cosine schedule over a 10000-entry table."""
 
     def __init__(self, model_config=None):

@@ -212,3 +212,37 @@ def test_continuous_nodes_reject_an_inverted_sigma_range(tiny_model, node):
 def test_continuous_validation_still_checks_the_declared_range():
     message = nodes.ModelSamplingContinuousEDM.VALIDATE_INPUTS(sigma_max=5000.0, sigma_min=0.1)
     assert "above its maximum" in message
+
+
+# --- the tables are no buffers (ComfyUI issue 16490, dynamic VRAM) ------------------------------------------
+
+def test_the_schedule_keeps_its_tables_out_of_the_module_buffers(patched_pair):
+    _, ours, _ = patched_pair
+    schedule = ours.get_model_object("model_sampling")
+    assert torch.is_tensor(schedule.sigmas)
+    assert not {"sigmas", "log_sigmas"} & {name for name, _ in schedule.named_buffers()}
+
+
+def test_the_patched_model_holds_no_model_sampling_buffer_a_loader_would_back_up(patched_pair):
+    _, ours, _ = patched_pair
+    ours.patch_model()
+    try:
+        names = [name for name, _ in ours.model.named_buffers()]
+    finally:
+        ours.unpatch_model()
+    assert not [name for name in names if name.startswith("model_sampling.")]
+
+
+def test_a_buffer_written_back_by_path_leaves_the_schedule_as_it_was(patched_pair):
+    _, ours, _ = patched_pair
+    schedule = ours.get_model_object("model_sampling")
+    before = schedule.sigmas.clone()
+    schedule.register_buffer("sigmas", torch.zeros(3))  # what the dynamic loader's restore does
+    assert torch.equal(schedule.sigmas, before)
+
+
+def test_moving_the_schedule_moves_its_tables(tiny_model):
+    (ours,) = checks.run_node(nodes.ModelSamplingSD3, model=tiny_model("flux"), shift=3.0)
+    schedule = ours.get_model_object("model_sampling")
+    moved = schedule.to(torch.float64)
+    assert moved.sigmas.dtype == torch.float64
