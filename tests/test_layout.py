@@ -1,4 +1,5 @@
-"""The pack's modules import one way: no import circle anywhere in nodes/, patches/ and kernels/."""
+"""The pack's layout: modules import one way (no import circle anywhere in nodes/, patches/ and kernels/), and
+every module reads top to bottom in at most 450 lines."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Dict, List, Set
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("nodes", "patches", "kernels")
+MAX_LINES = 450
 
 
 def module_name(path: Path) -> str:
@@ -71,3 +73,8 @@ def test_no_module_of_the_pack_imports_itself_back():
 
 def test_a_circle_is_found_when_there_is_one():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_no_module_of_the_pack_passes_450_lines():
+    long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"split these by technique (docs/development.md, Layout): {long}"
