@@ -15,6 +15,18 @@ MODEL_OUTPUT_TOOLTIP = "A patched clone of the input model."
 HIDDEN_NODE_ID = {"unique_id": "UNIQUE_ID"}
 
 
+class ModelPatchNode:
+    """Base of every node whose one output is a patched clone of its MODEL input.
+
+    A subclass sets NODE_ID, DISPLAY_NAME, DESCRIPTION and CATEGORY, defines INPUT_TYPES, and its ``patch``
+    returns ``(clone,)``.
+    """
+
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = (MODEL_OUTPUT_TOOLTIP,)
+    FUNCTION = "patch"
+
+
 def percent_inputs(what: str, start: float = 0.0) -> Dict[str, Any]:
     """``start_percent`` / ``end_percent`` inputs: the part of the schedule where ``what`` acts."""
     return {

@@ -8,7 +8,7 @@ from ..patches import dit_attention
 from ..patches.window import SigmaWindow
 from ._common import (
     MODEL_INPUT,
-    MODEL_OUTPUT_TOOLTIP,
+    ModelPatchNode,
     category,
     check_window,
     first_error,
@@ -25,11 +25,10 @@ DIT_BLOCKS = ("Comma-separated blocks. UNets: stage[.block[.transformer]] with s
               "double.11-14/14-18, Z-Image single.11-14; the same relative depth in shallower models).")
 
 
-class _AttentionGuidanceNode:
+class _AttentionGuidanceNode(ModelPatchNode):
+    """What the attention-guidance nodes share: the blocks input, its check, and the patch call."""
+
     CATEGORY = category("guidance")
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = (MODEL_OUTPUT_TOOLTIP,)
-    FUNCTION = "patch"
     BLOCK_INPUT = "blocks"
     DIT = True
     UNET_AUTO = None  # the UNet keys 'auto' stands for (None: the middle block)

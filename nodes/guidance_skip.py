@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..patches import guidance_skip
 from ..patches.window import SigmaWindow
-from ._common import HIDDEN_NODE_ID, MODEL_INPUT, MODEL_OUTPUT_TOOLTIP, category, check_ranges, check_window
+from ._common import HIDDEN_NODE_ID, MODEL_INPUT, ModelPatchNode, category, check_ranges, check_window
 
 CATEGORY = category("guidance")
 
@@ -16,16 +16,10 @@ INTERVAL_END = 0.928
 ADAPTIVE_THRESHOLD = 0.991
 
 
-class _SkipNode:
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = (MODEL_OUTPUT_TOOLTIP,)
-    FUNCTION = "patch"
-
-
-class GuidanceInterval(_SkipNode):
+class GuidanceInterval(ModelPatchNode):
     NODE_ID = "PatchLab_GuidanceInterval"
     DISPLAY_NAME = "Guidance Interval (PatchLab)"
+    CATEGORY = CATEGORY
     DESCRIPTION = (
         "Applies CFG only in a limited part of the schedule (Kynkaanniemi et al. 2024, arXiv 2404.07724: guidance "
         "harms at high noise and is not needed at low noise; better FID with fewer evaluations). Outside the "
@@ -62,9 +56,10 @@ class GuidanceInterval(_SkipNode):
         return (guidance_skip.with_rule(model, guidance_skip.IntervalRule(self.NODE_ID, window, unique_id)),)
 
 
-class AdaptiveGuidance(_SkipNode):
+class AdaptiveGuidance(ModelPatchNode):
     NODE_ID = "PatchLab_AdaptiveGuidance"
     DISPLAY_NAME = "Adaptive Guidance (PatchLab)"
+    CATEGORY = CATEGORY
     DESCRIPTION = (
         "Stops CFG for the rest of the run once the positive and negative predictions agree (Castillo et al. "
         "2023, arXiv 2312.12487: about a quarter of the evaluations saved at equal quality). At each guided step "
