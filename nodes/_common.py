@@ -27,19 +27,19 @@ class ModelPatchNode:
     FUNCTION = "patch"
 
 
+def percent_input(default: float, tooltip: str) -> Tuple[str, Dict[str, Any]]:
+    """A FLOAT input for a point of the schedule: 0 is the first step, 1 the last."""
+    return ("FLOAT", {"default": default, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": tooltip})
+
+
 def percent_inputs(what: str, start: float = 0.0) -> Dict[str, Any]:
     """``start_percent`` / ``end_percent`` inputs: the part of the schedule where ``what`` acts."""
     return {
-        "start_percent": ("FLOAT", {
-            "default": start, "min": 0.0, "max": 1.0, "step": 0.001,
-            "tooltip": f"Where in the schedule {what} starts: 0 is the first step, 1 the last. 0 (with end 1) "
-                       "keeps it on for the whole run.",
-        }),
-        "end_percent": ("FLOAT", {
-            "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
-            "tooltip": f"Where in the schedule {what} stops (must not be below start_percent). Outside the "
-                       "window the result is exactly what it would be without this node.",
-        }),
+        "start_percent": percent_input(start, f"Where in the schedule {what} starts: 0 is the first step, 1 the "
+                                              "last. 0 (with end 1) keeps it on for the whole run."),
+        "end_percent": percent_input(1.0, f"Where in the schedule {what} stops (must not be below start_percent). "
+                                          "Outside the window the result is exactly what it would be without this "
+                                          "node."),
     }
 
 
