@@ -15,19 +15,31 @@ MODEL_OUTPUT_TOOLTIP = "A patched clone of the input model."
 HIDDEN_NODE_ID = {"unique_id": "UNIQUE_ID"}
 
 
+class ModelPatchNode:
+    """Base of every node whose one output is a patched clone of its MODEL input.
+
+    A subclass sets NODE_ID, DISPLAY_NAME, DESCRIPTION and CATEGORY, defines INPUT_TYPES, and its ``patch``
+    returns ``(clone,)``.
+    """
+
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = (MODEL_OUTPUT_TOOLTIP,)
+    FUNCTION = "patch"
+
+
+def percent_input(default: float, tooltip: str) -> Tuple[str, Dict[str, Any]]:
+    """A FLOAT input for a point of the schedule: 0 is the first step, 1 the last."""
+    return ("FLOAT", {"default": default, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": tooltip})
+
+
 def percent_inputs(what: str, start: float = 0.0) -> Dict[str, Any]:
     """``start_percent`` / ``end_percent`` inputs: the part of the schedule where ``what`` acts."""
     return {
-        "start_percent": ("FLOAT", {
-            "default": start, "min": 0.0, "max": 1.0, "step": 0.001,
-            "tooltip": f"Where in the schedule {what} starts: 0 is the first step, 1 the last. 0 (with end 1) "
-                       "keeps it on for the whole run.",
-        }),
-        "end_percent": ("FLOAT", {
-            "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
-            "tooltip": f"Where in the schedule {what} stops (must not be below start_percent). Outside the "
-                       "window the result is exactly what it would be without this node.",
-        }),
+        "start_percent": percent_input(start, f"Where in the schedule {what} starts: 0 is the first step, 1 the "
+                                              "last. 0 (with end 1) keeps it on for the whole run."),
+        "end_percent": percent_input(1.0, f"Where in the schedule {what} stops (must not be below start_percent). "
+                                          "Outside the window the result is exactly what it would be without this "
+                                          "node."),
     }
 
 

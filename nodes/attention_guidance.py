@@ -7,10 +7,11 @@ from ..patches import attention_guidance as ag
 from ..patches.window import SigmaWindow
 from ._common import (
     MODEL_INPUT,
-    MODEL_OUTPUT_TOOLTIP,
+    ModelPatchNode,
     category,
     check_window,
     first_error,
+    percent_input,
     percent_inputs,
 )
 
@@ -24,11 +25,21 @@ DIT_BLOCKS = ("Comma-separated blocks. UNets: stage[.block[.transformer]] with s
               "double.11-14/14-18, Z-Image single.11-14; the same relative depth in shallower models).")
 
 
-class _AttentionGuidanceNode:
+def scale_input(source: str, default: float = 3.0, low: float = 0.0, high: float = 100.0, step: float = 0.01):
+    """The guidance strength input; ``source`` ends its tooltip with the values the paper (or we) used."""
+    return ("FLOAT", {"default": default, "min": low, "max": high, "step": step,
+                      "tooltip": f"Strength of the guidance. 0 disables it; {source}"})
+
+
+def blocks_input(what: str, note: str):
+    """The blocks input ('auto' by default): what the blocks are for, their syntax (DIT_BLOCKS), then ``note``."""
+    return ("STRING", {"default": "auto", "tooltip": f"{what} {DIT_BLOCKS} {note}"})
+
+
+class _AttentionGuidanceNode(ModelPatchNode):
+    """What the attention-guidance nodes share: the blocks input, its check, and the patch call."""
+
     CATEGORY = category("guidance")
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = (MODEL_OUTPUT_TOOLTIP,)
-    FUNCTION = "patch"
     BLOCK_INPUT = "blocks"
     DIT = True
     UNET_AUTO = None  # the UNet keys 'auto' stands for (None: the middle block)
@@ -69,10 +80,7 @@ class SelfAttentionGuidance(_AttentionGuidanceNode):
     def INPUT_TYPES(cls):
         return {"required": {
             "model": MODEL_INPUT,
-            "scale": ("FLOAT", {
-                "default": 0.5, "min": -2.0, "max": 5.0, "step": 0.01,
-                "tooltip": "Strength of the guidance. 0 disables it; the paper uses 0.1-1 (0.5-0.75 common).",
-            }),
+            "scale": scale_input("the paper uses 0.1-1 (0.5-0.75 common).", default=0.5, low=-2.0, high=5.0),
             "blur_sigma": ("FLOAT", {
                 "default": 2.0, "min": 0.0, "max": 10.0, "step": 0.1,
                 "tooltip": "Std of the Gaussian blur of the attended regions (9-tap kernel, as SAG). 0 means no "
@@ -114,14 +122,8 @@ class PerturbedAttentionGuidance(_AttentionGuidanceNode):
     def INPUT_TYPES(cls):
         return {"required": {
             "model": MODEL_INPUT,
-            "scale": ("FLOAT", {
-                "default": 3.0, "min": 0.0, "max": 100.0, "step": 0.01,
-                "tooltip": "Strength of the guidance. 0 disables it; the paper uses 2-5 (3 typical).",
-            }),
-            "blocks": ("STRING", {
-                "default": "auto",
-                "tooltip": "Attention to perturb. " + DIT_BLOCKS + " The paper perturbs the UNet middle block.",
-            }),
+            "scale": scale_input("the paper uses 2-5 (3 typical)."),
+            "blocks": blocks_input("Attention to perturb.", "The paper perturbs the UNet middle block."),
             "rescale": ("FLOAT", {
                 "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                 "tooltip": "Pull the guided result's std back toward the positive prediction's (as CFG rescale), "
@@ -151,19 +153,13 @@ class SmoothedEnergyGuidance(_AttentionGuidanceNode):
     def INPUT_TYPES(cls):
         return {"required": {
             "model": MODEL_INPUT,
-            "scale": ("FLOAT", {
-                "default": 3.0, "min": 0.0, "max": 100.0, "step": 0.01,
-                "tooltip": "Strength of the guidance. 0 disables it; the paper uses 3.",
-            }),
+            "scale": scale_input("the paper uses 3."),
             "blur_sigma": ("FLOAT", {
                 "default": 10.0, "min": 0.0, "max": INFINITE_BLUR, "step": 0.01,
                 "tooltip": f"Std (in tokens) of the query blur. 0 means no blur (no effect); the paper uses 10 for "
                            f"SDXL; {INFINITE_BLUR:g} is infinite blur (every query the mean query).",
             }),
-            "blocks": ("STRING", {
-                "default": "auto",
-                "tooltip": "Attention to smooth. " + DIT_BLOCKS + " The paper smooths the UNet middle block.",
-            }),
+            "blocks": blocks_input("Attention to smooth.", "The paper smooths the UNet middle block."),
             **percent_inputs("SEG"),
         }}
 
@@ -189,24 +185,13 @@ class SkipLayerGuidance(_AttentionGuidanceNode):
     def INPUT_TYPES(cls):
         return {"required": {
             "model": MODEL_INPUT,
-            "scale": ("FLOAT", {
-                "default": 3.0, "min": 0.0, "max": 10.0, "step": 0.1,
-                "tooltip": "Strength of the guidance. 0 disables it; 3 is the SD3.5 recommendation (2-4 usual).",
-            }),
-            "blocks": ("STRING", {
-                "default": "auto",
-                "tooltip": "Blocks to skip. " + DIT_BLOCKS + " SD3.5 Medium's recommended layers are joint.7-9.",
-            }),
-            "start_percent": ("FLOAT", {
-                "default": 0.01, "min": 0.0, "max": 1.0, "step": 0.001,
-                "tooltip": "Where in the schedule SLG starts: 0 is the first step, 1 the last. 0.01 (ComfyUI's "
-                           "default) skips the very first step.",
-            }),
-            "end_percent": ("FLOAT", {
-                "default": 0.15, "min": 0.0, "max": 1.0, "step": 0.001,
-                "tooltip": "Where SLG stops (not below start_percent); 0.15 by default, up to 0.2-0.3 for "
-                           "more effect. Outside the window the result is exactly what it would be without it.",
-            }),
+            "scale": scale_input("3 is the SD3.5 recommendation (2-4 usual).", high=10.0, step=0.1),
+            "blocks": blocks_input("Blocks to skip.", "SD3.5 Medium's recommended layers are joint.7-9."),
+            "start_percent": percent_input(0.01, "Where in the schedule SLG starts: 0 is the first step, 1 the last. "
+                                                 "0.01 (ComfyUI's default) skips the very first step."),
+            "end_percent": percent_input(0.15, "Where SLG stops (not below start_percent); 0.15 by default, up to "
+                                               "0.2-0.3 for more effect. Outside the window the result is exactly "
+                                               "what it would be without it."),
             "rescaling_scale": ("FLOAT", {
                 "default": 0.0, "min": 0.0, "max": 10.0, "step": 0.01,
                 "tooltip": "Pull the guided result's std toward the positive prediction's, per image (ComfyUI "
@@ -237,19 +222,13 @@ class TokenPerturbationGuidance(_AttentionGuidanceNode):
     def INPUT_TYPES(cls):
         return {"required": {
             "model": MODEL_INPUT,
-            "scale": ("FLOAT", {
-                "default": 3.0, "min": 0.0, "max": 100.0, "step": 0.01,
-                "tooltip": "Strength of the guidance. 0 disables it; 3 is the paper's SDXL value (its range is "
-                           "similar to PAG's, 2-5); on DiTs 1-3 (a starting point of ours).",
-            }),
-            "blocks": ("STRING", {
-                "default": "auto",
-                "tooltip": "Blocks whose input tokens are shuffled. " + DIT_BLOCKS + " For TPG, 'auto' is not "
-                           "PAG's: on UNets the last two input blocks with transformers (SDXL input.7, input.8, the "
-                           "paper's SDXL layers; SD1.5 input.7, input.8); on DiTs the blocks from a third to half "
-                           "of the depth, all stacks counted in order (Flux single.0-9, Wan 2.1 double.10-14, "
-                           "SD3.5 Large joint.12-18; starting points of ours). Early DiT blocks are too strong.",
-            }),
+            "scale": scale_input("3 is the paper's SDXL value (its range is similar to PAG's, 2-5); on DiTs 1-3 (a "
+                                 "starting point of ours)."),
+            "blocks": blocks_input("Blocks whose input tokens are shuffled.", (
+                "For TPG, 'auto' is not PAG's: on UNets the last two input blocks with transformers (SDXL input.7, "
+                "input.8, the paper's SDXL layers; SD1.5 input.7, input.8); on DiTs the blocks from a third to half "
+                "of the depth, all stacks counted in order (Flux single.0-9, Wan 2.1 double.10-14, SD3.5 Large "
+                "joint.12-18; starting points of ours). Early DiT blocks are too strong.")),
             "seed": ("INT", {
                 "default": 0, "min": 0, "max": 0xFFFFFFFF,
                 "tooltip": "Seed of the shuffles (each block and step gets its own permutation from it). The same "

@@ -6,14 +6,14 @@ from ..patches import blocks
 from ..patches.window import SigmaWindow
 from ._common import (
     MODEL_INPUT,
-    MODEL_OUTPUT_TOOLTIP,
+    ModelPatchNode,
     category,
     check_window,
     percent_inputs,
 )
 
 
-class FreeU:
+class FreeU(ModelPatchNode):
     NODE_ID = "PatchLab_FreeU"
     DISPLAY_NAME = "FreeU (PatchLab)"
     DESCRIPTION = (
@@ -23,9 +23,6 @@ class FreeU:
         "node stops with a clear message instead of ComfyUI's KeyError."
     )
     CATEGORY = category("unet")
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = (MODEL_OUTPUT_TOOLTIP,)
-    FUNCTION = "patch"
     VERSION = 1
     DEFAULTS = {"b1": 1.1, "b2": 1.2, "s1": 0.9, "s2": 0.2}
 

@@ -7,7 +7,7 @@ from ..patches.window import SigmaWindow
 from ._common import (
     HIDDEN_NODE_ID,
     MODEL_INPUT,
-    MODEL_OUTPUT_TOOLTIP,
+    ModelPatchNode,
     category,
     check_window,
     percent_inputs,
@@ -16,11 +16,10 @@ from ._common import (
 CATEGORY = category("guidance")
 
 
-class _GuidanceNode:
+class _GuidanceNode(ModelPatchNode):
+    """What the CFG-space nodes share: their own options (OPTIONS) before a schedule window, and its check."""
+
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = (MODEL_OUTPUT_TOOLTIP,)
-    FUNCTION = "patch"
     WHAT = "the guidance change"
 
     @classmethod

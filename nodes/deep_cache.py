@@ -7,14 +7,14 @@ from ..patches.window import SigmaWindow
 from ._common import (
     HIDDEN_NODE_ID,
     MODEL_INPUT,
-    MODEL_OUTPUT_TOOLTIP,
+    ModelPatchNode,
     category,
     check_window,
     percent_inputs,
 )
 
 
-class DeepCache:
+class DeepCache(ModelPatchNode):
     NODE_ID = "PatchLab_DeepCache"
     DISPLAY_NAME = "DeepCache (PatchLab)"
     DESCRIPTION = (
@@ -25,9 +25,6 @@ class DeepCache:
         "full. UNet models (SD1.x, SD2.x, SDXL); DiTs such as Flux get a clear error (use Step Cache there)."
     )
     CATEGORY = category("speed")
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = (MODEL_OUTPUT_TOOLTIP,)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from ..patches import guidance_skip
 from ..patches.window import SigmaWindow
-from ._common import HIDDEN_NODE_ID, MODEL_INPUT, MODEL_OUTPUT_TOOLTIP, category, check_ranges, check_window
+from ._common import (
+    HIDDEN_NODE_ID,
+    MODEL_INPUT,
+    ModelPatchNode,
+    category,
+    check_ranges,
+    check_window,
+    percent_input,
+)
 
 CATEGORY = category("guidance")
 
@@ -16,16 +24,10 @@ INTERVAL_END = 0.928
 ADAPTIVE_THRESHOLD = 0.991
 
 
-class _SkipNode:
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = (MODEL_OUTPUT_TOOLTIP,)
-    FUNCTION = "patch"
-
-
-class GuidanceInterval(_SkipNode):
+class GuidanceInterval(ModelPatchNode):
     NODE_ID = "PatchLab_GuidanceInterval"
     DISPLAY_NAME = "Guidance Interval (PatchLab)"
+    CATEGORY = CATEGORY
     DESCRIPTION = (
         "Applies CFG only in a limited part of the schedule (Kynkaanniemi et al. 2024, arXiv 2404.07724: guidance "
         "harms at high noise and is not needed at low noise; better FID with fewer evaluations). Outside the "
@@ -38,17 +40,13 @@ class GuidanceInterval(_SkipNode):
     def INPUT_TYPES(cls):
         return {"required": {
             "model": MODEL_INPUT,
-            "start_percent": ("FLOAT", {
-                "default": INTERVAL_START, "min": 0.0, "max": 1.0, "step": 0.001,
-                "tooltip": "Where CFG starts (0 = the first step, 1 the last); before it no negative pass. The "
-                           "default 0.186 is sigma 5.42 on SD1.5/SDXL, the upper end of the paper's SD-XL "
-                           "interval (0.28, 5.42]. 0 (with end 1) guides the whole run, as without this node.",
-            }),
-            "end_percent": ("FLOAT", {
-                "default": INTERVAL_END, "min": 0.0, "max": 1.0, "step": 0.001,
-                "tooltip": "Where CFG stops (not below start_percent); after it no negative pass. The default "
-                           "0.928 is sigma 0.28 on SD1.5/SDXL, the lower end of the paper's SD-XL interval.",
-            }),
+            "start_percent": percent_input(INTERVAL_START, (
+                "Where CFG starts (0 = the first step, 1 the last); before it no negative pass. The default 0.186 "
+                "is sigma 5.42 on SD1.5/SDXL, the upper end of the paper's SD-XL interval (0.28, 5.42]. 0 (with "
+                "end 1) guides the whole run, as without this node.")),
+            "end_percent": percent_input(INTERVAL_END, (
+                "Where CFG stops (not below start_percent); after it no negative pass. The default 0.928 is sigma "
+                "0.28 on SD1.5/SDXL, the lower end of the paper's SD-XL interval.")),
         }, "hidden": HIDDEN_NODE_ID}
 
     @classmethod
@@ -62,9 +60,10 @@ class GuidanceInterval(_SkipNode):
         return (guidance_skip.with_rule(model, guidance_skip.IntervalRule(self.NODE_ID, window, unique_id)),)
 
 
-class AdaptiveGuidance(_SkipNode):
+class AdaptiveGuidance(ModelPatchNode):
     NODE_ID = "PatchLab_AdaptiveGuidance"
     DISPLAY_NAME = "Adaptive Guidance (PatchLab)"
+    CATEGORY = CATEGORY
     DESCRIPTION = (
         "Stops CFG for the rest of the run once the positive and negative predictions agree (Castillo et al. "
         "2023, arXiv 2312.12487: about a quarter of the evaluations saved at equal quality). At each guided step "
@@ -85,12 +84,9 @@ class AdaptiveGuidance(_SkipNode):
                            "saves more. The default 0.991 is the paper's threshold (Castillo et al. 2023, arXiv "
                            "2312.12487); useful values lie in 0.98-0.999.",
             }),
-            "start_percent": ("FLOAT", {
-                "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
-                "tooltip": "Guidance never stops before this part of the schedule (0 = the first step, 1 the "
-                           "last): the similarity is checked from here on. 0 checks from the first step; 1 never "
-                           "stops.",
-            }),
+            "start_percent": percent_input(0.0, (
+                "Guidance never stops before this part of the schedule (0 = the first step, 1 the last): the "
+                "similarity is checked from here on. 0 checks from the first step; 1 never stops.")),
         }, "hidden": HIDDEN_NODE_ID}
 
     @classmethod

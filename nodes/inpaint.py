@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ..patches import inpaint
-from ._common import MODEL_INPUT, MODEL_OUTPUT_TOOLTIP, category
+from ._common import MODEL_INPUT, ModelPatchNode, category
 
 
-class DifferentialDiffusion:
+class DifferentialDiffusion(ModelPatchNode):
     NODE_ID = "PatchLab_DifferentialDiffusion"
     DISPLAY_NAME = "Differential Diffusion (PatchLab)"
     DESCRIPTION = (
@@ -17,9 +17,6 @@ class DifferentialDiffusion:
         "and runs first (ComfyUI's node replaces it)."
     )
     CATEGORY = category("inpaint")
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = (MODEL_OUTPUT_TOOLTIP,)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):

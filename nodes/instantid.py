@@ -12,7 +12,7 @@ from ..patches import instantid as iid
 from ..patches.instantid import face_analysis as fa
 from ..patches.window import SigmaWindow
 from ..viz import keypoints as kp
-from ._common import MODEL_INPUT, category, check_percents, check_ranges, first_error
+from ._common import MODEL_INPUT, category, check_percents, check_ranges, first_error, percent_input
 
 log = logging.getLogger(__name__)
 CATEGORY = category("InstantID")
@@ -20,18 +20,17 @@ INSTANTID = "PATCHLAB_INSTANTID"
 FACEANALYSIS = "PATCHLAB_FACEANALYSIS"
 FACE_EMBEDS = "PATCHLAB_FACE_EMBEDS"
 COMBINE = ["average", "norm average", "concat"]
+# ComfyUI folder name -> the file extensions it lists ("insightface" holds folders, no files).
+MODEL_FOLDERS = {"instantid": {".bin", ".safetensors"}, "insightface": set()}
 
 
 def register_model_folders() -> None:
     """models/instantid (InstantID weights) and models/insightface (face models) for ComfyUI's folder_paths."""
     import folder_paths
 
-    if "instantid" not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths["instantid"] = (
-            [os.path.join(folder_paths.models_dir, "instantid")], {".bin", ".safetensors"})
-    if "insightface" not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths["insightface"] = ([os.path.join(folder_paths.models_dir, "insightface")],
-                                                              set())
+    for name, extensions in MODEL_FOLDERS.items():
+        if name not in folder_paths.folder_names_and_paths:
+            folder_paths.folder_names_and_paths[name] = ([os.path.join(folder_paths.models_dir, name)], set(extensions))
 
 
 register_model_folders()
@@ -39,12 +38,15 @@ register_model_folders()
 
 # --- shared inputs and steps --------------------------------------------------------------------
 
-def percent(default: float, what: str):
-    return ("FLOAT", {"default": default, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": what})
-
-
-START = percent(0.0, "Where in the schedule the face identity starts to act (0 = first step).")
-END = percent(1.0, "Where it stops (1 = last step). Ending around 0.8-0.9 frees the last steps for detail.")
+START = percent_input(0.0, "Where in the schedule the face identity starts to act (0 = first step).")
+END = percent_input(1.0, "Where it stops (1 = last step). Ending around 0.8-0.9 frees the last steps for detail.")
+INSTANTID_INPUT = (INSTANTID, {"tooltip": "From Load InstantID Model."})
+FACEANALYSIS_INPUT = (FACEANALYSIS, {"tooltip": "From InstantID Face Analysis."})
+CONTROL_NET = ("CONTROL_NET", {"tooltip": "The InstantID ControlNet, from Load ControlNet Model."})
+POSITIVE = ("CONDITIONING", {"tooltip": "Prompt conditioning."})
+NEGATIVE = ("CONDITIONING", {"tooltip": "Negative prompt conditioning."})
+CN_STRENGTH = ("FLOAT", {"default": 0.8, "min": 0.0, "max": 10.0, "step": 0.01,
+                         "tooltip": "ControlNet strength. 0 disables it; 0.4-0.8 typical."})
 FACE_INDEX = ("INT", {"default": 0, "min": 0, "max": 99,
                       "tooltip": "Which face of each reference image: 0 the largest, 1 the next largest, ..."})
 ON_NO_FACE = (["error", "pass through"], {
@@ -52,17 +54,17 @@ ON_NO_FACE = (["error", "pass through"], {
     "tooltip": "When a reference image shows no face: error stops with the image's index; pass through returns the "
                "model (and conditioning) unchanged with a warning, for unattended batch jobs.",
 })
-NOISE = ("FLOAT", {"default": 0.35, "min": 0.0, "max": 1.0, "step": 0.05,
-                   "tooltip": "Noise in the negative face embedding instead of zeros; a little (0.2-0.4) often helps "
-                              "against burn. 0 uses zeros."})
 MASK = ("MASK", {"tooltip": "Optional: where the face identity applies (1) or not (0); it only scales the face "
                             "attention, the prompt still acts everywhere."})
 IMAGE_KPS = ("IMAGE", {"tooltip": "Optional: an image whose face keypoints guide the pose (default: the reference "
                                   "image's)."})
 
 
-def check_window(start_at=None, end_at=None):
-    return check_percents(start_at, end_at)
+def noise_input(default: float):
+    """The noise of the negative face embedding (the apply nodes differ only in its default)."""
+    return ("FLOAT", {"default": default, "min": 0.0, "max": 1.0, "step": 0.05,
+                      "tooltip": "Noise in the negative face embedding instead of zeros; a little (0.2-0.4) often "
+                                 "helps against burn. 0 uses zeros."})
 
 
 def reference_faces(analysis, image: torch.Tensor, face_index: int, on_no_face: str,
@@ -119,7 +121,24 @@ def apply(node_id, instantid, insightface, model, image, weight, cn_strength, st
 
 # --- nodes -----------------------------------------------------------------------------------------
 
-class InstantIDModelLoader:
+class _Loader:
+    """Base of the two loaders: one input, one PatchLab object out (``load``), errors naming the node."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+
+
+class _WindowNode:
+    """Base of the nodes with a start_at/end_at window: its range and order are checked before a run."""
+
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, start_at=None, end_at=None):
+        return first_error(check_ranges(cls, start_at=start_at, end_at=end_at), check_percents(start_at, end_at))
+
+
+class InstantIDModelLoader(_Loader):
     NODE_ID = "PatchLab_InstantIDModelLoader"
     DISPLAY_NAME = "Load InstantID Model (PatchLab)"
     DESCRIPTION = (
@@ -127,11 +146,9 @@ class InstantIDModelLoader:
         "image_proj./ip_adapter. keys) from ComfyUI/models/instantid. Pickles are read with safe loading; a damaged "
         "file, a file of another kind or an SD1.5 IP-Adapter is reported with what is missing or mis-shaped."
     )
-    CATEGORY = CATEGORY
     RETURN_TYPES = (INSTANTID,)
     RETURN_NAMES = ("instantid",)
     OUTPUT_TOOLTIPS = ("The InstantID Resampler and per-layer face attention weights.",)
-    FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -151,7 +168,7 @@ class InstantIDModelLoader:
         return (iid.load_weights(path, self.NODE_ID),)
 
 
-class InstantIDFaceAnalysis:
+class InstantIDFaceAnalysis(_Loader):
     NODE_ID = "PatchLab_InstantIDFaceAnalysis"
     DISPLAY_NAME = "InstantID Face Analysis (PatchLab)"
     DESCRIPTION = (
@@ -160,11 +177,9 @@ class InstantIDFaceAnalysis:
         "folder, the buffalo_l pack or a missing recognition model; missing insightface/onnxruntime packages are "
         "reported with install instructions."
     )
-    CATEGORY = CATEGORY
     RETURN_TYPES = (FACEANALYSIS,)
     RETURN_NAMES = ("faceanalysis",)
     OUTPUT_TOOLTIPS = ("insightface's detector and recognizer, ready to find faces.",)
-    FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -194,7 +209,7 @@ class FaceKeypoints:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "faceanalysis": (FACEANALYSIS, {"tooltip": "From InstantID Face Analysis."}),
+            "faceanalysis": FACEANALYSIS_INPUT,
             "image": ("IMAGE", {"tooltip": "Pictures with a face."}),
             "face_index": FACE_INDEX,
         }}
@@ -209,7 +224,7 @@ class FaceKeypoints:
         return (torch.stack(drawings),)
 
 
-class InstantIDAttentionPatch:
+class InstantIDAttentionPatch(_WindowNode):
     NODE_ID = "PatchLab_InstantIDAttentionPatch"
     DISPLAY_NAME = "InstantID Attention Patch (PatchLab)"
     DESCRIPTION = (
@@ -218,7 +233,6 @@ class InstantIDAttentionPatch:
         "Outputs the face embeddings for Apply InstantID ControlNet. SDXL only (a clear error otherwise); the mask "
         "limits only the face attention; works at any batch size, split cond/uncond and fp16/bf16."
     )
-    CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", FACE_EMBEDS)
     RETURN_NAMES = ("MODEL", "face_embeds")
     OUTPUT_TOOLTIPS = ("A clone of the model with face attention.",
@@ -229,25 +243,20 @@ class InstantIDAttentionPatch:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "instantid": (INSTANTID, {"tooltip": "From Load InstantID Model."}),
-                "insightface": (FACEANALYSIS, {"tooltip": "From InstantID Face Analysis."}),
+                "instantid": INSTANTID_INPUT,
+                "insightface": FACEANALYSIS_INPUT,
                 "image": ("IMAGE", {"tooltip": "Reference picture(s) of the face; several are averaged."}),
                 "model": MODEL_INPUT,
                 "weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 3.0, "step": 0.01,
                                      "tooltip": "Strength of the face attention. 0 disables it; 0.6-1 typical."}),
                 "start_at": START,
                 "end_at": END,
-                "noise": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05,
-                                    "tooltip": NOISE[1]["tooltip"]}),
+                "noise": noise_input(0.0),
                 "face_index": FACE_INDEX,
                 "on_no_face": ON_NO_FACE,
             },
             "optional": {"mask": MASK},
         }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, start_at=None, end_at=None):
-        return first_error(check_ranges(cls, start_at=start_at, end_at=end_at), check_window(start_at, end_at))
 
     def patch(self, instantid, insightface, image, model, weight, start_at, end_at, noise, face_index, on_no_face,
               mask=None):
@@ -256,7 +265,7 @@ class InstantIDAttentionPatch:
         return (patched, tokens)
 
 
-class ApplyInstantIDAdvanced:
+class ApplyInstantIDAdvanced(_WindowNode):
     NODE_ID = "PatchLab_ApplyInstantIDAdvanced"
     DISPLAY_NAME = "Apply InstantID Advanced (PatchLab)"
     DESCRIPTION = (
@@ -266,7 +275,6 @@ class ApplyInstantIDAdvanced:
         "normalises each embedding, not across images). SDXL only; a clear error names any image without a face, "
         "or on_no_face passes the model through."
     )
-    CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING")
     RETURN_NAMES = ("MODEL", "positive", "negative")
     OUTPUT_TOOLTIPS = ("A clone of the model with face attention.", "Positive conditioning with the ControlNet.",
@@ -277,20 +285,19 @@ class ApplyInstantIDAdvanced:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "instantid": (INSTANTID, {"tooltip": "From Load InstantID Model."}),
-                "insightface": (FACEANALYSIS, {"tooltip": "From InstantID Face Analysis."}),
-                "control_net": ("CONTROL_NET", {"tooltip": "The InstantID ControlNet, from Load ControlNet Model."}),
+                "instantid": INSTANTID_INPUT,
+                "insightface": FACEANALYSIS_INPUT,
+                "control_net": CONTROL_NET,
                 "image": ("IMAGE", {"tooltip": "Reference picture(s) of the face."}),
                 "model": MODEL_INPUT,
-                "positive": ("CONDITIONING", {"tooltip": "Prompt conditioning."}),
-                "negative": ("CONDITIONING", {"tooltip": "Negative prompt conditioning."}),
+                "positive": POSITIVE,
+                "negative": NEGATIVE,
                 "ip_weight": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 3.0, "step": 0.01,
                                         "tooltip": "Face attention strength. 0 disables it; 0.6-1 typical."}),
-                "cn_strength": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 10.0, "step": 0.01,
-                                          "tooltip": "ControlNet strength. 0 disables it; 0.4-0.8 typical."}),
+                "cn_strength": CN_STRENGTH,
                 "start_at": START,
                 "end_at": END,
-                "noise": NOISE,
+                "noise": noise_input(0.35),
                 "combine_embeds": (COMBINE, {"default": "average",
                                              "tooltip": "How several reference faces combine: average, norm average "
                                                         "(each embedding to unit length first) or concat (all "
@@ -300,10 +307,6 @@ class ApplyInstantIDAdvanced:
             },
             "optional": {"image_kps": IMAGE_KPS, "mask": MASK},
         }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, start_at=None, end_at=None):
-        return first_error(check_ranges(cls, start_at=start_at, end_at=end_at), check_window(start_at, end_at))
 
     def apply(self, instantid, insightface, control_net, image, model, positive, negative, ip_weight, cn_strength,
               start_at, end_at, noise, combine_embeds, face_index, on_no_face, image_kps=None, mask=None):
@@ -342,7 +345,7 @@ class ApplyInstantID(ApplyInstantIDAdvanced):
                              start_at, end_at, 0.35, "average", face_index, on_no_face, image_kps, mask)
 
 
-class ApplyInstantIDControlNet:
+class ApplyInstantIDControlNet(_WindowNode):
     NODE_ID = "PatchLab_ApplyInstantIDControlNet"
     DISPLAY_NAME = "Apply InstantID ControlNet (PatchLab)"
     DESCRIPTION = (
@@ -350,7 +353,6 @@ class ApplyInstantIDControlNet:
         "tokens from InstantID Attention Patch as its cross-attention context. Chains after any ControlNet already "
         "on the conditioning."
     )
-    CATEGORY = CATEGORY
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
     RETURN_NAMES = ("positive", "negative")
     OUTPUT_TOOLTIPS = ("Positive conditioning with the ControlNet.", "Negative conditioning with the ControlNet.")
@@ -360,19 +362,14 @@ class ApplyInstantIDControlNet:
     def INPUT_TYPES(cls):
         return {"required": {
             "face_embeds": (FACE_EMBEDS, {"tooltip": "From InstantID Attention Patch."}),
-            "control_net": ("CONTROL_NET", {"tooltip": "The InstantID ControlNet, from Load ControlNet Model."}),
+            "control_net": CONTROL_NET,
             "image_kps": ("IMAGE", {"tooltip": "Face keypoints image, e.g. from Face Keypoints."}),
-            "positive": ("CONDITIONING", {"tooltip": "Prompt conditioning."}),
-            "negative": ("CONDITIONING", {"tooltip": "Negative prompt conditioning."}),
-            "strength": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 10.0, "step": 0.01,
-                                   "tooltip": "ControlNet strength. 0 disables it; 0.4-0.8 typical."}),
+            "positive": POSITIVE,
+            "negative": NEGATIVE,
+            "strength": CN_STRENGTH,
             "start_at": START,
             "end_at": END,
         }}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, start_at=None, end_at=None):
-        return first_error(check_ranges(cls, start_at=start_at, end_at=end_at), check_window(start_at, end_at))
 
     def apply(self, face_embeds, control_net, image_kps, positive, negative, strength, start_at, end_at):
         if face_embeds is None:

@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 from ..patches import model_sampling as ms
-from ._common import MAX_RESOLUTION, MODEL_INPUT, MODEL_OUTPUT_TOOLTIP, category, check_ranges, first_error
+from ._common import MAX_RESOLUTION, MODEL_INPUT, ModelPatchNode, category, check_ranges, first_error
 
 CATEGORY = category("model sampling")
 
 
-class _ModelSamplingNode:
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = (MODEL_OUTPUT_TOOLTIP,)
-    FUNCTION = "patch"
-
-
-class ModelSamplingDiscrete(_ModelSamplingNode):
+class ModelSamplingDiscrete(ModelPatchNode):
     NODE_ID = "PatchLab_ModelSamplingDiscrete"
     DISPLAY_NAME = "ModelSampling Discrete (PatchLab)"
+    CATEGORY = CATEGORY
     DESCRIPTION = (
         "Sets the prediction type and noise schedule of a discrete-timestep model (SD1.x, SD2.x, SDXL and "
         "their fine-tunes). Use it when a checkpoint does not say how it was trained: v_prediction for "
@@ -48,9 +42,10 @@ class ModelSamplingDiscrete(_ModelSamplingNode):
         return (ms.install(model, ms.discrete(ms.model_config(model), sampling, zsnr)),)
 
 
-class ModelSamplingSD3(_ModelSamplingNode):
+class ModelSamplingSD3(ModelPatchNode):
     NODE_ID = "PatchLab_ModelSamplingSD3"
     DISPLAY_NAME = "ModelSampling SD3 (PatchLab)"
+    CATEGORY = CATEGORY
     DESCRIPTION = (
         "Flow-matching schedule with the SD3 timestep shift sigma = shift*t / (1 + (shift-1)*t) (Esser et al. "
         "2024, arXiv 2403.03206), timesteps on a 0-1000 scale. Higher shift spends more of the steps at high "
@@ -87,9 +82,10 @@ class ModelSamplingAuraFlow(ModelSamplingSD3):
     DEFAULT_SHIFT = 1.73
 
 
-class ModelSamplingFlux(_ModelSamplingNode):
+class ModelSamplingFlux(ModelPatchNode):
     NODE_ID = "PatchLab_ModelSamplingFlux"
     DISPLAY_NAME = "ModelSampling Flux (PatchLab)"
+    CATEGORY = CATEGORY
     DESCRIPTION = (
         "Flux's resolution-dependent timestep shift: mu grows linearly with the number of image patches, "
         "from base_shift at 256 patches to max_shift at 4096 (a 1024x1024 image), and "
@@ -137,9 +133,10 @@ class ModelSamplingFlux(_ModelSamplingNode):
         return (ms.install(model, ms.flux(ms.model_config(model), tokens, base_shift, max_shift)),)
 
 
-class ModelSamplingStableCascade(_ModelSamplingNode):
+class ModelSamplingStableCascade(ModelPatchNode):
     NODE_ID = "PatchLab_ModelSamplingStableCascade"
     DISPLAY_NAME = "ModelSampling Stable Cascade (PatchLab)"
+    CATEGORY = CATEGORY
     DESCRIPTION = (
         "Stable Cascade's cosine noise schedule (Würstchen, arXiv 2306.00637) with a log-SNR shift of "
         "-2*log(shift): higher shift means noisier steps. For Stable Cascade stage C/B models. Same results "
@@ -160,7 +157,10 @@ class ModelSamplingStableCascade(_ModelSamplingNode):
         return (ms.install(model, ms.stable_cascade(ms.model_config(model), shift)),)
 
 
-class _ContinuousNode(_ModelSamplingNode):
+class _ContinuousNode(ModelPatchNode):
+    """What the two continuous-time schedules share: sampling and sigma range inputs, and their checks."""
+
+    CATEGORY = CATEGORY
     SIGMA_MAX = 120.0
     SIGMA_MIN = 0.002
     SAMPLINGS = ("v_prediction",)

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from ..patches import nag
 from ..patches.window import SigmaWindow
-from ._common import MODEL_INPUT, MODEL_OUTPUT_TOOLTIP, category, check_window, percent_inputs
+from ._common import MODEL_INPUT, ModelPatchNode, category, check_window, percent_inputs
 
 
-class NormalizedAttentionGuidance:
+class NormalizedAttentionGuidance(ModelPatchNode):
     NODE_ID = nag.NODE_ID
     DISPLAY_NAME = "Normalized Attention Guidance (PatchLab)"
     CATEGORY = category("guidance")
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = (MODEL_OUTPUT_TOOLTIP,)
-    FUNCTION = "patch"
     DESCRIPTION = (
         "Normalized Attention Guidance (Chen et al. 2025, arXiv 2505.21179): makes the negative prompt work where "
         "CFG is off (CFG 1: guidance-distilled and few-step models, Wan with speed LoRAs). In every attention that "

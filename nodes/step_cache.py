@@ -7,20 +7,17 @@ from ..patches.window import SigmaWindow
 from ._common import (
     HIDDEN_NODE_ID,
     MODEL_INPUT,
-    MODEL_OUTPUT_TOOLTIP,
+    ModelPatchNode,
     category,
     check_window,
     percent_inputs,
 )
 
 
-class StepCache:
+class StepCache(ModelPatchNode):
     NODE_ID = "PatchLab_StepCache"
     DISPLAY_NAME = "Step Cache (PatchLab)"
     CATEGORY = category("speed")
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = (MODEL_OUTPUT_TOOLTIP,)
-    FUNCTION = "patch"
     DESCRIPTION = (
         "Skips whole model evaluations on steps that would change little: the output residual of the last full "
         "evaluation, rescaled to the current sigma (the model's noise or velocity prediction), is reused, or "

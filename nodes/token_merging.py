@@ -9,7 +9,7 @@ from ..patches import token_merging as tm
 from ..patches.window import SigmaWindow
 from ._common import (
     MODEL_INPUT,
-    MODEL_OUTPUT_TOOLTIP,
+    ModelPatchNode,
     category,
     check_window,
     first_error,
@@ -19,11 +19,10 @@ from ._common import (
 DOWNSAMPLES = [1, 2, 4, 8]
 
 
-class _SpeedNode:
+class _SpeedNode(ModelPatchNode):
+    """What ToMe and ToDo share: the max_downsample check."""
+
     CATEGORY = category("speed")
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = (MODEL_OUTPUT_TOOLTIP,)
-    FUNCTION = "patch"
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None, max_downsample=None):
