@@ -146,6 +146,15 @@ class DistilledSchedule(DiscreteSchedule):
         return ss.table_sigma(self.log_sigmas, timestep, skip=self.skip_steps)
 
 
+def _flow_percent_to_sigma(schedule, percent: float) -> float:
+    """A flow schedule's sigma at ``percent`` of the way: 1 at the start, 0 at the end, the shifted time between."""
+    if percent <= 0.0:
+        return 1.0
+    if percent >= 1.0:
+        return 0.0
+    return schedule.shifted(1.0 - percent)
+
+
 class FlowSchedule(_OwnTables, cms.ModelSamplingDiscreteFlow):
     """Rectified-flow schedule with the SD3 shift; timestep = sigma * multiplier."""
 
@@ -163,14 +172,13 @@ class FlowSchedule(_OwnTables, cms.ModelSamplingDiscreteFlow):
         return sigma * self.multiplier
 
     def sigma(self, timestep):
-        return ss.flow_shift(timestep / self.multiplier, self.shift)
+        return self.shifted(timestep / self.multiplier)
+
+    def shifted(self, t):
+        return ss.flow_shift(t, self.shift)
 
     def percent_to_sigma(self, percent):
-        if percent <= 0.0:
-            return 1.0
-        if percent >= 1.0:
-            return 0.0
-        return ss.flow_shift(1.0 - percent, self.shift)
+        return _flow_percent_to_sigma(self, percent)
 
 
 class FluxSchedule(_OwnTables, cms.ModelSamplingFlux):
@@ -188,14 +196,13 @@ class FluxSchedule(_OwnTables, cms.ModelSamplingFlux):
         return sigma
 
     def sigma(self, timestep):
-        return ss.flux_shift(timestep, self.shift)
+        return self.shifted(timestep)
+
+    def shifted(self, t):
+        return ss.flux_shift(t, self.shift)
 
     def percent_to_sigma(self, percent):
-        if percent <= 0.0:
-            return 1.0
-        if percent >= 1.0:
-            return 0.0
-        return ss.flux_shift(1.0 - percent, self.shift)
+        return _flow_percent_to_sigma(self, percent)
 
 
 class ContinuousEDMSchedule(_OwnTables, cms.ModelSamplingContinuousEDM):

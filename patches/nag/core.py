@@ -156,6 +156,22 @@ def install_block_replaces(patched, name: str, count: int, make) -> None:
     block_forward.install_block_replaces(patched, name, count, make, MARK)
 
 
-def guide(out: torch.Tensor, z_neg: torch.Tensor, part: slice, spec: NagSpec) -> None:
+def guided_replace(previous, guided):
+    """A ``dit`` block replace that runs the block as it is in calls NAG does not guide, else returns
+    ``guided(args, call, parts, run)``: ``run(args)`` runs the block (through ``previous``, chained), and
+    ``guided`` returns ``run(args)`` itself where it finds nothing to guide."""
+    def block_replace(args, extra):
+        call, parts = call_parts(args.get("transformer_options") or {}, args["img"].shape[0])
+
+        def run(block_args):
+            return block_forward.run_block(previous, block_args, extra)
+
+        return guided(args, call, parts, run) if parts else run(args)
+
+    setattr(block_replace, MARK, True)
+    return block_replace
+
+
+def guide_rows(out: torch.Tensor, z_neg: torch.Tensor, part: slice, spec: NagSpec) -> None:
     """NAG on the rows ``part`` of an attention output, in place: ``Z+`` there against ``z_neg``."""
     out[part] = ka.normalized_attention_guidance(out[part], z_neg, spec.scale, spec.tau, spec.alpha)

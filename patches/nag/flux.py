@@ -15,7 +15,7 @@ import torch
 from comfy.ldm.flux.math import apply_rope
 
 from .. import block_forward
-from .core import MARK, call_parts, cond_parts, install_block_replaces
+from .core import cond_parts, guided_replace, install_block_replaces
 from .joint import STATE_PE, STATE_TEXT, Negative, make_override, rows_of, stream
 
 STATE_TEXT_TOKENS = "tokens"   # the positive prompt's text length (Flux single blocks: [text; image])
@@ -94,11 +94,7 @@ def _flux_rope(call):
 def make_double_replace(index: int, previous=None):
     """The ``double_block`` replace of Flux block ``index``: NAG in its joint attention, the negative stream
     advanced."""
-    def block_replace(args, extra):
-        options = args.get("transformer_options") or {}
-        call, parts = call_parts(options, args["img"].shape[0])
-        if not parts:
-            return block_forward.run_block(previous, args, extra)
+    def guided(args, call, parts, run):
         block = call.network.double_blocks[index]
         text = stream(call, parts, _flux_rope(call))
         mod1, mod2 = (_mod_rows(m, parts) for m in _double_text_mods(block, args["vec"]))
@@ -116,25 +112,22 @@ def make_double_replace(index: int, previous=None):
 
         args = block_forward.with_override(
             args, lambda chained: make_override(chained, call, parts, negative, image_range))
-        out = block_forward.run_block(previous, args, extra)
+        out = run(args)
         if negative.text_out is not None:
             text = text + _apply(block.txt_attn.proj(negative.text_out), mod1.gate)
             text = text + _apply(block.txt_mlp(_apply(block.txt_norm2(text), 1 + mod2.scale, mod2.shift)), mod2.gate)
             call.state[STATE_TEXT] = text
         return out
 
-    setattr(block_replace, MARK, True)
-    return block_replace
+    return guided_replace(previous, guided)
 
 
 def make_single_replace(index: int, previous=None):
     """The ``single_block`` replace of Flux block ``index`` (one stream [text; image])."""
-    def block_replace(args, extra):
-        options = args.get("transformer_options") or {}
-        call, parts = call_parts(options, args["img"].shape[0])
-        n_txt = call.state.get(STATE_TEXT_TOKENS) if call is not None else None
-        if not parts or n_txt is None:
-            return block_forward.run_block(previous, args, extra)
+    def guided(args, call, parts, run):
+        n_txt = call.state.get(STATE_TEXT_TOKENS)
+        if n_txt is None:
+            return run(args)
         block = call.network.single_blocks[index]
         text = stream(call, parts, _flux_rope(call))
         mod = _mod_rows(_single_mod(block, args["vec"]), parts)
@@ -151,14 +144,13 @@ def make_single_replace(index: int, previous=None):
 
         args = block_forward.with_override(
             args, lambda chained: make_override(chained, call, parts, negative, image_range))
-        out = block_forward.run_block(previous, args, extra)
+        out = run(args)
         if negative.text_out is not None:
             update = block.linear2(torch.cat((negative.text_out, block.mlp_act(mlp)), 2))
             call.state[STATE_TEXT] = text + _apply(update, mod.gate)
         return out
 
-    setattr(block_replace, MARK, True)
-    return block_replace
+    return guided_replace(previous, guided)
 
 
 def install(patched) -> None:

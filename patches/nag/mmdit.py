@@ -24,7 +24,7 @@ import comfy.utils
 import torch
 
 from .. import block_forward
-from .core import MARK, call_parts, install_block_replaces
+from .core import guided_replace, install_block_replaces
 from .joint import STATE_TEXT, Negative, make_override, rows_of, stream
 
 
@@ -49,11 +49,9 @@ def network_text(base, negative: torch.Tensor, t: torch.Tensor, options: Dict,
 def make_replace(index: int, previous=None):
     """The ``double_block`` replace of joint block ``index``: NAG in its joint attention, the negative stream
     advanced through the block's text side."""
-    def block_replace(args, extra):
-        options = args.get("transformer_options") or {}
-        call, parts = call_parts(options, args["img"].shape[0])
-        if not parts or args.get("txt") is None:
-            return block_forward.run_block(previous, args, extra)
+    def guided(args, call, parts, run):
+        if args.get("txt") is None:
+            return run(args)
         text_side = call.network.joint_blocks[index].context_block
         text = stream(call, parts)
         qkv, intermediates = text_side.pre_attention(text, rows_of(args["vec"], parts))
@@ -61,13 +59,12 @@ def make_replace(index: int, previous=None):
         n_txt = args["txt"].shape[1]
         args = block_forward.with_override(
             args, lambda chained: make_override(chained, call, parts, negative, lambda n: (n_txt, n), token_dim=1))
-        out = block_forward.run_block(previous, args, extra)
+        out = run(args)
         if negative.text_out is not None and not text_side.pre_only:
             call.state[STATE_TEXT] = text_side.post_attention(negative.text_out, *intermediates)
         return out
 
-    setattr(block_replace, MARK, True)
-    return block_replace
+    return guided_replace(previous, guided)
 
 
 def install(patched) -> None:

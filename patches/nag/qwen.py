@@ -22,7 +22,7 @@ import torch
 from comfy.ldm.flux.math import apply_rope1
 
 from .. import block_forward
-from .core import MARK, call_parts, install_block_replaces
+from .core import guided_replace, install_block_replaces
 from .joint import STATE_PE, STATE_TEXT, Negative, make_override, rows_of, stream
 
 
@@ -49,11 +49,7 @@ def _heads(linear, x: torch.Tensor, heads: int) -> torch.Tensor:
 def make_replace(index: int, previous=None):
     """The ``double_block`` replace of block ``index``: NAG in its joint attention, the negative stream advanced
     through the block's text side."""
-    def block_replace(args, extra):
-        options = args.get("transformer_options") or {}
-        call, parts = call_parts(options, args["img"].shape[0])
-        if not parts:
-            return block_forward.run_block(previous, args, extra)
+    def guided(args, call, parts, run):
         block = call.network.transformer_blocks[index]
         attn = block.attn
         dtype = args["img"].dtype
@@ -70,15 +66,14 @@ def make_replace(index: int, previous=None):
         n_txt = args["txt"].shape[1]
         args = block_forward.with_override(
             args, lambda chained: make_override(chained, call, parts, negative, lambda n: (n_txt, n)))
-        out = block_forward.run_block(previous, args, extra)
+        out = run(args)
         if negative.text_out is not None:
             text = text + gate1 * attn.to_add_out(negative.text_out)
             modulated, gate2 = block._modulate(block.txt_norm2(text), mod2)
             call.state[STATE_TEXT] = torch.addcmul(text, gate2, block.txt_mlp(modulated))
         return out
 
-    setattr(block_replace, MARK, True)
-    return block_replace
+    return guided_replace(previous, guided)
 
 
 def install(patched) -> None:

@@ -13,7 +13,7 @@ import comfy.utils
 import torch
 
 from .. import unet
-from .core import MARK, NODE_ID, call_parts, guide
+from .core import MARK, NODE_ID, call_parts, guide_rows
 
 
 def network_text(base, negative: torch.Tensor, t: torch.Tensor, options: Dict,
@@ -45,10 +45,10 @@ def make_replace(previous=None):
         if previous is not None:  # the chained replace sees the whole call, as it expects
             z_neg = unet.attend(q, k_neg, v_neg, extra_options, previous)
             for part in parts:
-                guide(out, z_neg[part], part, call.spec)
+                guide_rows(out, z_neg[part], part, call.spec)
             return out
         for part in parts:
-            guide(out, unet.attend(q[part], k_neg[part], v_neg[part], extra_options), part, call.spec)
+            guide_rows(out, unet.attend(q[part], k_neg[part], v_neg[part], extra_options), part, call.spec)
         return out
 
     setattr(attn2_replace, MARK, True)

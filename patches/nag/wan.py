@@ -14,7 +14,7 @@ import comfy.utils
 import torch
 
 from .. import block_forward
-from .core import MARK, NODE_ID, NagCall, call_parts, guide, install_block_replaces
+from .core import MARK, NODE_ID, NagCall, guide_rows, guided_replace, install_block_replaces
 
 # Wan cross-attention classes -> which attention call of a Wan block reads the text: self-attention is the first;
 # image-to-video's cross-attention attends to the CLIP vision tokens (second) before the text (third).
@@ -44,7 +44,7 @@ def make_override(previous, cross_attn, call: NagCall, parts: List[slice]):
         v_neg = comfy.utils.repeat_to_batch_size(cross_attn.v(call.context), q.shape[0])
         out = out.clone()
         for part in parts:
-            guide(out, func(q[part], k_neg[part], v_neg[part], *args[3:], **kwargs), part, call.spec)
+            guide_rows(out, func(q[part], k_neg[part], v_neg[part], *args[3:], **kwargs), part, call.spec)
         return out
 
     setattr(override, MARK, True)
@@ -53,18 +53,13 @@ def make_override(previous, cross_attn, call: NagCall, parts: List[slice]):
 
 def make_replace(index: int, previous=None):
     """The ``double_block`` replace PatchLab's NAG puts at Wan block ``index`` (chaining ``previous``)."""
-    def block_replace(args, extra):
-        options = args.get("transformer_options") or {}
-        call, parts = call_parts(options, args["img"].shape[0])
-        if not parts:
-            return block_forward.run_block(previous, args, extra)
+    def guided(args, call, parts, run):
         cross_attn = call.network.blocks[index].cross_attn
         args = block_forward.with_override(
             args, lambda chained: make_override(chained, cross_attn, call, parts))
-        return block_forward.run_block(previous, args, extra)
+        return run(args)
 
-    setattr(block_replace, MARK, True)
-    return block_replace
+    return guided_replace(previous, guided)
 
 
 def install(patched) -> None:
