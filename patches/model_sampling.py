@@ -146,16 +146,27 @@ class DistilledSchedule(DiscreteSchedule):
         return ss.table_sigma(self.log_sigmas, timestep, skip=self.skip_steps)
 
 
-def _flow_percent_to_sigma(schedule, percent: float) -> float:
-    """A flow schedule's sigma at ``percent`` of the way: 1 at the start, 0 at the end, the shifted time between."""
-    if percent <= 0.0:
-        return 1.0
-    if percent >= 1.0:
-        return 0.0
-    return schedule.shifted(1.0 - percent)
+class _FlowTimes(_OwnTables):
+    """A flow schedule's time maps: timestep = sigma * multiplier, sigma = the shifted time (``shifted``), and
+    sigma 1 at the start of the schedule, 0 at its end."""
+
+    multiplier = 1.0
+
+    def timestep(self, sigma):
+        return sigma * self.multiplier
+
+    def sigma(self, timestep):
+        return self.shifted(timestep / self.multiplier)
+
+    def percent_to_sigma(self, percent):
+        if percent <= 0.0:
+            return 1.0
+        if percent >= 1.0:
+            return 0.0
+        return self.shifted(1.0 - percent)
 
 
-class FlowSchedule(_OwnTables, cms.ModelSamplingDiscreteFlow):
+class FlowSchedule(_FlowTimes, cms.ModelSamplingDiscreteFlow):
     """Rectified-flow schedule with the SD3 shift; timestep = sigma * multiplier."""
 
     def __init__(self, model_config=None):
@@ -168,20 +179,11 @@ class FlowSchedule(_OwnTables, cms.ModelSamplingDiscreteFlow):
         self.multiplier = multiplier
         self._set_table("sigmas", ss.flow_table(shift, multiplier, timesteps))
 
-    def timestep(self, sigma):
-        return sigma * self.multiplier
-
-    def sigma(self, timestep):
-        return self.shifted(timestep / self.multiplier)
-
     def shifted(self, t):
         return ss.flow_shift(t, self.shift)
 
-    def percent_to_sigma(self, percent):
-        return _flow_percent_to_sigma(self, percent)
 
-
-class FluxSchedule(_OwnTables, cms.ModelSamplingFlux):
+class FluxSchedule(_FlowTimes, cms.ModelSamplingFlux):
     """Flux's schedule: the flow shift written as ``mu = log(shift)``; timestep = sigma."""
 
     def __init__(self, model_config=None):
@@ -192,17 +194,8 @@ class FluxSchedule(_OwnTables, cms.ModelSamplingFlux):
         self.shift = shift
         self._set_table("sigmas", ss.flux_table(shift, timesteps))
 
-    def timestep(self, sigma):
-        return sigma
-
-    def sigma(self, timestep):
-        return self.shifted(timestep)
-
     def shifted(self, t):
         return ss.flux_shift(t, self.shift)
-
-    def percent_to_sigma(self, percent):
-        return _flow_percent_to_sigma(self, percent)
 
 
 class ContinuousEDMSchedule(_OwnTables, cms.ModelSamplingContinuousEDM):
