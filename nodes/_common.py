@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 ROOT_CATEGORY = "PatchLab"
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
@@ -27,9 +27,33 @@ class ModelPatchNode:
     FUNCTION = "patch"
 
 
-def percent_input(default: float, tooltip: str) -> Tuple[str, Dict[str, Any]]:
+# --- input specs: one call an input, the (type, options) pair ComfyUI reads -------------------------
+
+InputSpec = Tuple[Any, Dict[str, Any]]
+
+
+def float_input(default: float, low: float, high: float, step: float, tooltip: str, **extra: Any) -> InputSpec:
+    """A FLOAT widget: default, min, max, step, any ``extra`` options (e.g. ``round=False``), the tooltip."""
+    return ("FLOAT", {"default": default, "min": low, "max": high, "step": step, **extra, "tooltip": tooltip})
+
+
+def int_input(default: int, low: int, high: int, tooltip: str, step: Optional[int] = None) -> InputSpec:
+    """An INT widget: default, min, max, the step only where a node sets one (ComfyUI's default is 1), the tooltip."""
+    options: Dict[str, Any] = {"default": default, "min": low, "max": high}
+    if step is not None:
+        options["step"] = step
+    options["tooltip"] = tooltip
+    return ("INT", options)
+
+
+def combo_input(choices: Iterable[str], default: str, tooltip: str) -> InputSpec:
+    """A drop-down of ``choices`` (a list, as ComfyUI expects) with its default and tooltip."""
+    return (list(choices), {"default": default, "tooltip": tooltip})
+
+
+def percent_input(default: float, tooltip: str) -> InputSpec:
     """A FLOAT input for a point of the schedule: 0 is the first step, 1 the last."""
-    return ("FLOAT", {"default": default, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": tooltip})
+    return float_input(default, 0.0, 1.0, 0.001, tooltip)
 
 
 def percent_inputs(what: str, start: float = 0.0) -> Dict[str, Any]:

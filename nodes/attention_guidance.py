@@ -11,6 +11,8 @@ from ._common import (
     category,
     check_window,
     first_error,
+    float_input,
+    int_input,
     percent_input,
     percent_inputs,
 )
@@ -27,8 +29,7 @@ DIT_BLOCKS = ("Comma-separated blocks. UNets: stage[.block[.transformer]] with s
 
 def scale_input(source: str, default: float = 3.0, low: float = 0.0, high: float = 100.0, step: float = 0.01):
     """The guidance strength input; ``source`` ends its tooltip with the values the paper (or we) used."""
-    return ("FLOAT", {"default": default, "min": low, "max": high, "step": step,
-                      "tooltip": f"Strength of the guidance. 0 disables it; {source}"})
+    return float_input(default, low, high, step, f"Strength of the guidance. 0 disables it; {source}")
 
 
 def blocks_input(what: str, note: str):
@@ -81,16 +82,12 @@ class SelfAttentionGuidance(_AttentionGuidanceNode):
         return {"required": {
             "model": MODEL_INPUT,
             "scale": scale_input("the paper uses 0.1-1 (0.5-0.75 common).", default=0.5, low=-2.0, high=5.0),
-            "blur_sigma": ("FLOAT", {
-                "default": 2.0, "min": 0.0, "max": 10.0, "step": 0.1,
-                "tooltip": "Std of the Gaussian blur of the attended regions (9-tap kernel, as SAG). 0 means no "
-                           "blur (and no effect).",
-            }),
-            "threshold": ("FLOAT", {
-                "default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
-                "tooltip": "A region is blurred when the attention it receives exceeds this; 1 is the average "
-                           "(ComfyUI's fixed value). Lower blurs more of the image.",
-            }),
+            "blur_sigma": float_input(2.0, 0.0, 10.0, 0.1, (
+                "Std of the Gaussian blur of the attended regions (9-tap kernel, as SAG). 0 means no blur (and no "
+                "effect).")),
+            "threshold": float_input(1.0, 0.0, 10.0, 0.01, (
+                "A region is blurred when the attention it receives exceeds this; 1 is the average (ComfyUI's fixed "
+                "value). Lower blurs more of the image.")),
             "block": ("STRING", {
                 "default": "middle.0.0",
                 "tooltip": "Where to read the self-attention (as ComfyUI: the middle block's first transformer). "
@@ -124,11 +121,9 @@ class PerturbedAttentionGuidance(_AttentionGuidanceNode):
             "model": MODEL_INPUT,
             "scale": scale_input("the paper uses 2-5 (3 typical)."),
             "blocks": blocks_input("Attention to perturb.", "The paper perturbs the UNet middle block."),
-            "rescale": ("FLOAT", {
-                "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                "tooltip": "Pull the guided result's std back toward the positive prediction's (as CFG rescale), "
-                           "against over-saturation at high scales. 0 disables it; 0.5-0.7 typical.",
-            }),
+            "rescale": float_input(0.0, 0.0, 1.0, 0.01, (
+                "Pull the guided result's std back toward the positive prediction's (as CFG rescale), against "
+                "over-saturation at high scales. 0 disables it; 0.5-0.7 typical.")),
             **percent_inputs("PAG"),
         }}
 
@@ -154,11 +149,9 @@ class SmoothedEnergyGuidance(_AttentionGuidanceNode):
         return {"required": {
             "model": MODEL_INPUT,
             "scale": scale_input("the paper uses 3."),
-            "blur_sigma": ("FLOAT", {
-                "default": 10.0, "min": 0.0, "max": INFINITE_BLUR, "step": 0.01,
-                "tooltip": f"Std (in tokens) of the query blur. 0 means no blur (no effect); the paper uses 10 for "
-                           f"SDXL; {INFINITE_BLUR:g} is infinite blur (every query the mean query).",
-            }),
+            "blur_sigma": float_input(10.0, 0.0, INFINITE_BLUR, 0.01, (
+                f"Std (in tokens) of the query blur. 0 means no blur (no effect); the paper uses 10 for SDXL; "
+                f"{INFINITE_BLUR:g} is infinite blur (every query the mean query).")),
             "blocks": blocks_input("Attention to smooth.", "The paper smooths the UNet middle block."),
             **percent_inputs("SEG"),
         }}
@@ -192,11 +185,9 @@ class SkipLayerGuidance(_AttentionGuidanceNode):
             "end_percent": percent_input(0.15, "Where SLG stops (not below start_percent); 0.15 by default, up to "
                                                "0.2-0.3 for more effect. Outside the window the result is exactly "
                                                "what it would be without it."),
-            "rescaling_scale": ("FLOAT", {
-                "default": 0.0, "min": 0.0, "max": 10.0, "step": 0.01,
-                "tooltip": "Pull the guided result's std toward the positive prediction's, per image (ComfyUI "
-                           "pools the whole batch). 0 disables it; 0-1 blends, as CFG rescale.",
-            }),
+            "rescaling_scale": float_input(0.0, 0.0, 10.0, 0.01, (
+                "Pull the guided result's std toward the positive prediction's, per image (ComfyUI pools the whole "
+                "batch). 0 disables it; 0-1 blends, as CFG rescale.")),
         }}
 
     def patch(self, model, scale, blocks, start_percent, end_percent, rescaling_scale):
@@ -229,11 +220,9 @@ class TokenPerturbationGuidance(_AttentionGuidanceNode):
                 "input.8, the paper's SDXL layers; SD1.5 input.7, input.8); on DiTs the blocks from a third to half "
                 "of the depth, all stacks counted in order (Flux single.0-9, Wan 2.1 double.10-14, SD3.5 Large "
                 "joint.12-18; starting points of ours). Early DiT blocks are too strong.")),
-            "seed": ("INT", {
-                "default": 0, "min": 0, "max": 0xFFFFFFFF,
-                "tooltip": "Seed of the shuffles (each block and step gets its own permutation from it). The same "
-                           "seed gives the same result.",
-            }),
+            "seed": int_input(0, 0, 0xFFFFFFFF, (
+                "Seed of the shuffles (each block and step gets its own permutation from it). The same seed gives "
+                "the same result.")),
             **percent_inputs("TPG"),
         }}
 

@@ -9,6 +9,7 @@ from ._common import (
     ModelPatchNode,
     category,
     check_window,
+    float_input,
     percent_inputs,
 )
 
@@ -29,11 +30,9 @@ class FreeU(ModelPatchNode):
     @classmethod
     def INPUT_TYPES(cls):
         def factor(name, what, stage):
-            return ("FLOAT", {
-                "default": cls.DEFAULTS[name], "min": 0.0, "max": 10.0, "step": 0.01,
-                "tooltip": f"{what} at the {stage} stage. 1 leaves it unchanged. The paper's SD1.5 values: b1 1.5, "
-                           "b2 1.6, s1 0.9, s2 0.2; SDXL: b1 1.3, b2 1.4, s1 0.9, s2 0.2.",
-            })
+            return float_input(cls.DEFAULTS[name], 0.0, 10.0, 0.01, (
+                f"{what} at the {stage} stage. 1 leaves it unchanged. The paper's SD1.5 values: b1 1.5, b2 1.6, s1 "
+                "0.9, s2 0.2; SDXL: b1 1.3, b2 1.4, s1 0.9, s2 0.2."))
         return {"required": {
             "model": MODEL_INPUT,
             "b1": factor("b1", "Backbone factor", "deepest (4x width)"),

@@ -10,6 +10,7 @@ from ._common import (
     ModelPatchNode,
     category,
     check_window,
+    int_input,
     percent_inputs,
 )
 
@@ -30,18 +31,14 @@ class DeepCache(ModelPatchNode):
     def INPUT_TYPES(cls):
         return {"required": {
             "model": MODEL_INPUT,
-            "interval": ("INT", {
-                "default": 3, "min": 1, "max": 20, "step": 1,
-                "tooltip": "One full evaluation every this many steps; the others reuse the deep features. 1 "
-                           "disables it (every step in full). 3 is the reference code's recommended value (about "
-                           "2x faster at 20 steps); 5 is faster with softer details.",
-            }),
-            "depth": ("INT", {
-                "default": 0, "min": 0, "max": 11, "step": 1,
-                "tooltip": "The skip branch the cache sits at (the paper's cache_branch_id): how many input blocks "
-                           "after the first convolution still run on a cached step. 0 (the reference default) is "
-                           "the fastest; higher keeps more detail and saves less. SD1.x/SD2.x allow 0-11, SDXL 0-8.",
-            }),
+            "interval": int_input(3, 1, 20, (
+                "One full evaluation every this many steps; the others reuse the deep features. 1 disables it (every "
+                "step in full). 3 is the reference code's recommended value (about 2x faster at 20 steps); 5 is "
+                "faster with softer details."), step=1),
+            "depth": int_input(0, 0, 11, (
+                "The skip branch the cache sits at (the paper's cache_branch_id): how many input blocks after the "
+                "first convolution still run on a cached step. 0 (the reference default) is the fastest; higher "
+                "keeps more detail and saves less. SD1.x/SD2.x allow 0-11, SDXL 0-8."), step=1),
             **percent_inputs("caching"),
         }, "hidden": HIDDEN_NODE_ID}
 

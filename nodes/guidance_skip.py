@@ -11,6 +11,7 @@ from ._common import (
     category,
     check_ranges,
     check_window,
+    float_input,
     percent_input,
 )
 
@@ -77,13 +78,11 @@ class AdaptiveGuidance(ModelPatchNode):
     def INPUT_TYPES(cls):
         return {"required": {
             "model": MODEL_INPUT,
-            "threshold": ("FLOAT", {
-                "default": ADAPTIVE_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.0001,
-                "tooltip": "Cosine similarity of the positive and negative noise predictions above which guidance "
-                           "stops for the rest of the run. 1.0 never stops (plain CFG); lower stops earlier and "
-                           "saves more. The default 0.991 is the paper's threshold (Castillo et al. 2023, arXiv "
-                           "2312.12487); useful values lie in 0.98-0.999.",
-            }),
+            "threshold": float_input(ADAPTIVE_THRESHOLD, 0.0, 1.0, 0.0001, (
+                "Cosine similarity of the positive and negative noise predictions above which guidance stops for the "
+                "rest of the run. 1.0 never stops (plain CFG); lower stops earlier and saves more. The default 0.991 "
+                "is the paper's threshold (Castillo et al. 2023, arXiv 2312.12487); useful values lie in "
+                "0.98-0.999.")),
             "start_percent": percent_input(0.0, (
                 "Guidance never stops before this part of the schedule (0 = the first step, 1 the last): the "
                 "similarity is checked from here on. 0 checks from the first step; 1 never stops.")),

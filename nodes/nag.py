@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..patches import nag
 from ..patches.window import SigmaWindow
-from ._common import MODEL_INPUT, ModelPatchNode, category, check_window, percent_inputs
+from ._common import MODEL_INPUT, ModelPatchNode, category, check_window, float_input, percent_inputs
 
 
 class NormalizedAttentionGuidance(ModelPatchNode):
@@ -29,23 +29,16 @@ class NormalizedAttentionGuidance(ModelPatchNode):
         return {
             "required": {
                 "model": MODEL_INPUT,
-                "scale": ("FLOAT", {
-                    "default": 5.0, "min": 1.0, "max": 50.0, "step": 0.1,
-                    "tooltip": "How far to push away from the negative prompt. 1 disables it. The paper's "
-                               "demos: Flux schnell/dev 5, SD3.5 Turbo 5, SDXL DMD2 3, Wan 2.1 9 (at CFG 5) to 11 "
-                               "(CausVid, CFG 1); SD1.5 3, Qwen-Image, Z-Image and HunyuanVideo 5 (starting "
-                               "points of ours).",
-                }),
-                "tau": ("FLOAT", {
-                    "default": 2.5, "min": 1.0, "max": 10.0, "step": 0.05,
-                    "tooltip": "Cap on each token's L1 norm relative to the positive attention output: higher "
-                               "lets the guidance go further. The reference code uses 2.5 for every family.",
-                }),
-                "alpha": ("FLOAT", {
-                    "default": 0.25, "min": 0.0, "max": 1.0, "step": 0.01,
-                    "tooltip": "Blend of the guided features into the positive ones. 0 disables it; the reference "
-                               "code uses 0.25 (Flux, Wan), up to 0.5 for UNets.",
-                }),
+                "scale": float_input(5.0, 1.0, 50.0, 0.1, (
+                    "How far to push away from the negative prompt. 1 disables it. The paper's demos: Flux "
+                    "schnell/dev 5, SD3.5 Turbo 5, SDXL DMD2 3, Wan 2.1 9 (at CFG 5) to 11 (CausVid, CFG 1); SD1.5 3, "
+                    "Qwen-Image, Z-Image and HunyuanVideo 5 (starting points of ours).")),
+                "tau": float_input(2.5, 1.0, 10.0, 0.05, (
+                    "Cap on each token's L1 norm relative to the positive attention output: higher lets the guidance "
+                    "go further. The reference code uses 2.5 for every family.")),
+                "alpha": float_input(0.25, 0.0, 1.0, 0.01, (
+                    "Blend of the guided features into the positive ones. 0 disables it; the reference code uses "
+                    "0.25 (Flux, Wan), up to 0.5 for UNets.")),
                 **percent_inputs("NAG"),
             },
             "optional": {
