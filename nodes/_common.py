@@ -6,6 +6,8 @@ import inspect
 import math
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
+from ..patches.window import SigmaWindow
+
 ROOT_CATEGORY = "PatchLab"
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
 
@@ -110,6 +112,36 @@ def first_error(*results: Union[bool, str, None]) -> Union[bool, str]:
         if result is not True and result is not None:
             return result
     return True
+
+
+class WindowPatchNode(ModelPatchNode):
+    """A ModelPatchNode that acts in a part of the schedule.
+
+    Its inputs: the model, the node's own ``OPTIONS()``, then ``start_percent`` / ``end_percent`` (the part of the
+    schedule where ``WHAT`` acts; ``START`` is start_percent's default). The window's ranges and order are checked
+    before a run; a node with more multi-input checks writes its own VALIDATE_INPUTS.
+    """
+
+    WHAT = "the patch"
+    START = 0.0
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": MODEL_INPUT, **cls.OPTIONS(), **percent_inputs(cls.WHAT, start=cls.START)}}
+
+    @classmethod
+    def OPTIONS(cls) -> Dict[str, InputSpec]:
+        """The node's own inputs, between the model and the window."""
+        return {}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None):
+        return check_window(cls, start_percent, end_percent)
+
+    @staticmethod
+    def window(model, start_percent: float, end_percent: float) -> SigmaWindow:
+        """The percents as a sigma interval on the model's own schedule."""
+        return SigmaWindow.from_percents(model, start_percent, end_percent)
 
 
 # --- the central input guard ---------------------------------------------------

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from ..kernels.attention import INFINITE_BLUR
 from ..patches import attention_guidance as ag
-from ..patches.window import SigmaWindow
 from ._common import (
     MODEL_INPUT,
-    ModelPatchNode,
+    WindowPatchNode,
     category,
     check_window,
     first_error,
     float_input,
     int_input,
     percent_input,
-    percent_inputs,
 )
 
 BLOCK_SYNTAX = ("Comma-separated UNet blocks: stage[.block[.transformer]] with stage input, middle or output, e.g. "
@@ -37,7 +35,7 @@ def blocks_input(what: str, note: str):
     return ("STRING", {"default": "auto", "tooltip": f"{what} {DIT_BLOCKS} {note}"})
 
 
-class _AttentionGuidanceNode(ModelPatchNode):
+class _AttentionGuidanceNode(WindowPatchNode):
     """What the attention-guidance nodes share: the blocks input, its check, and the patch call."""
 
     CATEGORY = category("guidance")
@@ -60,7 +58,7 @@ class _AttentionGuidanceNode(ModelPatchNode):
     def _patch(self, model, text, start_percent, end_percent, **spec):
         blocks = ag.resolve_blocks(model, text, self.NODE_ID, dit=self.DIT, unet_auto=self.UNET_AUTO,
                                    dit_auto=self.DIT_AUTO)
-        window = SigmaWindow.from_percents(model, start_percent, end_percent)
+        window = self.window(model, start_percent, end_percent)
         return (ag.with_guidance(model, ag.GuidanceSpec(blocks=blocks, window=window, **spec)),)
 
 
@@ -74,13 +72,13 @@ class SelfAttentionGuidance(_AttentionGuidanceNode):
         "call and chunk (batches and split cond/uncond work), stores only a per-token mask, evaluates its extra "
         "pass as negative, and composes with PAG/SEG. UNet models (SD1.x, SD2.x, SDXL). Lower the CFG a little."
     )
+    WHAT = "SAG"
     BLOCK_INPUT = "block"
     DIT = False
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": MODEL_INPUT,
+    def OPTIONS(cls):
+        return {
             "scale": scale_input("the paper uses 0.1-1 (0.5-0.75 common).", default=0.5, low=-2.0, high=5.0),
             "blur_sigma": float_input(2.0, 0.0, 10.0, 0.1, (
                 "Std of the Gaussian blur of the attended regions (9-tap kernel, as SAG). 0 means no blur (and no "
@@ -93,8 +91,7 @@ class SelfAttentionGuidance(_AttentionGuidanceNode):
                 "tooltip": "Where to read the self-attention (as ComfyUI: the middle block's first transformer). "
                            + BLOCK_SYNTAX + " Several transformers: their attention is averaged.",
             }),
-            **percent_inputs("SAG"),
-        }}
+        }
 
     def patch(self, model, scale, blur_sigma, threshold, block, start_percent, end_percent):
         return self._patch(model, block, start_percent, end_percent, kind="sag", scale=scale,
@@ -114,18 +111,17 @@ class PerturbedAttentionGuidance(_AttentionGuidanceNode):
         "becomes the identity, cross-attention to the text stays). Works at CFG 1 (guidance-distilled Flux). "
         "Rule of thumb on UNets: PAG scale + CFG = your usual CFG."
     )
+    WHAT = "PAG"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": MODEL_INPUT,
+    def OPTIONS(cls):
+        return {
             "scale": scale_input("the paper uses 2-5 (3 typical)."),
             "blocks": blocks_input("Attention to perturb.", "The paper perturbs the UNet middle block."),
             "rescale": float_input(0.0, 0.0, 1.0, 0.01, (
                 "Pull the guided result's std back toward the positive prediction's (as CFG rescale), against "
                 "over-saturation at high scales. 0 disables it; 0.5-0.7 typical.")),
-            **percent_inputs("PAG"),
-        }}
+        }
 
     def patch(self, model, scale, blocks, rescale, start_percent, end_percent):
         return self._patch(model, blocks, start_percent, end_percent, kind="pag", scale=scale, rescale=rescale)
@@ -143,18 +139,17 @@ class SmoothedEnergyGuidance(_AttentionGuidanceNode):
         "Flux.2, Chroma, SD3/SD3.5, Qwen-Image, Z-Image, Lumina 2: the image-token queries are blurred on the "
         "image's patch grid, text tokens untouched; Wan 2.1/2.2, HunyuanVideo: frame by frame)."
     )
+    WHAT = "SEG"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": MODEL_INPUT,
+    def OPTIONS(cls):
+        return {
             "scale": scale_input("the paper uses 3."),
             "blur_sigma": float_input(10.0, 0.0, INFINITE_BLUR, 0.01, (
                 f"Std (in tokens) of the query blur. 0 means no blur (no effect); the paper uses 10 for SDXL; "
                 f"{INFINITE_BLUR:g} is infinite blur (every query the mean query).")),
             "blocks": blocks_input("Attention to smooth.", "The paper smooths the UNet middle block."),
-            **percent_inputs("SEG"),
-        }}
+        }
 
     def patch(self, model, scale, blur_sigma, blocks, start_percent, end_percent):
         return self._patch(model, blocks, start_percent, end_percent, kind="seg", scale=scale,
@@ -208,11 +203,11 @@ class TokenPerturbationGuidance(_AttentionGuidanceNode):
         "update goes back to its own token where positions are rotary, as Flux, Wan or Z-Image; see the help "
         "page)."
     )
+    WHAT = "TPG"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": MODEL_INPUT,
+    def OPTIONS(cls):
+        return {
             "scale": scale_input("3 is the paper's SDXL value (its range is similar to PAG's, 2-5); on DiTs 1-3 (a "
                                  "starting point of ours)."),
             "blocks": blocks_input("Blocks whose input tokens are shuffled.", (
@@ -223,8 +218,7 @@ class TokenPerturbationGuidance(_AttentionGuidanceNode):
             "seed": int_input(0, 0, 0xFFFFFFFF, (
                 "Seed of the shuffles (each block and step gets its own permutation from it). The same seed gives "
                 "the same result.")),
-            **percent_inputs("TPG"),
-        }}
+        }
 
     UNET_AUTO = staticmethod(ag.tpg_auto_keys)
     DIT_AUTO = staticmethod(ag.tpg_auto_blocks)

@@ -3,44 +3,17 @@
 from __future__ import annotations
 
 from ..patches import cfg, guidance_skip
-from ..patches.window import SigmaWindow
-from ._common import (
-    HIDDEN_NODE_ID,
-    MODEL_INPUT,
-    ModelPatchNode,
-    category,
-    check_window,
-    combo_input,
-    float_input,
-    int_input,
-    percent_inputs,
-)
+from ._common import HIDDEN_NODE_ID, WindowPatchNode, category, combo_input, float_input, int_input
 
 CATEGORY = category("guidance")
 MODES = ("paper", "comfyui")  # APG's and CFG-Zero*'s: the paper's rule or ComfyUI's node
 
 
-class _GuidanceNode(ModelPatchNode):
-    """What the CFG-space nodes share: their own options (OPTIONS) before a schedule window, and its check."""
+class _GuidanceNode(WindowPatchNode):
+    """What the CFG-space nodes share: their category (and, from WindowPatchNode, the window and its check)."""
 
     CATEGORY = CATEGORY
     WHAT = "the guidance change"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": MODEL_INPUT, **cls.OPTIONS(), **percent_inputs(cls.WHAT)}}
-
-    @classmethod
-    def OPTIONS(cls):
-        return {}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None):
-        return check_window(cls, start_percent, end_percent)
-
-    @staticmethod
-    def window(model, start_percent, end_percent):
-        return SigmaWindow.from_percents(model, start_percent, end_percent)
 
 
 class RescaleCFG(_GuidanceNode):

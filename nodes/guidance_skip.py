@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from ..patches import guidance_skip
-from ..patches.window import SigmaWindow
 from ._common import (
     HIDDEN_NODE_ID,
     MODEL_INPUT,
     ModelPatchNode,
+    WindowPatchNode,
     category,
     check_ranges,
-    check_window,
     float_input,
     percent_input,
 )
@@ -25,7 +24,7 @@ INTERVAL_END = 0.928
 ADAPTIVE_THRESHOLD = 0.991
 
 
-class GuidanceInterval(ModelPatchNode):
+class GuidanceInterval(WindowPatchNode):
     NODE_ID = "PatchLab_GuidanceInterval"
     DISPLAY_NAME = "Guidance Interval (PatchLab)"
     CATEGORY = CATEGORY
@@ -50,12 +49,8 @@ class GuidanceInterval(ModelPatchNode):
                 "0.28 on SD1.5/SDXL, the lower end of the paper's SD-XL interval.")),
         }, "hidden": HIDDEN_NODE_ID}
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None):
-        return check_window(cls, start_percent, end_percent)
-
     def patch(self, model, start_percent, end_percent, unique_id=None):
-        window = SigmaWindow.from_percents(model, start_percent, end_percent)
+        window = self.window(model, start_percent, end_percent)
         if window.is_always:
             return (model.clone(),)
         return (guidance_skip.with_rule(model, guidance_skip.IntervalRule(self.NODE_ID, window, unique_id)),)

@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 from ..patches import step_cache as sc
-from ..patches.window import SigmaWindow
-from ._common import (
-    HIDDEN_NODE_ID,
-    MODEL_INPUT,
-    ModelPatchNode,
-    category,
-    check_window,
-    combo_input,
-    float_input,
-    int_input,
-    percent_inputs,
-)
+from ._common import HIDDEN_NODE_ID, WindowPatchNode, category, check_window, combo_input, float_input, int_input
 
 
-class StepCache(ModelPatchNode):
+class StepCache(WindowPatchNode):
     NODE_ID = "PatchLab_StepCache"
     DISPLAY_NAME = "Step Cache (PatchLab)"
     CATEGORY = category("speed")
@@ -30,11 +19,17 @@ class StepCache(ModelPatchNode):
         "most DiTs), per batch item and per cond/uncond chunk, starts fresh every run (any size, steps or sampler), "
         "and never reuses in extra guidance passes. After each run the node shows how many evaluations it saved."
     )
+    WHAT = "reuse"
+    # The first steps set the composition and change the most: like core EasyCache/LazyCache, start at 15 %.
+    START = 0.15
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "model": MODEL_INPUT,
+        return {**super().INPUT_TYPES(), "hidden": HIDDEN_NODE_ID}
+
+    @classmethod
+    def OPTIONS(cls):
+        return {
             "indicator": combo_input(sc.INDICATORS, "input", (
                 "What decides a reuse. input: relative change of the model input since the last full evaluation "
                 "(free, every model). first block: the network runs its first block and the change of that block's "
@@ -51,9 +46,7 @@ class StepCache(ModelPatchNode):
                 "forecast: extrapolate the model's prediction linearly in sigma from the last two full evaluations "
                 "(half the first-order step; closer to the uncached result at the same speed); plain: reuse the last "
                 "prediction as it is.")),
-            # The first steps set the composition and change the most: like core EasyCache/LazyCache, start at 15 %.
-            **percent_inputs("reuse", start=0.15),
-        }, "hidden": HIDDEN_NODE_ID}
+        }
 
     @classmethod
     def VALIDATE_INPUTS(cls, threshold=None, max_consecutive=None, start_percent=None, end_percent=None):
@@ -75,7 +68,7 @@ class StepCache(ModelPatchNode):
             raise ValueError(f"{cls.NODE_ID}: threshold must be >= 0 (0 disables it), got {threshold}")
         if max_consecutive < 1:
             raise ValueError(f"{cls.NODE_ID}: max_consecutive must be at least 1, got {max_consecutive}")
-        window = SigmaWindow.from_percents(model, start_percent, end_percent)
+        window = cls.window(model, start_percent, end_percent)
         return sc.CacheSpec(node_id=cls.NODE_ID, indicator=indicator, threshold=float(threshold),
                             max_consecutive=int(max_consecutive), forecast=reuse == "forecast", window=window,
                             canvas=unique_id)

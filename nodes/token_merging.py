@@ -6,23 +6,12 @@ from typing import Union
 
 from ..kernels.token_merging import DOWNSAMPLE_METHODS
 from ..patches import token_merging as tm
-from ..patches.window import SigmaWindow
-from ._common import (
-    MODEL_INPUT,
-    ModelPatchNode,
-    category,
-    check_window,
-    combo_input,
-    first_error,
-    float_input,
-    int_input,
-    percent_inputs,
-)
+from ._common import WindowPatchNode, category, check_window, combo_input, first_error, float_input, int_input
 
 DOWNSAMPLES = [1, 2, 4, 8]
 
 
-class _SpeedNode(ModelPatchNode):
+class _SpeedNode(WindowPatchNode):
     """What ToMe and ToDo share: the max_downsample check."""
 
     CATEGORY = category("speed")
@@ -63,11 +52,11 @@ class TokenMerging(_SpeedNode):
         "SDXL layer), merges keys and values too, takes its random choices from a seeded generator (the sampler's "
         "noise is never disturbed), and keeps cond and uncond merged alike. UNet models (SD1.x, SD2.x, SDXL)."
     )
+    WHAT = "token merging"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": MODEL_INPUT,
+    def OPTIONS(cls):
+        return {
             "ratio": float_input(0.3, 0.0, 0.9, 0.01, (
                 "Share of the tokens merged away in each touched layer. 0 disables it; 0.3-0.5 keeps quality well "
                 "(see the help page for measured speed-ups); above 0.6 details blur.")),
@@ -87,13 +76,12 @@ class TokenMerging(_SpeedNode):
             "merge": combo_input(["queries, keys and values", "queries only"], "queries, keys and values", (
                 "queries, keys and values: attention runs on the merged tokens only (tomesd, fastest). queries only: "
                 "merged queries attend to all tokens (ComfyUI's TomePatchModel).")),
-            **percent_inputs("token merging"),
-        }}
+        }
 
     def patch(self, model, ratio, max_downsample, stride_x, stride_y, destinations, seed, metric, merge,
               start_percent, end_percent):
         check_power_of_two(self.NODE_ID, max_downsample)
-        window = SigmaWindow.from_percents(model, start_percent, end_percent)
+        window = self.window(model, start_percent, end_percent)
         return (tm.with_tome(model, self.NODE_ID, ratio, max_downsample, stride_x, stride_y,
                              destinations == "random", seed, metric, merge != "queries only", window),)
 
@@ -107,11 +95,11 @@ class TokenDownsampling(_SpeedNode):
         "attention shrinks by about factor^2 with no similarity search. Faster than ToMe at the same quality on "
         "large images. Handles any latent size and aspect ratio. UNet models (SD1.x, SD2.x, SDXL)."
     )
+    WHAT = "token downsampling"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": MODEL_INPUT,
+    def OPTIONS(cls):
+        return {
             "downsample_factor": float_input(2.0, 1.0, 8.0, 0.25, (
                 "How much coarser the key/value grid is. 1 disables it; 2 is the paper's default (4x fewer keys); 3-4 "
                 "for very large images.")),
@@ -119,14 +107,13 @@ class TokenDownsampling(_SpeedNode):
             "method": combo_input(DOWNSAMPLE_METHODS, "nearest-exact", (
                 "How keys/values are downsampled: nearest-exact (the paper's, fastest), area (average), bilinear, "
                 "max.")),
-            **percent_inputs("token downsampling"),
-        }}
+        }
 
     def patch(self, model, downsample_factor, max_downsample, method, start_percent, end_percent):
         check_power_of_two(self.NODE_ID, max_downsample)
         if method not in DOWNSAMPLE_METHODS:
             raise ValueError(f"{self.NODE_ID}: method must be one of {', '.join(DOWNSAMPLE_METHODS)}, got {method!r}")
-        window = SigmaWindow.from_percents(model, start_percent, end_percent)
+        window = self.window(model, start_percent, end_percent)
         return (tm.with_todo(model, self.NODE_ID, downsample_factor, max_downsample, method, window),)
 
 
