@@ -117,22 +117,18 @@ def first_error(*results: Union[bool, str, None]) -> Union[bool, str]:
 class WindowPatchNode(ModelPatchNode):
     """A ModelPatchNode that acts in a part of the schedule.
 
-    Its inputs: the model, the node's own ``OPTIONS()``, then ``start_percent`` / ``end_percent`` (the part of the
-    schedule where ``WHAT`` acts; ``START`` is start_percent's default). The window's ranges and order are checked
-    before a run; a node with more multi-input checks writes its own VALIDATE_INPUTS.
+    Its inputs: the model, the node's own ``OPTIONS`` (name -> input spec), then ``start_percent`` / ``end_percent``
+    (the part of the schedule where ``WHAT`` acts; ``START`` is start_percent's default). The window's ranges and
+    order are checked before a run; a node with more multi-input checks writes its own VALIDATE_INPUTS.
     """
 
     WHAT = "the patch"
     START = 0.0
+    OPTIONS: Dict[str, InputSpec] = {}
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": MODEL_INPUT, **cls.OPTIONS(), **percent_inputs(cls.WHAT, start=cls.START)}}
-
-    @classmethod
-    def OPTIONS(cls) -> Dict[str, InputSpec]:
-        """The node's own inputs, between the model and the window."""
-        return {}
+        return {"required": {"model": MODEL_INPUT, **cls.OPTIONS, **percent_inputs(cls.WHAT, start=cls.START)}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None):

@@ -75,23 +75,20 @@ class SelfAttentionGuidance(_AttentionGuidanceNode):
     WHAT = "SAG"
     BLOCK_INPUT = "block"
     DIT = False
-
-    @classmethod
-    def OPTIONS(cls):
-        return {
-            "scale": scale_input("the paper uses 0.1-1 (0.5-0.75 common).", default=0.5, low=-2.0, high=5.0),
-            "blur_sigma": float_input(2.0, 0.0, 10.0, 0.1, (
-                "Std of the Gaussian blur of the attended regions (9-tap kernel, as SAG). 0 means no blur (and no "
-                "effect).")),
-            "threshold": float_input(1.0, 0.0, 10.0, 0.01, (
-                "A region is blurred when the attention it receives exceeds this; 1 is the average (ComfyUI's fixed "
-                "value). Lower blurs more of the image.")),
-            "block": ("STRING", {
-                "default": "middle.0.0",
-                "tooltip": "Where to read the self-attention (as ComfyUI: the middle block's first transformer). "
-                           + BLOCK_SYNTAX + " Several transformers: their attention is averaged.",
-            }),
-        }
+    OPTIONS = {
+        "scale": scale_input("the paper uses 0.1-1 (0.5-0.75 common).", default=0.5, low=-2.0, high=5.0),
+        "blur_sigma": float_input(2.0, 0.0, 10.0, 0.1, (
+            "Std of the Gaussian blur of the attended regions (9-tap kernel, as SAG). 0 means no blur (and no "
+            "effect).")),
+        "threshold": float_input(1.0, 0.0, 10.0, 0.01, (
+            "A region is blurred when the attention it receives exceeds this; 1 is the average (ComfyUI's fixed "
+            "value). Lower blurs more of the image.")),
+        "block": ("STRING", {
+            "default": "middle.0.0",
+            "tooltip": "Where to read the self-attention (as ComfyUI: the middle block's first transformer). "
+                       + BLOCK_SYNTAX + " Several transformers: their attention is averaged.",
+        }),
+    }
 
     def patch(self, model, scale, blur_sigma, threshold, block, start_percent, end_percent):
         return self._patch(model, block, start_percent, end_percent, kind="sag", scale=scale,
@@ -112,16 +109,13 @@ class PerturbedAttentionGuidance(_AttentionGuidanceNode):
         "Rule of thumb on UNets: PAG scale + CFG = your usual CFG."
     )
     WHAT = "PAG"
-
-    @classmethod
-    def OPTIONS(cls):
-        return {
-            "scale": scale_input("the paper uses 2-5 (3 typical)."),
-            "blocks": blocks_input("Attention to perturb.", "The paper perturbs the UNet middle block."),
-            "rescale": float_input(0.0, 0.0, 1.0, 0.01, (
-                "Pull the guided result's std back toward the positive prediction's (as CFG rescale), against "
-                "over-saturation at high scales. 0 disables it; 0.5-0.7 typical.")),
-        }
+    OPTIONS = {
+        "scale": scale_input("the paper uses 2-5 (3 typical)."),
+        "blocks": blocks_input("Attention to perturb.", "The paper perturbs the UNet middle block."),
+        "rescale": float_input(0.0, 0.0, 1.0, 0.01, (
+            "Pull the guided result's std back toward the positive prediction's (as CFG rescale), against "
+            "over-saturation at high scales. 0 disables it; 0.5-0.7 typical.")),
+    }
 
     def patch(self, model, scale, blocks, rescale, start_percent, end_percent):
         return self._patch(model, blocks, start_percent, end_percent, kind="pag", scale=scale, rescale=rescale)
@@ -140,16 +134,13 @@ class SmoothedEnergyGuidance(_AttentionGuidanceNode):
         "image's patch grid, text tokens untouched; Wan 2.1/2.2, HunyuanVideo: frame by frame)."
     )
     WHAT = "SEG"
-
-    @classmethod
-    def OPTIONS(cls):
-        return {
-            "scale": scale_input("the paper uses 3."),
-            "blur_sigma": float_input(10.0, 0.0, INFINITE_BLUR, 0.01, (
-                f"Std (in tokens) of the query blur. 0 means no blur (no effect); the paper uses 10 for SDXL; "
-                f"{INFINITE_BLUR:g} is infinite blur (every query the mean query).")),
-            "blocks": blocks_input("Attention to smooth.", "The paper smooths the UNet middle block."),
-        }
+    OPTIONS = {
+        "scale": scale_input("the paper uses 3."),
+        "blur_sigma": float_input(10.0, 0.0, INFINITE_BLUR, 0.01, (
+            f"Std (in tokens) of the query blur. 0 means no blur (no effect); the paper uses 10 for SDXL; "
+            f"{INFINITE_BLUR:g} is infinite blur (every query the mean query).")),
+        "blocks": blocks_input("Attention to smooth.", "The paper smooths the UNet middle block."),
+    }
 
     def patch(self, model, scale, blur_sigma, blocks, start_percent, end_percent):
         return self._patch(model, blocks, start_percent, end_percent, kind="seg", scale=scale,
@@ -204,21 +195,18 @@ class TokenPerturbationGuidance(_AttentionGuidanceNode):
         "page)."
     )
     WHAT = "TPG"
-
-    @classmethod
-    def OPTIONS(cls):
-        return {
-            "scale": scale_input("3 is the paper's SDXL value (its range is similar to PAG's, 2-5); on DiTs 1-3 (a "
-                                 "starting point of ours)."),
-            "blocks": blocks_input("Blocks whose input tokens are shuffled.", (
-                "For TPG, 'auto' is not PAG's: on UNets the last two input blocks with transformers (SDXL input.7, "
-                "input.8, the paper's SDXL layers; SD1.5 input.7, input.8); on DiTs the blocks from a third to half "
-                "of the depth, all stacks counted in order (Flux single.0-9, Wan 2.1 double.10-14, SD3.5 Large "
-                "joint.12-18; starting points of ours). Early DiT blocks are too strong.")),
-            "seed": int_input(0, 0, 0xFFFFFFFF, (
-                "Seed of the shuffles (each block and step gets its own permutation from it). The same seed gives "
-                "the same result.")),
-        }
+    OPTIONS = {
+        "scale": scale_input("3 is the paper's SDXL value (its range is similar to PAG's, 2-5); on DiTs 1-3 (a "
+                             "starting point of ours)."),
+        "blocks": blocks_input("Blocks whose input tokens are shuffled.", (
+            "For TPG, 'auto' is not PAG's: on UNets the last two input blocks with transformers (SDXL input.7, "
+            "input.8, the paper's SDXL layers; SD1.5 input.7, input.8); on DiTs the blocks from a third to half "
+            "of the depth, all stacks counted in order (Flux single.0-9, Wan 2.1 double.10-14, SD3.5 Large "
+            "joint.12-18; starting points of ours). Early DiT blocks are too strong.")),
+        "seed": int_input(0, 0, 0xFFFFFFFF, (
+            "Seed of the shuffles (each block and step gets its own permutation from it). The same seed gives "
+            "the same result.")),
+    }
 
     UNET_AUTO = staticmethod(ag.tpg_auto_keys)
     DIT_AUTO = staticmethod(ag.tpg_auto_blocks)

@@ -28,12 +28,9 @@ class RescaleCFG(_GuidanceNode):
         "guidance nodes instead of taking the single CFG-function slot."
     )
     WHAT = "the rescale"
-
-    @classmethod
-    def OPTIONS(cls):
-        return {"multiplier": float_input(0.7, 0.0, 1.0, 0.01, (
-            "Share of the rescaled result in the mix (phi in the paper). 0 disables it; the paper uses 0.7; 1 uses "
-            "only the rescaled result."))}
+    OPTIONS = {"multiplier": float_input(0.7, 0.0, 1.0, 0.01, (
+        "Share of the rescaled result in the mix (phi in the paper). 0 disables it; the paper uses 0.7; 1 uses "
+        "only the rescaled result."))}
 
     def patch(self, model, multiplier, start_percent, end_percent):
         return (cfg.with_post_cfg(model, cfg.rescale_cfg(multiplier, self.window(model, start_percent, end_percent))),)
@@ -53,6 +50,16 @@ class RenormCFG(_GuidanceNode):
     )
     WHAT = "renormalisation"
     TRUNCATE_MODES = ("comfyui", "paper")
+    OPTIONS = {
+        "cfg_trunc": float_input(100.0, 0.0, 100.0, 0.01, (
+            "Where guidance is truncated (off, the positive prediction used, no negative pass). truncate "
+            "comfyui: while sigma >= this value; SD1.5/SDXL sigmas lie in 0.03-14.6 and flow models' in 0-1, so "
+            "the default 100 never truncates. truncate paper: after this percent of the schedule, e.g. 70 "
+            "truncates the last 30 %; 100 never truncates.")),
+        "renorm_cfg": float_input(1.0, 0.0, 100.0, 0.01, (
+            "Cap on ||guided|| as a multiple of ||positive||. 0 disables the cap; below 1 washes the image out "
+            "quickly; larger values renormalise less often.")),
+    }
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -64,19 +71,6 @@ class RenormCFG(_GuidanceNode):
             "Either way truncated steps skip the negative pass."))}
         types["hidden"] = HIDDEN_NODE_ID
         return types
-
-    @classmethod
-    def OPTIONS(cls):
-        return {
-            "cfg_trunc": float_input(100.0, 0.0, 100.0, 0.01, (
-                "Where guidance is truncated (off, the positive prediction used, no negative pass). truncate "
-                "comfyui: while sigma >= this value; SD1.5/SDXL sigmas lie in 0.03-14.6 and flow models' in 0-1, so "
-                "the default 100 never truncates. truncate paper: after this percent of the schedule, e.g. 70 "
-                "truncates the last 30 %; 100 never truncates.")),
-            "renorm_cfg": float_input(1.0, 0.0, 100.0, 0.01, (
-                "Cap on ||guided|| as a multiple of ||positive||. 0 disables the cap; below 1 washes the image out "
-                "quickly; larger values renormalise less often.")),
-        }
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None, truncate=None):
@@ -105,11 +99,8 @@ class CFGNorm(_GuidanceNode):
         "ComfyUI's CFGNorm, 0 disables it (ComfyUI's node multiplies the whole image by strength instead)."
     )
     WHAT = "the norm cap"
-
-    @classmethod
-    def OPTIONS(cls):
-        return {"strength": float_input(1.0, 0.0, 1.0, 0.01,
-                                        "How much of the norm cap to apply: 0 disables it, 1 applies it fully.")}
+    OPTIONS = {"strength": float_input(1.0, 0.0, 1.0, 0.01, (
+        "How much of the norm cap to apply: 0 disables it, 1 applies it fully."))}
 
     def patch(self, model, strength, start_percent, end_percent):
         return (cfg.with_post_cfg(model, cfg.cfg_norm(strength, self.window(model, start_percent, end_percent))),)
@@ -126,23 +117,20 @@ class AdaptiveProjectedGuidance(_GuidanceNode):
         "The momentum restarts with every run."
     )
     WHAT = "APG"
-
-    @classmethod
-    def OPTIONS(cls):
-        return {
-            "eta": float_input(1.0, -10.0, 10.0, 0.01, (
-                "Weight of the guidance component parallel to the positive prediction. 1 keeps it (with no cap and "
-                "no momentum: plain CFG in paper mode); 0 removes it (the paper's choice); values above 1 saturate.")),
-            "norm_threshold": float_input(5.0, 0.0, 50.0, 0.1, (
-                "Cap on the L2 norm of the guidance vector. 0 disables the cap; lower values rein in strong guidance "
-                "more (the paper tunes it per model, e.g. 5-20).")),
-            "momentum": float_input(0.0, -5.0, 1.0, 0.01, (
-                "Running average of past guidance. 0 disables it; negative values (the paper uses -0.5) push away "
-                "from directions already taken.")),
-            "mode": combo_input(MODES, "paper", (
-                "paper: cond + (cfg - 1) * update (paper, diffusers). comfyui: cond + cfg * update (ComfyUI's APG, "
-                "one CFG step stronger).")),
-        }
+    OPTIONS = {
+        "eta": float_input(1.0, -10.0, 10.0, 0.01, (
+            "Weight of the guidance component parallel to the positive prediction. 1 keeps it (with no cap and "
+            "no momentum: plain CFG in paper mode); 0 removes it (the paper's choice); values above 1 saturate.")),
+        "norm_threshold": float_input(5.0, 0.0, 50.0, 0.1, (
+            "Cap on the L2 norm of the guidance vector. 0 disables the cap; lower values rein in strong guidance "
+            "more (the paper tunes it per model, e.g. 5-20).")),
+        "momentum": float_input(0.0, -5.0, 1.0, 0.01, (
+            "Running average of past guidance. 0 disables it; negative values (the paper uses -0.5) push away "
+            "from directions already taken.")),
+        "mode": combo_input(MODES, "paper", (
+            "paper: cond + (cfg - 1) * update (paper, diffusers). comfyui: cond + cfg * update (ComfyUI's APG, "
+            "one CFG step stronger).")),
+    }
 
     def patch(self, model, eta, norm_threshold, momentum, mode, start_percent, end_percent):
         if mode not in MODES:
@@ -194,16 +182,13 @@ class CFGZeroStar(_GuidanceNode):
         "x(1-alpha)(1-cfg)."
     )
     WHAT = "CFG-Zero*"
-
-    @classmethod
-    def OPTIONS(cls):
-        return {
-            "mode": combo_input(MODES, "paper",
-                                "paper: the paper's rule on scores (x - denoised). comfyui: ComfyUI's CFGZeroStar."),
-            "zero_init_steps": int_input(0, 0, 1000, (
-                "Number of first steps of the run that output zero velocity (the sample does not move). 0 disables "
-                "zero-init; the paper zeroes about the first 4% of steps (1 of 25).")),
-        }
+    OPTIONS = {
+        "mode": combo_input(MODES, "paper",
+                            "paper: the paper's rule on scores (x - denoised). comfyui: ComfyUI's CFGZeroStar."),
+        "zero_init_steps": int_input(0, 0, 1000, (
+            "Number of first steps of the run that output zero velocity (the sample does not move). 0 disables "
+            "zero-init; the paper zeroes about the first 4% of steps (1 of 25).")),
+    }
 
     def patch(self, model, mode, zero_init_steps, start_percent, end_percent):
         if mode not in MODES:
@@ -222,18 +207,15 @@ class FreSca(_GuidanceNode):
         "narrows time)."
     )
     WHAT = "frequency scaling"
-
-    @classmethod
-    def OPTIONS(cls):
-        return {
-            "scale_low": float_input(1.0, 0.0, 10.0, 0.01, (
-                "Factor for low frequencies (structure). 1 leaves them; with scale_high 1 the node does nothing.")),
-            "scale_high": float_input(1.25, 0.0, 10.0, 0.01, (
-                "Factor for high frequencies (detail). Above 1 enhances detail (1.1-1.5 typical); 1 leaves them.")),
-            "freq_cutoff": int_input(20, 1, 10000, (
-                "Half-size, in frequency indices around the centre, of the band counted as low frequency. Larger "
-                "values treat more of the spectrum as structure."), step=1),
-        }
+    OPTIONS = {
+        "scale_low": float_input(1.0, 0.0, 10.0, 0.01, (
+            "Factor for low frequencies (structure). 1 leaves them; with scale_high 1 the node does nothing.")),
+        "scale_high": float_input(1.25, 0.0, 10.0, 0.01, (
+            "Factor for high frequencies (detail). Above 1 enhances detail (1.1-1.5 typical); 1 leaves them.")),
+        "freq_cutoff": int_input(20, 1, 10000, (
+            "Half-size, in frequency indices around the centre, of the band counted as low frequency. Larger "
+            "values treat more of the spectrum as structure."), step=1),
+    }
 
     def patch(self, model, scale_low, scale_high, freq_cutoff, start_percent, end_percent):
         fn = cfg.fresca(scale_low, scale_high, freq_cutoff, self.window(model, start_percent, end_percent))

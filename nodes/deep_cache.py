@@ -18,23 +18,20 @@ class DeepCache(WindowPatchNode):
     )
     CATEGORY = category("speed")
     WHAT = "caching"
+    OPTIONS = {
+        "interval": int_input(3, 1, 20, (
+            "One full evaluation every this many steps; the others reuse the deep features. 1 disables it (every "
+            "step in full). 3 is the reference code's recommended value (about 2x faster at 20 steps); 5 is "
+            "faster with softer details."), step=1),
+        "depth": int_input(0, 0, 11, (
+            "The skip branch the cache sits at (the paper's cache_branch_id): how many input blocks after the "
+            "first convolution still run on a cached step. 0 (the reference default) is the fastest; higher "
+            "keeps more detail and saves less. SD1.x/SD2.x allow 0-11, SDXL 0-8."), step=1),
+    }
 
     @classmethod
     def INPUT_TYPES(cls):
         return {**super().INPUT_TYPES(), "hidden": HIDDEN_NODE_ID}
-
-    @classmethod
-    def OPTIONS(cls):
-        return {
-            "interval": int_input(3, 1, 20, (
-                "One full evaluation every this many steps; the others reuse the deep features. 1 disables it (every "
-                "step in full). 3 is the reference code's recommended value (about 2x faster at 20 steps); 5 is "
-                "faster with softer details."), step=1),
-            "depth": int_input(0, 0, 11, (
-                "The skip branch the cache sits at (the paper's cache_branch_id): how many input blocks after the "
-                "first convolution still run on a cached step. 0 (the reference default) is the fastest; higher "
-                "keeps more detail and saves less. SD1.x/SD2.x allow 0-11, SDXL 0-8."), step=1),
-        }
 
     @classmethod
     def VALIDATE_INPUTS(cls, interval=None, depth=None, start_percent=None, end_percent=None):

@@ -24,6 +24,18 @@ class NormalizedAttentionGuidance(WindowPatchNode):
     )
 
     WHAT = "NAG"
+    OPTIONS = {
+        "scale": float_input(5.0, 1.0, 50.0, 0.1, (
+            "How far to push away from the negative prompt. 1 disables it. The paper's demos: Flux schnell/dev 5, "
+            "SD3.5 Turbo 5, SDXL DMD2 3, Wan 2.1 9 (at CFG 5) to 11 (CausVid, CFG 1); SD1.5 3, Qwen-Image, "
+            "Z-Image and HunyuanVideo 5 (starting points of ours).")),
+        "tau": float_input(2.5, 1.0, 10.0, 0.05, (
+            "Cap on each token's L1 norm relative to the positive attention output: higher lets the guidance go "
+            "further. The reference code uses 2.5 for every family.")),
+        "alpha": float_input(0.25, 0.0, 1.0, 0.01, (
+            "Blend of the guided features into the positive ones. 0 disables it; the reference code uses 0.25 "
+            "(Flux, Wan), up to 0.5 for UNets.")),
+    }
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -32,21 +44,6 @@ class NormalizedAttentionGuidance(WindowPatchNode):
                        "entry). Connect one for samplers without a negative (BasicGuider) or to use a different "
                        "negative for NAG than for CFG.",
         })}}
-
-    @classmethod
-    def OPTIONS(cls):
-        return {
-            "scale": float_input(5.0, 1.0, 50.0, 0.1, (
-                "How far to push away from the negative prompt. 1 disables it. The paper's demos: Flux schnell/dev 5, "
-                "SD3.5 Turbo 5, SDXL DMD2 3, Wan 2.1 9 (at CFG 5) to 11 (CausVid, CFG 1); SD1.5 3, Qwen-Image, "
-                "Z-Image and HunyuanVideo 5 (starting points of ours).")),
-            "tau": float_input(2.5, 1.0, 10.0, 0.05, (
-                "Cap on each token's L1 norm relative to the positive attention output: higher lets the guidance go "
-                "further. The reference code uses 2.5 for every family.")),
-            "alpha": float_input(0.25, 0.0, 1.0, 0.01, (
-                "Blend of the guided features into the positive ones. 0 disables it; the reference code uses 0.25 "
-                "(Flux, Wan), up to 0.5 for UNets.")),
-        }
 
     def patch(self, model, scale, tau, alpha, start_percent, end_percent, negative=None):
         if negative is not None and (not negative or negative[0][0] is None):

@@ -22,31 +22,28 @@ class StepCache(WindowPatchNode):
     WHAT = "reuse"
     # The first steps set the composition and change the most: like core EasyCache/LazyCache, start at 15 %.
     START = 0.15
+    OPTIONS = {
+        "indicator": combo_input(sc.INDICATORS, "input", (
+            "What decides a reuse. input: relative change of the model input since the last full evaluation "
+            "(free, every model). first block: the network runs its first block and the change of that block's "
+            "residual decides (costs one block per step, follows the model more closely; UNets, Flux, Flux.2, "
+            "Chroma, SD3/SD3.5, Qwen-Image, Wan 2.1/2.2, HunyuanVideo, AuraFlow; not Z-Image/Lumina 2).")),
+        "threshold": float_input(0.3, 0.0, 10.0, 0.005, (
+            "Largest accumulated relative change that still reuses. 0 disables it (never reuses). input: 0.1-0.6; "
+            "first block: 0.05-0.2. Higher skips more steps and strays further; the help page has the measured "
+            "trade-off.")),
+        "max_consecutive": int_input(3, 1, 100, (
+            "At most this many reused steps in a row before a full evaluation. 1-3 keeps quality; higher only "
+            "matters at high thresholds.")),
+        "reuse": combo_input(sc.REUSE_MODES, "forecast", (
+            "forecast: extrapolate the model's prediction linearly in sigma from the last two full evaluations "
+            "(half the first-order step; closer to the uncached result at the same speed); plain: reuse the last "
+            "prediction as it is.")),
+    }
 
     @classmethod
     def INPUT_TYPES(cls):
         return {**super().INPUT_TYPES(), "hidden": HIDDEN_NODE_ID}
-
-    @classmethod
-    def OPTIONS(cls):
-        return {
-            "indicator": combo_input(sc.INDICATORS, "input", (
-                "What decides a reuse. input: relative change of the model input since the last full evaluation "
-                "(free, every model). first block: the network runs its first block and the change of that block's "
-                "residual decides (costs one block per step, follows the model more closely; UNets, Flux, Flux.2, "
-                "Chroma, SD3/SD3.5, Qwen-Image, Wan 2.1/2.2, HunyuanVideo, AuraFlow; not Z-Image/Lumina 2).")),
-            "threshold": float_input(0.3, 0.0, 10.0, 0.005, (
-                "Largest accumulated relative change that still reuses. 0 disables it (never reuses). input: 0.1-0.6; "
-                "first block: 0.05-0.2. Higher skips more steps and strays further; the help page has the measured "
-                "trade-off.")),
-            "max_consecutive": int_input(3, 1, 100, (
-                "At most this many reused steps in a row before a full evaluation. 1-3 keeps quality; higher only "
-                "matters at high thresholds.")),
-            "reuse": combo_input(sc.REUSE_MODES, "forecast", (
-                "forecast: extrapolate the model's prediction linearly in sigma from the last two full evaluations "
-                "(half the first-order step; closer to the uncached result at the same speed); plain: reuse the last "
-                "prediction as it is.")),
-        }
 
     @classmethod
     def VALIDATE_INPUTS(cls, threshold=None, max_consecutive=None, start_percent=None, end_percent=None):

@@ -53,30 +53,27 @@ class TokenMerging(_SpeedNode):
         "noise is never disturbed), and keeps cond and uncond merged alike. UNet models (SD1.x, SD2.x, SDXL)."
     )
     WHAT = "token merging"
-
-    @classmethod
-    def OPTIONS(cls):
-        return {
-            "ratio": float_input(0.3, 0.0, 0.9, 0.01, (
-                "Share of the tokens merged away in each touched layer. 0 disables it; 0.3-0.5 keeps quality well "
-                "(see the help page for measured speed-ups); above 0.6 details blur.")),
-            "max_downsample": max_downsample_input(1),
-            "stride_x": int_input(2, 1, 8, (
-                "Width of the cells that each keep one destination token. 2 (with stride_y 2) keeps one in four "
-                "tokens as a destination; larger strides allow more merging.")),
-            "stride_y": int_input(2, 1, 8, "Height of the cells that each keep one destination token."),
-            "destinations": combo_input(["random", "deterministic"], "random", (
-                "random: a seeded random token of each cell is the destination (varies per layer and step, better "
-                "quality); deterministic: the top-left token (ComfyUI's with no randomness).")),
-            "seed": int_input(0, 0, 2**31 - 1,
-                              "Seed of the random destinations. Independent of the sampler's seed and noise."),
-            "metric": combo_input(["input", "query"], "input", (
-                "What similarity is measured on: input, the normalised block input (ComfyUI's choice); query, the "
-                "attention's query projection (one extra projection per layer).")),
-            "merge": combo_input(["queries, keys and values", "queries only"], "queries, keys and values", (
-                "queries, keys and values: attention runs on the merged tokens only (tomesd, fastest). queries only: "
-                "merged queries attend to all tokens (ComfyUI's TomePatchModel).")),
-        }
+    OPTIONS = {
+        "ratio": float_input(0.3, 0.0, 0.9, 0.01, (
+            "Share of the tokens merged away in each touched layer. 0 disables it; 0.3-0.5 keeps quality well "
+            "(see the help page for measured speed-ups); above 0.6 details blur.")),
+        "max_downsample": max_downsample_input(1),
+        "stride_x": int_input(2, 1, 8, (
+            "Width of the cells that each keep one destination token. 2 (with stride_y 2) keeps one in four "
+            "tokens as a destination; larger strides allow more merging.")),
+        "stride_y": int_input(2, 1, 8, "Height of the cells that each keep one destination token."),
+        "destinations": combo_input(["random", "deterministic"], "random", (
+            "random: a seeded random token of each cell is the destination (varies per layer and step, better "
+            "quality); deterministic: the top-left token (ComfyUI's with no randomness).")),
+        "seed": int_input(0, 0, 2**31 - 1,
+                          "Seed of the random destinations. Independent of the sampler's seed and noise."),
+        "metric": combo_input(["input", "query"], "input", (
+            "What similarity is measured on: input, the normalised block input (ComfyUI's choice); query, the "
+            "attention's query projection (one extra projection per layer).")),
+        "merge": combo_input(["queries, keys and values", "queries only"], "queries, keys and values", (
+            "queries, keys and values: attention runs on the merged tokens only (tomesd, fastest). queries only: "
+            "merged queries attend to all tokens (ComfyUI's TomePatchModel).")),
+    }
 
     def patch(self, model, ratio, max_downsample, stride_x, stride_y, destinations, seed, metric, merge,
               start_percent, end_percent):
@@ -96,18 +93,15 @@ class TokenDownsampling(_SpeedNode):
         "large images. Handles any latent size and aspect ratio. UNet models (SD1.x, SD2.x, SDXL)."
     )
     WHAT = "token downsampling"
-
-    @classmethod
-    def OPTIONS(cls):
-        return {
-            "downsample_factor": float_input(2.0, 1.0, 8.0, 0.25, (
-                "How much coarser the key/value grid is. 1 disables it; 2 is the paper's default (4x fewer keys); 3-4 "
-                "for very large images.")),
-            "max_downsample": max_downsample_input(1),
-            "method": combo_input(DOWNSAMPLE_METHODS, "nearest-exact", (
-                "How keys/values are downsampled: nearest-exact (the paper's, fastest), area (average), bilinear, "
-                "max.")),
-        }
+    OPTIONS = {
+        "downsample_factor": float_input(2.0, 1.0, 8.0, 0.25, (
+            "How much coarser the key/value grid is. 1 disables it; 2 is the paper's default (4x fewer keys); 3-4 "
+            "for very large images.")),
+        "max_downsample": max_downsample_input(1),
+        "method": combo_input(DOWNSAMPLE_METHODS, "nearest-exact", (
+            "How keys/values are downsampled: nearest-exact (the paper's, fastest), area (average), bilinear, "
+            "max.")),
+    }
 
     def patch(self, model, downsample_factor, max_downsample, method, start_percent, end_percent):
         check_power_of_two(self.NODE_ID, max_downsample)
