@@ -117,18 +117,26 @@ def first_error(*results: Union[bool, str, None]) -> Union[bool, str]:
 class WindowPatchNode(ModelPatchNode):
     """A ModelPatchNode that acts in a part of the schedule.
 
-    Its inputs: the model, the node's own ``OPTIONS`` (name -> input spec), then ``start_percent`` / ``end_percent``
-    (the part of the schedule where ``WHAT`` acts; ``START`` is start_percent's default). The window's ranges and
-    order are checked before a run; a node with more multi-input checks writes its own VALIDATE_INPUTS.
+    Its required inputs: the model, the node's own ``OPTIONS`` (name -> input spec), then ``start_percent`` /
+    ``end_percent`` (the part of the schedule where ``WHAT`` acts; ``START`` is start_percent's default); then any
+    ``OPTIONAL_INPUTS`` and ``HIDDEN_INPUTS``. The window's ranges and order are checked before a run; a node with
+    more multi-input checks writes its own VALIDATE_INPUTS.
     """
 
     WHAT = "the patch"
     START = 0.0
     OPTIONS: Dict[str, InputSpec] = {}
+    OPTIONAL_INPUTS: Dict[str, InputSpec] = {}
+    HIDDEN_INPUTS: Dict[str, str] = {}  # HIDDEN_NODE_ID for a node that shows what it did on the canvas
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": MODEL_INPUT, **cls.OPTIONS, **percent_inputs(cls.WHAT, start=cls.START)}}
+        types = {"required": {"model": MODEL_INPUT, **cls.OPTIONS, **percent_inputs(cls.WHAT, start=cls.START)}}
+        if cls.OPTIONAL_INPUTS:
+            types["optional"] = dict(cls.OPTIONAL_INPUTS)
+        if cls.HIDDEN_INPUTS:
+            types["hidden"] = dict(cls.HIDDEN_INPUTS)
+        return types
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None):

@@ -60,17 +60,12 @@ class RenormCFG(_GuidanceNode):
             "Cap on ||guided|| as a multiple of ||positive||. 0 disables the cap; below 1 washes the image out "
             "quickly; larger values renormalise less often.")),
     }
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        types = super().INPUT_TYPES()
-        types["optional"] = {"truncate": combo_input(cls.TRUNCATE_MODES, "comfyui", (
-            "Which end of the schedule cfg_trunc truncates. comfyui: the early, high-noise steps, where sigma >= "
-            "cfg_trunc (ComfyUI's RenormCFG; cfg_trunc is a sigma). paper: the late, low-noise steps after cfg_trunc "
-            "percent of the schedule (Lumina-Image 2.0's CFG-Trunc; cfg_trunc is a percent, 100 never truncates). "
-            "Either way truncated steps skip the negative pass."))}
-        types["hidden"] = HIDDEN_NODE_ID
-        return types
+    OPTIONAL_INPUTS = {"truncate": combo_input(TRUNCATE_MODES, "comfyui", (
+        "Which end of the schedule cfg_trunc truncates. comfyui: the early, high-noise steps, where sigma >= cfg_trunc "
+        "(ComfyUI's RenormCFG; cfg_trunc is a sigma). paper: the late, low-noise steps after cfg_trunc percent of the "
+        "schedule (Lumina-Image 2.0's CFG-Trunc; cfg_trunc is a percent, 100 never truncates). Either way truncated "
+        "steps skip the negative pass."))}
+    HIDDEN_INPUTS = HIDDEN_NODE_ID
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None, truncate=None):

@@ -28,10 +28,7 @@ class DeepCache(WindowPatchNode):
             "first convolution still run on a cached step. 0 (the reference default) is the fastest; higher "
             "keeps more detail and saves less. SD1.x/SD2.x allow 0-11, SDXL 0-8."), step=1),
     }
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {**super().INPUT_TYPES(), "hidden": HIDDEN_NODE_ID}
+    HIDDEN_INPUTS = HIDDEN_NODE_ID
 
     @classmethod
     def VALIDATE_INPUTS(cls, interval=None, depth=None, start_percent=None, end_percent=None):

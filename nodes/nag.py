@@ -36,14 +36,11 @@ class NormalizedAttentionGuidance(WindowPatchNode):
             "Blend of the guided features into the positive ones. 0 disables it; the reference code uses 0.25 "
             "(Flux, Wan), up to 0.5 for UNets.")),
     }
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {**super().INPUT_TYPES(), "optional": {"negative": ("CONDITIONING", {
-            "tooltip": "The prompt to guide away from. Unconnected: the sampler's negative conditioning (its first "
-                       "entry). Connect one for samplers without a negative (BasicGuider) or to use a different "
-                       "negative for NAG than for CFG.",
-        })}}
+    OPTIONAL_INPUTS = {"negative": ("CONDITIONING", {
+        "tooltip": "The prompt to guide away from. Unconnected: the sampler's negative conditioning (its first entry). "
+                   "Connect one for samplers without a negative (BasicGuider) or to use a different negative for NAG "
+                   "than for CFG.",
+    })}
 
     def patch(self, model, scale, tau, alpha, start_percent, end_percent, negative=None):
         if negative is not None and (not negative or negative[0][0] is None):

@@ -40,10 +40,7 @@ class StepCache(WindowPatchNode):
             "(half the first-order step; closer to the uncached result at the same speed); plain: reuse the last "
             "prediction as it is.")),
     }
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {**super().INPUT_TYPES(), "hidden": HIDDEN_NODE_ID}
+    HIDDEN_INPUTS = HIDDEN_NODE_ID
 
     @classmethod
     def VALIDATE_INPUTS(cls, threshold=None, max_consecutive=None, start_percent=None, end_percent=None):
