@@ -1,4 +1,4 @@
-"""Pieces every PatchLab node shares: the category root, common inputs, validation."""
+"""Pieces every PatchLab node shares: the category root, the model-patch bases, input specs, validation."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ MODEL_OUTPUT_TOOLTIP = "A patched clone of the input model."
 HIDDEN_NODE_ID = {"unique_id": "UNIQUE_ID"}
 
 
+def category(sub: str) -> str:
+    return f"{ROOT_CATEGORY}/{sub}"
+
+
 class ModelPatchNode:
     """Base of every node whose one output is a patched clone of its MODEL input.
 
@@ -29,7 +33,7 @@ class ModelPatchNode:
     FUNCTION = "patch"
 
 
-# --- input specs: one call an input, the (type, options) pair ComfyUI reads -------------------------
+# --- input specs: one call per input, the (type, options) pair ComfyUI reads ---------------------------
 
 InputSpec = Tuple[Any, Dict[str, Any]]
 
@@ -69,6 +73,8 @@ def percent_inputs(what: str, start: float = 0.0) -> Dict[str, Any]:
     }
 
 
+# --- checks a VALIDATE_INPUTS calls: True, or the message ComfyUI shows ------------------------------
+
 def check_percents(start_percent: Any = None, end_percent: Any = None) -> Union[bool, str]:
     if start_percent is not None and end_percent is not None and start_percent > end_percent:
         return f"start_percent ({start_percent}) is after end_percent ({end_percent}); swap them"
@@ -80,10 +86,6 @@ def check_window(node_cls: type, start_percent: Any = None, end_percent: Any = N
     """The checks of a node with a schedule window: ranges of the percents (and of ``ranged``), their order."""
     return first_error(check_ranges(node_cls, start_percent=start_percent, end_percent=end_percent, **ranged),
                        check_percents(start_percent, end_percent))
-
-
-def category(sub: str) -> str:
-    return f"{ROOT_CATEGORY}/{sub}"
 
 
 def check_ranges(node_cls: type, **values: Any) -> Union[bool, str]:
@@ -113,6 +115,8 @@ def first_error(*results: Union[bool, str, None]) -> Union[bool, str]:
             return result
     return True
 
+
+# --- a model patch acting in a part of the schedule --------------------------------------------------
 
 class WindowPatchNode(ModelPatchNode):
     """A ModelPatchNode that acts in a part of the schedule.
