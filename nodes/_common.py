@@ -1,10 +1,12 @@
-"""Pieces every PatchLab node shares: the category root, common inputs, validation."""
+"""Pieces every PatchLab node shares: the category root, the model-patch bases, input specs, validation."""
 
 from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+
+from ..patches.window import SigmaWindow
 
 ROOT_CATEGORY = "PatchLab"
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
@@ -13,6 +15,10 @@ MODEL_INPUT = ("MODEL", {"tooltip": "The model to patch. It is cloned; the input
 MODEL_OUTPUT_TOOLTIP = "A patched clone of the input model."
 # The hidden input that tells a node its id in the graph: where it shows, after a run, what it saved.
 HIDDEN_NODE_ID = {"unique_id": "UNIQUE_ID"}
+
+
+def category(sub: str) -> str:
+    return f"{ROOT_CATEGORY}/{sub}"
 
 
 class ModelPatchNode:
@@ -27,9 +33,33 @@ class ModelPatchNode:
     FUNCTION = "patch"
 
 
-def percent_input(default: float, tooltip: str) -> Tuple[str, Dict[str, Any]]:
+# --- input specs: one call per input, the (type, options) pair ComfyUI reads ---------------------------
+
+InputSpec = Tuple[Any, Dict[str, Any]]
+
+
+def float_input(default: float, low: float, high: float, step: float, tooltip: str, **extra: Any) -> InputSpec:
+    """A FLOAT widget: default, min, max, step, any ``extra`` options (e.g. ``round=False``), the tooltip."""
+    return ("FLOAT", {"default": default, "min": low, "max": high, "step": step, **extra, "tooltip": tooltip})
+
+
+def int_input(default: int, low: int, high: int, tooltip: str, step: Optional[int] = None) -> InputSpec:
+    """An INT widget: default, min, max, the step only where a node sets one (ComfyUI's default is 1), the tooltip."""
+    options: Dict[str, Any] = {"default": default, "min": low, "max": high}
+    if step is not None:
+        options["step"] = step
+    options["tooltip"] = tooltip
+    return ("INT", options)
+
+
+def combo_input(choices: Iterable[str], default: str, tooltip: str) -> InputSpec:
+    """A drop-down of ``choices`` (a list, as ComfyUI expects) with its default and tooltip."""
+    return (list(choices), {"default": default, "tooltip": tooltip})
+
+
+def percent_input(default: float, tooltip: str) -> InputSpec:
     """A FLOAT input for a point of the schedule: 0 is the first step, 1 the last."""
-    return ("FLOAT", {"default": default, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": tooltip})
+    return float_input(default, 0.0, 1.0, 0.001, tooltip)
 
 
 def percent_inputs(what: str, start: float = 0.0) -> Dict[str, Any]:
@@ -43,6 +73,8 @@ def percent_inputs(what: str, start: float = 0.0) -> Dict[str, Any]:
     }
 
 
+# --- checks a VALIDATE_INPUTS calls: True, or the message ComfyUI shows ------------------------------
+
 def check_percents(start_percent: Any = None, end_percent: Any = None) -> Union[bool, str]:
     if start_percent is not None and end_percent is not None and start_percent > end_percent:
         return f"start_percent ({start_percent}) is after end_percent ({end_percent}); swap them"
@@ -54,10 +86,6 @@ def check_window(node_cls: type, start_percent: Any = None, end_percent: Any = N
     """The checks of a node with a schedule window: ranges of the percents (and of ``ranged``), their order."""
     return first_error(check_ranges(node_cls, start_percent=start_percent, end_percent=end_percent, **ranged),
                        check_percents(start_percent, end_percent))
-
-
-def category(sub: str) -> str:
-    return f"{ROOT_CATEGORY}/{sub}"
 
 
 def check_ranges(node_cls: type, **values: Any) -> Union[bool, str]:
@@ -86,6 +114,42 @@ def first_error(*results: Union[bool, str, None]) -> Union[bool, str]:
         if result is not True and result is not None:
             return result
     return True
+
+
+# --- a model patch acting in a part of the schedule --------------------------------------------------
+
+class WindowPatchNode(ModelPatchNode):
+    """A ModelPatchNode that acts in a part of the schedule.
+
+    Its required inputs: the model, the node's own ``OPTIONS`` (name -> input spec), then ``start_percent`` /
+    ``end_percent`` (the part of the schedule where ``WHAT`` acts; ``START`` is start_percent's default); then any
+    ``OPTIONAL_INPUTS`` and ``HIDDEN_INPUTS``. The window's ranges and order are checked before a run; a node with
+    more multi-input checks writes its own VALIDATE_INPUTS.
+    """
+
+    WHAT = "the patch"
+    START = 0.0
+    OPTIONS: Dict[str, InputSpec] = {}
+    OPTIONAL_INPUTS: Dict[str, InputSpec] = {}
+    HIDDEN_INPUTS: Dict[str, str] = {}  # HIDDEN_NODE_ID for a node that shows what it did on the canvas
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        types = {"required": {"model": MODEL_INPUT, **cls.OPTIONS, **percent_inputs(cls.WHAT, start=cls.START)}}
+        if cls.OPTIONAL_INPUTS:
+            types["optional"] = dict(cls.OPTIONAL_INPUTS)
+        if cls.HIDDEN_INPUTS:
+            types["hidden"] = dict(cls.HIDDEN_INPUTS)
+        return types
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None):
+        return check_window(cls, start_percent, end_percent)
+
+    @staticmethod
+    def window(model, start_percent: float, end_percent: float) -> SigmaWindow:
+        """The percents as a sigma interval on the model's own schedule."""
+        return SigmaWindow.from_percents(model, start_percent, end_percent)
 
 
 # --- the central input guard ---------------------------------------------------

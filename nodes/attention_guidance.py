@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from ..kernels.attention import INFINITE_BLUR
 from ..patches import attention_guidance as ag
-from ..patches.window import SigmaWindow
 from ._common import (
     MODEL_INPUT,
-    ModelPatchNode,
+    WindowPatchNode,
     category,
     check_window,
     first_error,
+    float_input,
+    int_input,
     percent_input,
-    percent_inputs,
 )
 
 BLOCK_SYNTAX = ("Comma-separated UNet blocks: stage[.block[.transformer]] with stage input, middle or output, e.g. "
@@ -27,8 +27,7 @@ DIT_BLOCKS = ("Comma-separated blocks. UNets: stage[.block[.transformer]] with s
 
 def scale_input(source: str, default: float = 3.0, low: float = 0.0, high: float = 100.0, step: float = 0.01):
     """The guidance strength input; ``source`` ends its tooltip with the values the paper (or we) used."""
-    return ("FLOAT", {"default": default, "min": low, "max": high, "step": step,
-                      "tooltip": f"Strength of the guidance. 0 disables it; {source}"})
+    return float_input(default, low, high, step, f"Strength of the guidance. 0 disables it; {source}")
 
 
 def blocks_input(what: str, note: str):
@@ -36,7 +35,7 @@ def blocks_input(what: str, note: str):
     return ("STRING", {"default": "auto", "tooltip": f"{what} {DIT_BLOCKS} {note}"})
 
 
-class _AttentionGuidanceNode(ModelPatchNode):
+class _AttentionGuidanceNode(WindowPatchNode):
     """What the attention-guidance nodes share: the blocks input, its check, and the patch call."""
 
     CATEGORY = category("guidance")
@@ -59,7 +58,7 @@ class _AttentionGuidanceNode(ModelPatchNode):
     def _patch(self, model, text, start_percent, end_percent, **spec):
         blocks = ag.resolve_blocks(model, text, self.NODE_ID, dit=self.DIT, unet_auto=self.UNET_AUTO,
                                    dit_auto=self.DIT_AUTO)
-        window = SigmaWindow.from_percents(model, start_percent, end_percent)
+        window = self.window(model, start_percent, end_percent)
         return (ag.with_guidance(model, ag.GuidanceSpec(blocks=blocks, window=window, **spec)),)
 
 
@@ -73,31 +72,23 @@ class SelfAttentionGuidance(_AttentionGuidanceNode):
         "call and chunk (batches and split cond/uncond work), stores only a per-token mask, evaluates its extra "
         "pass as negative, and composes with PAG/SEG. UNet models (SD1.x, SD2.x, SDXL). Lower the CFG a little."
     )
+    WHAT = "SAG"
     BLOCK_INPUT = "block"
     DIT = False
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": MODEL_INPUT,
-            "scale": scale_input("the paper uses 0.1-1 (0.5-0.75 common).", default=0.5, low=-2.0, high=5.0),
-            "blur_sigma": ("FLOAT", {
-                "default": 2.0, "min": 0.0, "max": 10.0, "step": 0.1,
-                "tooltip": "Std of the Gaussian blur of the attended regions (9-tap kernel, as SAG). 0 means no "
-                           "blur (and no effect).",
-            }),
-            "threshold": ("FLOAT", {
-                "default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
-                "tooltip": "A region is blurred when the attention it receives exceeds this; 1 is the average "
-                           "(ComfyUI's fixed value). Lower blurs more of the image.",
-            }),
-            "block": ("STRING", {
-                "default": "middle.0.0",
-                "tooltip": "Where to read the self-attention (as ComfyUI: the middle block's first transformer). "
-                           + BLOCK_SYNTAX + " Several transformers: their attention is averaged.",
-            }),
-            **percent_inputs("SAG"),
-        }}
+    OPTIONS = {
+        "scale": scale_input("the paper uses 0.1-1 (0.5-0.75 common).", default=0.5, low=-2.0, high=5.0),
+        "blur_sigma": float_input(2.0, 0.0, 10.0, 0.1, (
+            "Std of the Gaussian blur of the attended regions (9-tap kernel, as SAG). 0 means no blur (and no "
+            "effect).")),
+        "threshold": float_input(1.0, 0.0, 10.0, 0.01, (
+            "A region is blurred when the attention it receives exceeds this; 1 is the average (ComfyUI's fixed "
+            "value). Lower blurs more of the image.")),
+        "block": ("STRING", {
+            "default": "middle.0.0",
+            "tooltip": "Where to read the self-attention (as ComfyUI: the middle block's first transformer). "
+                       + BLOCK_SYNTAX + " Several transformers: their attention is averaged.",
+        }),
+    }
 
     def patch(self, model, scale, blur_sigma, threshold, block, start_percent, end_percent):
         return self._patch(model, block, start_percent, end_percent, kind="sag", scale=scale,
@@ -117,20 +108,14 @@ class PerturbedAttentionGuidance(_AttentionGuidanceNode):
         "becomes the identity, cross-attention to the text stays). Works at CFG 1 (guidance-distilled Flux). "
         "Rule of thumb on UNets: PAG scale + CFG = your usual CFG."
     )
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": MODEL_INPUT,
-            "scale": scale_input("the paper uses 2-5 (3 typical)."),
-            "blocks": blocks_input("Attention to perturb.", "The paper perturbs the UNet middle block."),
-            "rescale": ("FLOAT", {
-                "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                "tooltip": "Pull the guided result's std back toward the positive prediction's (as CFG rescale), "
-                           "against over-saturation at high scales. 0 disables it; 0.5-0.7 typical.",
-            }),
-            **percent_inputs("PAG"),
-        }}
+    WHAT = "PAG"
+    OPTIONS = {
+        "scale": scale_input("the paper uses 2-5 (3 typical)."),
+        "blocks": blocks_input("Attention to perturb.", "The paper perturbs the UNet middle block."),
+        "rescale": float_input(0.0, 0.0, 1.0, 0.01, (
+            "Pull the guided result's std back toward the positive prediction's (as CFG rescale), against "
+            "over-saturation at high scales. 0 disables it; 0.5-0.7 typical.")),
+    }
 
     def patch(self, model, scale, blocks, rescale, start_percent, end_percent):
         return self._patch(model, blocks, start_percent, end_percent, kind="pag", scale=scale, rescale=rescale)
@@ -148,20 +133,14 @@ class SmoothedEnergyGuidance(_AttentionGuidanceNode):
         "Flux.2, Chroma, SD3/SD3.5, Qwen-Image, Z-Image, Lumina 2: the image-token queries are blurred on the "
         "image's patch grid, text tokens untouched; Wan 2.1/2.2, HunyuanVideo: frame by frame)."
     )
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": MODEL_INPUT,
-            "scale": scale_input("the paper uses 3."),
-            "blur_sigma": ("FLOAT", {
-                "default": 10.0, "min": 0.0, "max": INFINITE_BLUR, "step": 0.01,
-                "tooltip": f"Std (in tokens) of the query blur. 0 means no blur (no effect); the paper uses 10 for "
-                           f"SDXL; {INFINITE_BLUR:g} is infinite blur (every query the mean query).",
-            }),
-            "blocks": blocks_input("Attention to smooth.", "The paper smooths the UNet middle block."),
-            **percent_inputs("SEG"),
-        }}
+    WHAT = "SEG"
+    OPTIONS = {
+        "scale": scale_input("the paper uses 3."),
+        "blur_sigma": float_input(10.0, 0.0, INFINITE_BLUR, 0.01, (
+            f"Std (in tokens) of the query blur. 0 means no blur (no effect); the paper uses 10 for SDXL; "
+            f"{INFINITE_BLUR:g} is infinite blur (every query the mean query).")),
+        "blocks": blocks_input("Attention to smooth.", "The paper smooths the UNet middle block."),
+    }
 
     def patch(self, model, scale, blur_sigma, blocks, start_percent, end_percent):
         return self._patch(model, blocks, start_percent, end_percent, kind="seg", scale=scale,
@@ -192,11 +171,9 @@ class SkipLayerGuidance(_AttentionGuidanceNode):
             "end_percent": percent_input(0.15, "Where SLG stops (not below start_percent); 0.15 by default, up to "
                                                "0.2-0.3 for more effect. Outside the window the result is exactly "
                                                "what it would be without it."),
-            "rescaling_scale": ("FLOAT", {
-                "default": 0.0, "min": 0.0, "max": 10.0, "step": 0.01,
-                "tooltip": "Pull the guided result's std toward the positive prediction's, per image (ComfyUI "
-                           "pools the whole batch). 0 disables it; 0-1 blends, as CFG rescale.",
-            }),
+            "rescaling_scale": float_input(0.0, 0.0, 10.0, 0.01, (
+                "Pull the guided result's std toward the positive prediction's, per image (ComfyUI pools the whole "
+                "batch). 0 disables it; 0-1 blends, as CFG rescale.")),
         }}
 
     def patch(self, model, scale, blocks, start_percent, end_percent, rescaling_scale):
@@ -217,25 +194,19 @@ class TokenPerturbationGuidance(_AttentionGuidanceNode):
         "update goes back to its own token where positions are rotary, as Flux, Wan or Z-Image; see the help "
         "page)."
     )
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": MODEL_INPUT,
-            "scale": scale_input("3 is the paper's SDXL value (its range is similar to PAG's, 2-5); on DiTs 1-3 (a "
-                                 "starting point of ours)."),
-            "blocks": blocks_input("Blocks whose input tokens are shuffled.", (
-                "For TPG, 'auto' is not PAG's: on UNets the last two input blocks with transformers (SDXL input.7, "
-                "input.8, the paper's SDXL layers; SD1.5 input.7, input.8); on DiTs the blocks from a third to half "
-                "of the depth, all stacks counted in order (Flux single.0-9, Wan 2.1 double.10-14, SD3.5 Large "
-                "joint.12-18; starting points of ours). Early DiT blocks are too strong.")),
-            "seed": ("INT", {
-                "default": 0, "min": 0, "max": 0xFFFFFFFF,
-                "tooltip": "Seed of the shuffles (each block and step gets its own permutation from it). The same "
-                           "seed gives the same result.",
-            }),
-            **percent_inputs("TPG"),
-        }}
+    WHAT = "TPG"
+    OPTIONS = {
+        "scale": scale_input("3 is the paper's SDXL value (its range is similar to PAG's, 2-5); on DiTs 1-3 (a "
+                             "starting point of ours)."),
+        "blocks": blocks_input("Blocks whose input tokens are shuffled.", (
+            "For TPG, 'auto' is not PAG's: on UNets the last two input blocks with transformers (SDXL input.7, "
+            "input.8, the paper's SDXL layers; SD1.5 input.7, input.8); on DiTs the blocks from a third to half "
+            "of the depth, all stacks counted in order (Flux single.0-9, Wan 2.1 double.10-14, SD3.5 Large "
+            "joint.12-18; starting points of ours). Early DiT blocks are too strong.")),
+        "seed": int_input(0, 0, 0xFFFFFFFF, (
+            "Seed of the shuffles (each block and step gets its own permutation from it). The same seed gives "
+            "the same result.")),
+    }
 
     UNET_AUTO = staticmethod(ag.tpg_auto_keys)
     DIT_AUTO = staticmethod(ag.tpg_auto_blocks)

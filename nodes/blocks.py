@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 from ..patches import blocks
-from ..patches.window import SigmaWindow
-from ._common import (
-    MODEL_INPUT,
-    ModelPatchNode,
-    category,
-    check_window,
-    percent_inputs,
-)
+from ._common import WindowPatchNode, category, float_input
 
 
-class FreeU(ModelPatchNode):
+def freeu_factors(b1: float, b2: float, s1: float, s2: float):
+    """FreeU's four factor inputs with their defaults (FreeU and FreeU V2 differ only in them)."""
+    def factor(default, what, stage):
+        return float_input(default, 0.0, 10.0, 0.01, (
+            f"{what} at the {stage} stage. 1 leaves it unchanged. The paper's SD1.5 values: b1 1.5, b2 1.6, s1 0.9, "
+            "s2 0.2; SDXL: b1 1.3, b2 1.4, s1 0.9, s2 0.2."))
+    return {
+        "b1": factor(b1, "Backbone factor", "deepest (4x width)"),
+        "b2": factor(b2, "Backbone factor", "second deepest (2x width)"),
+        "s1": factor(s1, "Skip low-frequency factor", "deepest (4x width)"),
+        "s2": factor(s2, "Skip low-frequency factor", "second deepest (2x width)"),
+    }
+
+
+class FreeU(WindowPatchNode):
     NODE_ID = "PatchLab_FreeU"
     DISPLAY_NAME = "FreeU (PatchLab)"
     DESCRIPTION = (
@@ -23,32 +30,12 @@ class FreeU(ModelPatchNode):
         "node stops with a clear message instead of ComfyUI's KeyError."
     )
     CATEGORY = category("unet")
+    WHAT = "FreeU"
     VERSION = 1
-    DEFAULTS = {"b1": 1.1, "b2": 1.2, "s1": 0.9, "s2": 0.2}
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        def factor(name, what, stage):
-            return ("FLOAT", {
-                "default": cls.DEFAULTS[name], "min": 0.0, "max": 10.0, "step": 0.01,
-                "tooltip": f"{what} at the {stage} stage. 1 leaves it unchanged. The paper's SD1.5 values: b1 1.5, "
-                           "b2 1.6, s1 0.9, s2 0.2; SDXL: b1 1.3, b2 1.4, s1 0.9, s2 0.2.",
-            })
-        return {"required": {
-            "model": MODEL_INPUT,
-            "b1": factor("b1", "Backbone factor", "deepest (4x width)"),
-            "b2": factor("b2", "Backbone factor", "second deepest (2x width)"),
-            "s1": factor("s1", "Skip low-frequency factor", "deepest (4x width)"),
-            "s2": factor("s2", "Skip low-frequency factor", "second deepest (2x width)"),
-            **percent_inputs("FreeU"),
-        }}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None):
-        return check_window(cls, start_percent, end_percent)
+    OPTIONS = freeu_factors(b1=1.1, b2=1.2, s1=0.9, s2=0.2)
 
     def patch(self, model, b1, b2, s1, s2, start_percent, end_percent):
-        window = SigmaWindow.from_percents(model, start_percent, end_percent)
+        window = self.window(model, start_percent, end_percent)
         return (blocks.with_freeu(model, self.NODE_ID, b1, b2, s1, s2, self.VERSION, window),)
 
 
@@ -61,7 +48,7 @@ class FreeU_V2(FreeU):
         "ComfyUI's division by zero. UNet models only (SD1.x, SD2.x, SDXL); a DiT gets a clear message."
     )
     VERSION = 2
-    DEFAULTS = {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}
+    OPTIONS = freeu_factors(b1=1.3, b2=1.4, s1=0.9, s2=0.2)
 
 
 NODES = [FreeU, FreeU_V2]

@@ -3,40 +3,17 @@
 from __future__ import annotations
 
 from ..patches import cfg, guidance_skip
-from ..patches.window import SigmaWindow
-from ._common import (
-    HIDDEN_NODE_ID,
-    MODEL_INPUT,
-    ModelPatchNode,
-    category,
-    check_window,
-    percent_inputs,
-)
+from ._common import HIDDEN_NODE_ID, WindowPatchNode, category, combo_input, float_input, int_input
 
 CATEGORY = category("guidance")
+MODES = ("paper", "comfyui")  # APG's and CFG-Zero*'s: the paper's rule or ComfyUI's node
 
 
-class _GuidanceNode(ModelPatchNode):
-    """What the CFG-space nodes share: their own options (OPTIONS) before a schedule window, and its check."""
+class _GuidanceNode(WindowPatchNode):
+    """What the CFG-space nodes share: their category (and, from WindowPatchNode, the window and its check)."""
 
     CATEGORY = CATEGORY
     WHAT = "the guidance change"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": MODEL_INPUT, **cls.OPTIONS(), **percent_inputs(cls.WHAT)}}
-
-    @classmethod
-    def OPTIONS(cls):
-        return {}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None):
-        return check_window(cls, start_percent, end_percent)
-
-    @staticmethod
-    def window(model, start_percent, end_percent):
-        return SigmaWindow.from_percents(model, start_percent, end_percent)
 
 
 class RescaleCFG(_GuidanceNode):
@@ -51,14 +28,9 @@ class RescaleCFG(_GuidanceNode):
         "guidance nodes instead of taking the single CFG-function slot."
     )
     WHAT = "the rescale"
-
-    @classmethod
-    def OPTIONS(cls):
-        return {"multiplier": ("FLOAT", {
-            "default": 0.7, "min": 0.0, "max": 1.0, "step": 0.01,
-            "tooltip": "Share of the rescaled result in the mix (phi in the paper). 0 disables it; the paper "
-                       "uses 0.7; 1 uses only the rescaled result.",
-        })}
+    OPTIONS = {"multiplier": float_input(0.7, 0.0, 1.0, 0.01, (
+        "Share of the rescaled result in the mix (phi in the paper). 0 disables it; the paper uses 0.7; 1 uses "
+        "only the rescaled result."))}
 
     def patch(self, model, multiplier, start_percent, end_percent):
         return (cfg.with_post_cfg(model, cfg.rescale_cfg(multiplier, self.window(model, start_percent, end_percent))),)
@@ -78,37 +50,22 @@ class RenormCFG(_GuidanceNode):
     )
     WHAT = "renormalisation"
     TRUNCATE_MODES = ("comfyui", "paper")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        types = super().INPUT_TYPES()
-        types["optional"] = {"truncate": (list(cls.TRUNCATE_MODES), {
-            "default": "comfyui",
-            "tooltip": "Which end of the schedule cfg_trunc truncates. comfyui: the early, high-noise steps, "
-                       "where sigma >= cfg_trunc (ComfyUI's RenormCFG; cfg_trunc is a sigma). paper: the late, "
-                       "low-noise steps after cfg_trunc percent of the schedule (Lumina-Image 2.0's CFG-Trunc; "
-                       "cfg_trunc is a percent, 100 never truncates). Either way truncated steps skip the "
-                       "negative pass.",
-        })}
-        types["hidden"] = HIDDEN_NODE_ID
-        return types
-
-    @classmethod
-    def OPTIONS(cls):
-        return {
-            "cfg_trunc": ("FLOAT", {
-                "default": 100.0, "min": 0.0, "max": 100.0, "step": 0.01,
-                "tooltip": "Where guidance is truncated (off, the positive prediction used, no negative pass). "
-                           "truncate comfyui: while sigma >= this value; SD1.5/SDXL sigmas lie in 0.03-14.6 and "
-                           "flow models' in 0-1, so the default 100 never truncates. truncate paper: after this "
-                           "percent of the schedule, e.g. 70 truncates the last 30 %; 100 never truncates.",
-            }),
-            "renorm_cfg": ("FLOAT", {
-                "default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01,
-                "tooltip": "Cap on ||guided|| as a multiple of ||positive||. 0 disables the cap; below 1 washes the "
-                           "image out quickly; larger values renormalise less often.",
-            }),
-        }
+    OPTIONS = {
+        "cfg_trunc": float_input(100.0, 0.0, 100.0, 0.01, (
+            "Where guidance is truncated (off, the positive prediction used, no negative pass). truncate "
+            "comfyui: while sigma >= this value; SD1.5/SDXL sigmas lie in 0.03-14.6 and flow models' in 0-1, so "
+            "the default 100 never truncates. truncate paper: after this percent of the schedule, e.g. 70 "
+            "truncates the last 30 %; 100 never truncates.")),
+        "renorm_cfg": float_input(1.0, 0.0, 100.0, 0.01, (
+            "Cap on ||guided|| as a multiple of ||positive||. 0 disables the cap; below 1 washes the image out "
+            "quickly; larger values renormalise less often.")),
+    }
+    OPTIONAL_INPUTS = {"truncate": combo_input(TRUNCATE_MODES, "comfyui", (
+        "Which end of the schedule cfg_trunc truncates. comfyui: the early, high-noise steps, where sigma >= cfg_trunc "
+        "(ComfyUI's RenormCFG; cfg_trunc is a sigma). paper: the late, low-noise steps after cfg_trunc percent of the "
+        "schedule (Lumina-Image 2.0's CFG-Trunc; cfg_trunc is a percent, 100 never truncates). Either way truncated "
+        "steps skip the negative pass."))}
+    HIDDEN_INPUTS = HIDDEN_NODE_ID
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None, truncate=None):
@@ -137,13 +94,8 @@ class CFGNorm(_GuidanceNode):
         "ComfyUI's CFGNorm, 0 disables it (ComfyUI's node multiplies the whole image by strength instead)."
     )
     WHAT = "the norm cap"
-
-    @classmethod
-    def OPTIONS(cls):
-        return {"strength": ("FLOAT", {
-            "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-            "tooltip": "How much of the norm cap to apply: 0 disables it, 1 applies it fully.",
-        })}
+    OPTIONS = {"strength": float_input(1.0, 0.0, 1.0, 0.01, (
+        "How much of the norm cap to apply: 0 disables it, 1 applies it fully."))}
 
     def patch(self, model, strength, start_percent, end_percent):
         return (cfg.with_post_cfg(model, cfg.cfg_norm(strength, self.window(model, start_percent, end_percent))),)
@@ -160,35 +112,23 @@ class AdaptiveProjectedGuidance(_GuidanceNode):
         "The momentum restarts with every run."
     )
     WHAT = "APG"
-
-    @classmethod
-    def OPTIONS(cls):
-        return {
-            "eta": ("FLOAT", {
-                "default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                "tooltip": "Weight of the guidance component parallel to the positive prediction. 1 keeps it "
-                           "(with no cap and no momentum: plain CFG in paper mode); 0 removes it (the paper's "
-                           "choice); values above 1 saturate.",
-            }),
-            "norm_threshold": ("FLOAT", {
-                "default": 5.0, "min": 0.0, "max": 50.0, "step": 0.1,
-                "tooltip": "Cap on the L2 norm of the guidance vector. 0 disables the cap; lower values rein in "
-                           "strong guidance more (the paper tunes it per model, e.g. 5-20).",
-            }),
-            "momentum": ("FLOAT", {
-                "default": 0.0, "min": -5.0, "max": 1.0, "step": 0.01,
-                "tooltip": "Running average of past guidance. 0 disables it; negative values (the paper uses "
-                           "-0.5) push away from directions already taken.",
-            }),
-            "mode": (["paper", "comfyui"], {
-                "default": "paper",
-                "tooltip": "paper: cond + (cfg - 1) * update (paper, diffusers). comfyui: cond + cfg * update "
-                           "(ComfyUI's APG, one CFG step stronger).",
-            }),
-        }
+    OPTIONS = {
+        "eta": float_input(1.0, -10.0, 10.0, 0.01, (
+            "Weight of the guidance component parallel to the positive prediction. 1 keeps it (with no cap and "
+            "no momentum: plain CFG in paper mode); 0 removes it (the paper's choice); values above 1 saturate.")),
+        "norm_threshold": float_input(5.0, 0.0, 50.0, 0.1, (
+            "Cap on the L2 norm of the guidance vector. 0 disables the cap; lower values rein in strong guidance "
+            "more (the paper tunes it per model, e.g. 5-20).")),
+        "momentum": float_input(0.0, -5.0, 1.0, 0.01, (
+            "Running average of past guidance. 0 disables it; negative values (the paper uses -0.5) push away "
+            "from directions already taken.")),
+        "mode": combo_input(MODES, "paper", (
+            "paper: cond + (cfg - 1) * update (paper, diffusers). comfyui: cond + cfg * update (ComfyUI's APG, "
+            "one CFG step stronger).")),
+    }
 
     def patch(self, model, eta, norm_threshold, momentum, mode, start_percent, end_percent):
-        if mode not in ("paper", "comfyui"):
+        if mode not in MODES:
             raise ValueError(f"{self.NODE_ID}: mode must be 'paper' or 'comfyui', got {mode!r}")
         fn = cfg.adaptive_projected_guidance(eta, norm_threshold, momentum, mode,
                                              self.window(model, start_percent, end_percent))
@@ -237,23 +177,16 @@ class CFGZeroStar(_GuidanceNode):
         "x(1-alpha)(1-cfg)."
     )
     WHAT = "CFG-Zero*"
-
-    @classmethod
-    def OPTIONS(cls):
-        return {
-            "mode": (["paper", "comfyui"], {
-                "default": "paper",
-                "tooltip": "paper: the paper's rule on scores (x - denoised). comfyui: ComfyUI's CFGZeroStar.",
-            }),
-            "zero_init_steps": ("INT", {
-                "default": 0, "min": 0, "max": 1000,
-                "tooltip": "Number of first steps of the run that output zero velocity (the sample does not move). "
-                           "0 disables zero-init; the paper zeroes about the first 4% of steps (1 of 25).",
-            }),
-        }
+    OPTIONS = {
+        "mode": combo_input(MODES, "paper",
+                            "paper: the paper's rule on scores (x - denoised). comfyui: ComfyUI's CFGZeroStar."),
+        "zero_init_steps": int_input(0, 0, 1000, (
+            "Number of first steps of the run that output zero velocity (the sample does not move). 0 disables "
+            "zero-init; the paper zeroes about the first 4% of steps (1 of 25).")),
+    }
 
     def patch(self, model, mode, zero_init_steps, start_percent, end_percent):
-        if mode not in ("paper", "comfyui"):
+        if mode not in MODES:
             raise ValueError(f"{self.NODE_ID}: mode must be 'paper' or 'comfyui', got {mode!r}")
         fn = cfg.cfg_zero_star(mode, zero_init_steps, self.window(model, start_percent, end_percent))
         return (cfg.with_post_cfg(model, fn),)
@@ -269,26 +202,15 @@ class FreSca(_GuidanceNode):
         "narrows time)."
     )
     WHAT = "frequency scaling"
-
-    @classmethod
-    def OPTIONS(cls):
-        return {
-            "scale_low": ("FLOAT", {
-                "default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
-                "tooltip": "Factor for low frequencies (structure). 1 leaves them; with scale_high 1 the node does "
-                           "nothing.",
-            }),
-            "scale_high": ("FLOAT", {
-                "default": 1.25, "min": 0.0, "max": 10.0, "step": 0.01,
-                "tooltip": "Factor for high frequencies (detail). Above 1 enhances detail (1.1-1.5 typical); 1 "
-                           "leaves them.",
-            }),
-            "freq_cutoff": ("INT", {
-                "default": 20, "min": 1, "max": 10000, "step": 1,
-                "tooltip": "Half-size, in frequency indices around the centre, of the band counted as low "
-                           "frequency. Larger values treat more of the spectrum as structure.",
-            }),
-        }
+    OPTIONS = {
+        "scale_low": float_input(1.0, 0.0, 10.0, 0.01, (
+            "Factor for low frequencies (structure). 1 leaves them; with scale_high 1 the node does nothing.")),
+        "scale_high": float_input(1.25, 0.0, 10.0, 0.01, (
+            "Factor for high frequencies (detail). Above 1 enhances detail (1.1-1.5 typical); 1 leaves them.")),
+        "freq_cutoff": int_input(20, 1, 10000, (
+            "Half-size, in frequency indices around the centre, of the band counted as low frequency. Larger "
+            "values treat more of the spectrum as structure."), step=1),
+    }
 
     def patch(self, model, scale_low, scale_high, freq_cutoff, start_percent, end_percent):
         fn = cfg.fresca(scale_low, scale_high, freq_cutoff, self.window(model, start_percent, end_percent))

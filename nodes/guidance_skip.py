@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from ..patches import guidance_skip
-from ..patches.window import SigmaWindow
 from ._common import (
     HIDDEN_NODE_ID,
     MODEL_INPUT,
     ModelPatchNode,
+    WindowPatchNode,
     category,
     check_ranges,
-    check_window,
+    float_input,
     percent_input,
 )
 
@@ -24,7 +24,7 @@ INTERVAL_END = 0.928
 ADAPTIVE_THRESHOLD = 0.991
 
 
-class GuidanceInterval(ModelPatchNode):
+class GuidanceInterval(WindowPatchNode):
     NODE_ID = "PatchLab_GuidanceInterval"
     DISPLAY_NAME = "Guidance Interval (PatchLab)"
     CATEGORY = CATEGORY
@@ -49,12 +49,8 @@ class GuidanceInterval(ModelPatchNode):
                 "0.28 on SD1.5/SDXL, the lower end of the paper's SD-XL interval.")),
         }, "hidden": HIDDEN_NODE_ID}
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None):
-        return check_window(cls, start_percent, end_percent)
-
     def patch(self, model, start_percent, end_percent, unique_id=None):
-        window = SigmaWindow.from_percents(model, start_percent, end_percent)
+        window = self.window(model, start_percent, end_percent)
         if window.is_always:
             return (model.clone(),)
         return (guidance_skip.with_rule(model, guidance_skip.IntervalRule(self.NODE_ID, window, unique_id)),)
@@ -77,13 +73,11 @@ class AdaptiveGuidance(ModelPatchNode):
     def INPUT_TYPES(cls):
         return {"required": {
             "model": MODEL_INPUT,
-            "threshold": ("FLOAT", {
-                "default": ADAPTIVE_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.0001,
-                "tooltip": "Cosine similarity of the positive and negative noise predictions above which guidance "
-                           "stops for the rest of the run. 1.0 never stops (plain CFG); lower stops earlier and "
-                           "saves more. The default 0.991 is the paper's threshold (Castillo et al. 2023, arXiv "
-                           "2312.12487); useful values lie in 0.98-0.999.",
-            }),
+            "threshold": float_input(ADAPTIVE_THRESHOLD, 0.0, 1.0, 0.0001, (
+                "Cosine similarity of the positive and negative noise predictions above which guidance stops for the "
+                "rest of the run. 1.0 never stops (plain CFG); lower stops earlier and saves more. The default 0.991 "
+                "is the paper's threshold (Castillo et al. 2023, arXiv 2312.12487); useful values lie in "
+                "0.98-0.999.")),
             "start_percent": percent_input(0.0, (
                 "Guidance never stops before this part of the schedule (0 = the first step, 1 the last): the "
                 "similarity is checked from here on. 0 checks from the first step; 1 never stops.")),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..patches import inpaint
-from ._common import MODEL_INPUT, ModelPatchNode, category
+from ._common import MODEL_INPUT, ModelPatchNode, category, float_input
 
 
 class DifferentialDiffusion(ModelPatchNode):
@@ -22,11 +22,9 @@ class DifferentialDiffusion(ModelPatchNode):
     def INPUT_TYPES(cls):
         return {"required": {
             "model": MODEL_INPUT,
-            "strength": ("FLOAT", {
-                "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                "tooltip": "Blend between the progressive mask (1, Differential Diffusion) and the mask as given "
-                           "(0 disables the effect; ComfyUI's node treats 0 as full strength).",
-            }),
+            "strength": float_input(1.0, 0.0, 1.0, 0.01, (
+                "Blend between the progressive mask (1, Differential Diffusion) and the mask as given (0 disables "
+                "the effect; ComfyUI's node treats 0 as full strength).")),
         }}
 
     def patch(self, model, strength):

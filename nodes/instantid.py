@@ -12,7 +12,17 @@ from ..patches import instantid as iid
 from ..patches.instantid import face_analysis as fa
 from ..patches.window import SigmaWindow
 from ..viz import keypoints as kp
-from ._common import MODEL_INPUT, category, check_percents, check_ranges, first_error, percent_input
+from ._common import (
+    MODEL_INPUT,
+    category,
+    check_percents,
+    check_ranges,
+    combo_input,
+    first_error,
+    float_input,
+    int_input,
+    percent_input,
+)
 
 log = logging.getLogger(__name__)
 CATEGORY = category("InstantID")
@@ -45,15 +55,11 @@ FACEANALYSIS_INPUT = (FACEANALYSIS, {"tooltip": "From InstantID Face Analysis."}
 CONTROL_NET = ("CONTROL_NET", {"tooltip": "The InstantID ControlNet, from Load ControlNet Model."})
 POSITIVE = ("CONDITIONING", {"tooltip": "Prompt conditioning."})
 NEGATIVE = ("CONDITIONING", {"tooltip": "Negative prompt conditioning."})
-CN_STRENGTH = ("FLOAT", {"default": 0.8, "min": 0.0, "max": 10.0, "step": 0.01,
-                         "tooltip": "ControlNet strength. 0 disables it; 0.4-0.8 typical."})
-FACE_INDEX = ("INT", {"default": 0, "min": 0, "max": 99,
-                      "tooltip": "Which face of each reference image: 0 the largest, 1 the next largest, ..."})
-ON_NO_FACE = (["error", "pass through"], {
-    "default": "error",
-    "tooltip": "When a reference image shows no face: error stops with the image's index; pass through returns the "
-               "model (and conditioning) unchanged with a warning, for unattended batch jobs.",
-})
+CN_STRENGTH = float_input(0.8, 0.0, 10.0, 0.01, "ControlNet strength. 0 disables it; 0.4-0.8 typical.")
+FACE_INDEX = int_input(0, 0, 99, "Which face of each reference image: 0 the largest, 1 the next largest, ...")
+ON_NO_FACE = combo_input(["error", "pass through"], "error", (
+    "When a reference image shows no face: error stops with the image's index; pass through returns the model (and "
+    "conditioning) unchanged with a warning, for unattended batch jobs."))
 MASK = ("MASK", {"tooltip": "Optional: where the face identity applies (1) or not (0); it only scales the face "
                             "attention, the prompt still acts everywhere."})
 IMAGE_KPS = ("IMAGE", {"tooltip": "Optional: an image whose face keypoints guide the pose (default: the reference "
@@ -62,9 +68,9 @@ IMAGE_KPS = ("IMAGE", {"tooltip": "Optional: an image whose face keypoints guide
 
 def noise_input(default: float):
     """The noise of the negative face embedding (the apply nodes differ only in its default)."""
-    return ("FLOAT", {"default": default, "min": 0.0, "max": 1.0, "step": 0.05,
-                      "tooltip": "Noise in the negative face embedding instead of zeros; a little (0.2-0.4) often "
-                                 "helps against burn. 0 uses zeros."})
+    return float_input(default, 0.0, 1.0, 0.05, (
+        "Noise in the negative face embedding instead of zeros; a little (0.2-0.4) often helps against burn. 0 uses "
+        "zeros."))
 
 
 def reference_faces(analysis, image: torch.Tensor, face_index: int, on_no_face: str,
@@ -183,11 +189,9 @@ class InstantIDFaceAnalysis(_Loader):
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"provider": (list(fa.PROVIDERS), {
-            "default": "CPU",
-            "tooltip": "onnxruntime device: CPU works everywhere; CUDA needs onnxruntime-gpu, ROCm and CoreML their "
-                       "builds. Face analysis runs once per reference image, so CPU is usually fine.",
-        })}}
+        return {"required": {"provider": combo_input(fa.PROVIDERS, "CPU", (
+            "onnxruntime device: CPU works everywhere; CUDA needs onnxruntime-gpu, ROCm and CoreML their builds. Face "
+            "analysis runs once per reference image, so CPU is usually fine."))}}
 
     def load(self, provider):
         return (fa.load(provider, self.NODE_ID),)
@@ -247,8 +251,8 @@ class InstantIDAttentionPatch(_WindowNode):
                 "insightface": FACEANALYSIS_INPUT,
                 "image": ("IMAGE", {"tooltip": "Reference picture(s) of the face; several are averaged."}),
                 "model": MODEL_INPUT,
-                "weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 3.0, "step": 0.01,
-                                     "tooltip": "Strength of the face attention. 0 disables it; 0.6-1 typical."}),
+                "weight": float_input(1.0, -1.0, 3.0, 0.01,
+                                      "Strength of the face attention. 0 disables it; 0.6-1 typical."),
                 "start_at": START,
                 "end_at": END,
                 "noise": noise_input(0.0),
@@ -292,16 +296,14 @@ class ApplyInstantIDAdvanced(_WindowNode):
                 "model": MODEL_INPUT,
                 "positive": POSITIVE,
                 "negative": NEGATIVE,
-                "ip_weight": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 3.0, "step": 0.01,
-                                        "tooltip": "Face attention strength. 0 disables it; 0.6-1 typical."}),
+                "ip_weight": float_input(0.8, 0.0, 3.0, 0.01, "Face attention strength. 0 disables it; 0.6-1 typical."),
                 "cn_strength": CN_STRENGTH,
                 "start_at": START,
                 "end_at": END,
                 "noise": noise_input(0.35),
-                "combine_embeds": (COMBINE, {"default": "average",
-                                             "tooltip": "How several reference faces combine: average, norm average "
-                                                        "(each embedding to unit length first) or concat (all "
-                                                        "tokens)."}),
+                "combine_embeds": combo_input(COMBINE, "average", (
+                    "How several reference faces combine: average, norm average (each embedding to unit length first) "
+                    "or concat (all tokens).")),
                 "face_index": FACE_INDEX,
                 "on_no_face": ON_NO_FACE,
             },
@@ -332,9 +334,8 @@ class ApplyInstantID(ApplyInstantIDAdvanced):
         required = {}
         for name, spec in advanced["required"].items():
             if name == "ip_weight":
-                required["weight"] = ("FLOAT", {"default": 0.8, "min": 0.0, "max": 5.0, "step": 0.01,
-                                                "tooltip": "Strength of both the face attention and the ControlNet. "
-                                                           "0 disables InstantID; 0.6-1 typical."})
+                required["weight"] = float_input(0.8, 0.0, 5.0, 0.01, (
+                    "Strength of both the face attention and the ControlNet. 0 disables InstantID; 0.6-1 typical."))
             elif name not in ("cn_strength", "noise", "combine_embeds"):
                 required[name] = spec
         return {"required": required, "optional": advanced["optional"]}

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 from ..patches import model_sampling as ms
-from ._common import MAX_RESOLUTION, MODEL_INPUT, ModelPatchNode, category, check_ranges, first_error
+from ._common import (
+    MAX_RESOLUTION,
+    MODEL_INPUT,
+    ModelPatchNode,
+    category,
+    check_ranges,
+    combo_input,
+    first_error,
+    float_input,
+    int_input,
+)
 
 CATEGORY = category("model sampling")
 
@@ -25,12 +35,10 @@ class ModelSamplingDiscrete(ModelPatchNode):
     def INPUT_TYPES(cls):
         return {"required": {
             "model": MODEL_INPUT,
-            "sampling": (list(ms.DISCRETE_PREDICTIONS), {
-                "default": "eps",
-                "tooltip": "What the network predicts: eps (noise, SD1.5/SDXL default), v_prediction, lcm "
-                           "(eps read through consistency-model scalings on a 50-step table), x0 (the clean "
-                           "latent), img_to_img (x0 without input scaling).",
-            }),
+            "sampling": combo_input(ms.DISCRETE_PREDICTIONS, "eps", (
+                "What the network predicts: eps (noise, SD1.5/SDXL default), v_prediction, lcm (eps read through "
+                "consistency-model scalings on a 50-step table), x0 (the clean latent), img_to_img (x0 without input "
+                "scaling).")),
             "zsnr": ("BOOLEAN", {
                 "default": False,
                 "tooltip": "Zero terminal SNR: the last timestep becomes (almost) pure noise. Only for models "
@@ -59,11 +67,9 @@ class ModelSamplingSD3(ModelPatchNode):
     def INPUT_TYPES(cls):
         return {"required": {
             "model": MODEL_INPUT,
-            "shift": ("FLOAT", {
-                "default": cls.DEFAULT_SHIFT, "min": 0.01, "max": 100.0, "step": 0.01,
-                "tooltip": "Timestep shift. 1 disables it; 3 is SD3's default at 1024x1024 (6 was a close "
-                           "second); larger values push steps toward high noise.",
-            }),
+            "shift": float_input(cls.DEFAULT_SHIFT, 0.01, 100.0, 0.01, (
+                "Timestep shift. 1 disables it; 3 is SD3's default at 1024x1024 (6 was a close second); larger "
+                "values push steps toward high noise.")),
         }}
 
     def patch(self, model, shift):
@@ -99,23 +105,14 @@ class ModelSamplingFlux(ModelPatchNode):
         return {
             "required": {
                 "model": MODEL_INPUT,
-                "max_shift": ("FLOAT", {
-                    "default": 1.15, "min": 0.0, "max": 100.0, "step": 0.01,
-                    "tooltip": "mu at 4096 patches (1024x1024). Flux default 1.15; higher pushes large images "
-                               "toward high noise. Set equal to base_shift for a size-independent shift.",
-                }),
-                "base_shift": ("FLOAT", {
-                    "default": 0.5, "min": 0.0, "max": 100.0, "step": 0.01,
-                    "tooltip": "mu at 256 patches (256x256). Flux default 0.5.",
-                }),
-                "width": ("INT", {
-                    "default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 8,
-                    "tooltip": "Image width in pixels the shift is computed for. Ignored when a latent is connected.",
-                }),
-                "height": ("INT", {
-                    "default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 8,
-                    "tooltip": "Image height in pixels the shift is computed for. Ignored when a latent is connected.",
-                }),
+                "max_shift": float_input(1.15, 0.0, 100.0, 0.01, (
+                    "mu at 4096 patches (1024x1024). Flux default 1.15; higher pushes large images toward high "
+                    "noise. Set equal to base_shift for a size-independent shift.")),
+                "base_shift": float_input(0.5, 0.0, 100.0, 0.01, "mu at 256 patches (256x256). Flux default 0.5."),
+                "width": int_input(1024, 16, MAX_RESOLUTION, (
+                    "Image width in pixels the shift is computed for. Ignored when a latent is connected."), step=8),
+                "height": int_input(1024, 16, MAX_RESOLUTION, (
+                    "Image height in pixels the shift is computed for. Ignored when a latent is connected."), step=8),
             },
             "optional": {
                 "latent": ("LATENT", {
@@ -147,10 +144,7 @@ class ModelSamplingStableCascade(ModelPatchNode):
     def INPUT_TYPES(cls):
         return {"required": {
             "model": MODEL_INPUT,
-            "shift": ("FLOAT", {
-                "default": 2.0, "min": 0.01, "max": 100.0, "step": 0.01,
-                "tooltip": "Log-SNR shift. 1 disables it; stage C uses 2 at 1024x1024.",
-            }),
+            "shift": float_input(2.0, 0.01, 100.0, 0.01, "Log-SNR shift. 1 disables it; stage C uses 2 at 1024x1024."),
         }}
 
     def patch(self, model, shift):
@@ -170,14 +164,10 @@ class _ContinuousNode(ModelPatchNode):
         return {"required": {
             "model": MODEL_INPUT,
             "sampling": (list(cls.SAMPLINGS), {"tooltip": cls.SAMPLING_TOOLTIP}),
-            "sigma_max": ("FLOAT", {
-                "default": cls.SIGMA_MAX, "min": 0.0, "max": 1000.0, "step": 0.001, "round": False,
-                "tooltip": "Largest noise level of the schedule; must exceed sigma_min.",
-            }),
-            "sigma_min": ("FLOAT", {
-                "default": cls.SIGMA_MIN, "min": 0.0, "max": 1000.0, "step": 0.001, "round": False,
-                "tooltip": "Smallest noise level of the schedule; must be above 0.",
-            }),
+            "sigma_max": float_input(cls.SIGMA_MAX, 0.0, 1000.0, 0.001,
+                                     "Largest noise level of the schedule; must exceed sigma_min.", round=False),
+            "sigma_min": float_input(cls.SIGMA_MIN, 0.0, 1000.0, 0.001,
+                                     "Smallest noise level of the schedule; must be above 0.", round=False),
         }}
 
     @classmethod

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from ..patches import nag
-from ..patches.window import SigmaWindow
-from ._common import MODEL_INPUT, ModelPatchNode, category, check_window, percent_inputs
+from ._common import WindowPatchNode, category, float_input
 
 
-class NormalizedAttentionGuidance(ModelPatchNode):
+class NormalizedAttentionGuidance(WindowPatchNode):
     NODE_ID = nag.NODE_ID
     DISPLAY_NAME = "Normalized Attention Guidance (PatchLab)"
     CATEGORY = category("guidance")
@@ -24,48 +23,30 @@ class NormalizedAttentionGuidance(ModelPatchNode):
         "negative beside the one image stream)."
     )
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": MODEL_INPUT,
-                "scale": ("FLOAT", {
-                    "default": 5.0, "min": 1.0, "max": 50.0, "step": 0.1,
-                    "tooltip": "How far to push away from the negative prompt. 1 disables it. The paper's "
-                               "demos: Flux schnell/dev 5, SD3.5 Turbo 5, SDXL DMD2 3, Wan 2.1 9 (at CFG 5) to 11 "
-                               "(CausVid, CFG 1); SD1.5 3, Qwen-Image, Z-Image and HunyuanVideo 5 (starting "
-                               "points of ours).",
-                }),
-                "tau": ("FLOAT", {
-                    "default": 2.5, "min": 1.0, "max": 10.0, "step": 0.05,
-                    "tooltip": "Cap on each token's L1 norm relative to the positive attention output: higher "
-                               "lets the guidance go further. The reference code uses 2.5 for every family.",
-                }),
-                "alpha": ("FLOAT", {
-                    "default": 0.25, "min": 0.0, "max": 1.0, "step": 0.01,
-                    "tooltip": "Blend of the guided features into the positive ones. 0 disables it; the reference "
-                               "code uses 0.25 (Flux, Wan), up to 0.5 for UNets.",
-                }),
-                **percent_inputs("NAG"),
-            },
-            "optional": {
-                "negative": ("CONDITIONING", {
-                    "tooltip": "The prompt to guide away from. Unconnected: the sampler's negative conditioning "
-                               "(its first entry). Connect one for samplers without a negative (BasicGuider) or to "
-                               "use a different negative for NAG than for CFG.",
-                }),
-            },
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None):
-        return check_window(cls, start_percent, end_percent)
+    WHAT = "NAG"
+    OPTIONS = {
+        "scale": float_input(5.0, 1.0, 50.0, 0.1, (
+            "How far to push away from the negative prompt. 1 disables it. The paper's demos: Flux schnell/dev 5, "
+            "SD3.5 Turbo 5, SDXL DMD2 3, Wan 2.1 9 (at CFG 5) to 11 (CausVid, CFG 1); SD1.5 3, Qwen-Image, "
+            "Z-Image and HunyuanVideo 5 (starting points of ours).")),
+        "tau": float_input(2.5, 1.0, 10.0, 0.05, (
+            "Cap on each token's L1 norm relative to the positive attention output: higher lets the guidance go "
+            "further. The reference code uses 2.5 for every family.")),
+        "alpha": float_input(0.25, 0.0, 1.0, 0.01, (
+            "Blend of the guided features into the positive ones. 0 disables it; the reference code uses 0.25 "
+            "(Flux, Wan), up to 0.5 for UNets.")),
+    }
+    OPTIONAL_INPUTS = {"negative": ("CONDITIONING", {
+        "tooltip": "The prompt to guide away from. Unconnected: the sampler's negative conditioning (its first entry). "
+                   "Connect one for samplers without a negative (BasicGuider) or to use a different negative for NAG "
+                   "than for CFG.",
+    })}
 
     def patch(self, model, scale, tau, alpha, start_percent, end_percent, negative=None):
         if negative is not None and (not negative or negative[0][0] is None):
             raise ValueError(f"{self.NODE_ID}: the 'negative' input holds no prompt; connect a CLIPTextEncode "
                              "output or leave it unconnected to use the sampler's negative")
-        window = SigmaWindow.from_percents(model, start_percent, end_percent)
+        window = self.window(model, start_percent, end_percent)
         spec = nag.NagSpec(scale=scale, tau=tau, alpha=alpha, window=window, negative=negative)
         return (nag.with_nag(model, spec),)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..patches import model_sampling as ms
 from ..viz import sigma_plot
-from ._common import category
+from ._common import category, combo_input, float_input, int_input
 
 
 class SigmaSchedulePreview:
@@ -29,14 +29,13 @@ class SigmaSchedulePreview:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The model whose schedule is shown (after any ModelSampling node)."}),
-                "scheduler": (ms.scheduler_names(), {"default": "normal",
-                                                     "tooltip": "The scheduler, as chosen in KSampler."}),
-                "steps": ("INT", {"default": 20, "min": 1, "max": 10000,
-                                  "tooltip": "Sampling steps, as in KSampler. Samplers that discard the "
-                                             "penultimate sigma (dpm_2, uni_pc) differ slightly."}),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                      "tooltip": "As in KSampler: below 1 keeps the last steps of a longer "
-                                                 "schedule (img2img). 0 gives an empty schedule."}),
+                "scheduler": combo_input(ms.scheduler_names(), "normal", "The scheduler, as chosen in KSampler."),
+                "steps": int_input(20, 1, 10000, (
+                    "Sampling steps, as in KSampler. Samplers that discard the penultimate sigma (dpm_2, uni_pc) "
+                    "differ slightly.")),
+                "denoise": float_input(1.0, 0.0, 1.0, 0.01, (
+                    "As in KSampler: below 1 keeps the last steps of a longer schedule (img2img). 0 gives an empty "
+                    "schedule.")),
                 "log_scale": ("BOOLEAN", {"default": False,
                                           "tooltip": "Plot log10(sigma), which shows the low-noise end of "
                                                      "discrete schedules better."}),

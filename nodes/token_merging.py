@@ -6,20 +6,12 @@ from typing import Union
 
 from ..kernels.token_merging import DOWNSAMPLE_METHODS
 from ..patches import token_merging as tm
-from ..patches.window import SigmaWindow
-from ._common import (
-    MODEL_INPUT,
-    ModelPatchNode,
-    category,
-    check_window,
-    first_error,
-    percent_inputs,
-)
+from ._common import WindowPatchNode, category, check_window, combo_input, first_error, float_input, int_input
 
 DOWNSAMPLES = [1, 2, 4, 8]
 
 
-class _SpeedNode(ModelPatchNode):
+class _SpeedNode(WindowPatchNode):
     """What ToMe and ToDo share: the max_downsample check."""
 
     CATEGORY = category("speed")
@@ -31,12 +23,10 @@ class _SpeedNode(ModelPatchNode):
 
 
 def max_downsample_input(default: int):
-    return ("INT", {
-        "default": default, "min": 1, "max": 8, "step": 1,
-        "tooltip": "Touch self-attention whose token grid is at most this many times smaller than the latent (1, 2, "
-                   "4 or 8). 1: only full resolution (SD1.5's largest, slowest layers; SDXL has none there, so use 2 "
-                   "or 4 for SDXL). Higher reaches more layers for a little more speed and some quality.",
-    })
+    return int_input(default, 1, 8, (
+        "Touch self-attention whose token grid is at most this many times smaller than the latent (1, 2, 4 or 8). 1: "
+        "only full resolution (SD1.5's largest, slowest layers; SDXL has none there, so use 2 or 4 for SDXL). Higher "
+        "reaches more layers for a little more speed and some quality."), step=1)
 
 
 def power_of_two_error(value) -> Union[bool, str]:
@@ -62,52 +52,33 @@ class TokenMerging(_SpeedNode):
         "SDXL layer), merges keys and values too, takes its random choices from a seeded generator (the sampler's "
         "noise is never disturbed), and keeps cond and uncond merged alike. UNet models (SD1.x, SD2.x, SDXL)."
     )
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": MODEL_INPUT,
-            "ratio": ("FLOAT", {
-                "default": 0.3, "min": 0.0, "max": 0.9, "step": 0.01,
-                "tooltip": "Share of the tokens merged away in each touched layer. 0 disables it; 0.3-0.5 keeps "
-                           "quality well (see the help page for measured speed-ups); above 0.6 details blur.",
-            }),
-            "max_downsample": max_downsample_input(1),
-            "stride_x": ("INT", {
-                "default": 2, "min": 1, "max": 8,
-                "tooltip": "Width of the cells that each keep one destination token. 2 (with stride_y 2) keeps one "
-                           "in four tokens as a destination; larger strides allow more merging.",
-            }),
-            "stride_y": ("INT", {
-                "default": 2, "min": 1, "max": 8,
-                "tooltip": "Height of the cells that each keep one destination token.",
-            }),
-            "destinations": (["random", "deterministic"], {
-                "default": "random",
-                "tooltip": "random: a seeded random token of each cell is the destination (varies per layer and step, "
-                           "better quality); deterministic: the top-left token (ComfyUI's with no randomness).",
-            }),
-            "seed": ("INT", {
-                "default": 0, "min": 0, "max": 2**31 - 1,
-                "tooltip": "Seed of the random destinations. Independent of the sampler's seed and noise.",
-            }),
-            "metric": (["input", "query"], {
-                "default": "input",
-                "tooltip": "What similarity is measured on: input, the normalised block input (ComfyUI's choice); "
-                           "query, the attention's query projection (one extra projection per layer).",
-            }),
-            "merge": (["queries, keys and values", "queries only"], {
-                "default": "queries, keys and values",
-                "tooltip": "queries, keys and values: attention runs on the merged tokens only (tomesd, fastest). "
-                           "queries only: merged queries attend to all tokens (ComfyUI's TomePatchModel).",
-            }),
-            **percent_inputs("token merging"),
-        }}
+    WHAT = "token merging"
+    OPTIONS = {
+        "ratio": float_input(0.3, 0.0, 0.9, 0.01, (
+            "Share of the tokens merged away in each touched layer. 0 disables it; 0.3-0.5 keeps quality well "
+            "(see the help page for measured speed-ups); above 0.6 details blur.")),
+        "max_downsample": max_downsample_input(1),
+        "stride_x": int_input(2, 1, 8, (
+            "Width of the cells that each keep one destination token. 2 (with stride_y 2) keeps one in four "
+            "tokens as a destination; larger strides allow more merging.")),
+        "stride_y": int_input(2, 1, 8, "Height of the cells that each keep one destination token."),
+        "destinations": combo_input(["random", "deterministic"], "random", (
+            "random: a seeded random token of each cell is the destination (varies per layer and step, better "
+            "quality); deterministic: the top-left token (ComfyUI's with no randomness).")),
+        "seed": int_input(0, 0, 2**31 - 1,
+                          "Seed of the random destinations. Independent of the sampler's seed and noise."),
+        "metric": combo_input(["input", "query"], "input", (
+            "What similarity is measured on: input, the normalised block input (ComfyUI's choice); query, the "
+            "attention's query projection (one extra projection per layer).")),
+        "merge": combo_input(["queries, keys and values", "queries only"], "queries, keys and values", (
+            "queries, keys and values: attention runs on the merged tokens only (tomesd, fastest). queries only: "
+            "merged queries attend to all tokens (ComfyUI's TomePatchModel).")),
+    }
 
     def patch(self, model, ratio, max_downsample, stride_x, stride_y, destinations, seed, metric, merge,
               start_percent, end_percent):
         check_power_of_two(self.NODE_ID, max_downsample)
-        window = SigmaWindow.from_percents(model, start_percent, end_percent)
+        window = self.window(model, start_percent, end_percent)
         return (tm.with_tome(model, self.NODE_ID, ratio, max_downsample, stride_x, stride_y,
                              destinations == "random", seed, metric, merge != "queries only", window),)
 
@@ -121,30 +92,22 @@ class TokenDownsampling(_SpeedNode):
         "attention shrinks by about factor^2 with no similarity search. Faster than ToMe at the same quality on "
         "large images. Handles any latent size and aspect ratio. UNet models (SD1.x, SD2.x, SDXL)."
     )
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": MODEL_INPUT,
-            "downsample_factor": ("FLOAT", {
-                "default": 2.0, "min": 1.0, "max": 8.0, "step": 0.25,
-                "tooltip": "How much coarser the key/value grid is. 1 disables it; 2 is the paper's default (4x fewer "
-                           "keys); 3-4 for very large images.",
-            }),
-            "max_downsample": max_downsample_input(1),
-            "method": (list(DOWNSAMPLE_METHODS), {
-                "default": "nearest-exact",
-                "tooltip": "How keys/values are downsampled: nearest-exact (the paper's, fastest), area (average), "
-                           "bilinear, max.",
-            }),
-            **percent_inputs("token downsampling"),
-        }}
+    WHAT = "token downsampling"
+    OPTIONS = {
+        "downsample_factor": float_input(2.0, 1.0, 8.0, 0.25, (
+            "How much coarser the key/value grid is. 1 disables it; 2 is the paper's default (4x fewer keys); 3-4 "
+            "for very large images.")),
+        "max_downsample": max_downsample_input(1),
+        "method": combo_input(DOWNSAMPLE_METHODS, "nearest-exact", (
+            "How keys/values are downsampled: nearest-exact (the paper's, fastest), area (average), bilinear, "
+            "max.")),
+    }
 
     def patch(self, model, downsample_factor, max_downsample, method, start_percent, end_percent):
         check_power_of_two(self.NODE_ID, max_downsample)
         if method not in DOWNSAMPLE_METHODS:
             raise ValueError(f"{self.NODE_ID}: method must be one of {', '.join(DOWNSAMPLE_METHODS)}, got {method!r}")
-        window = SigmaWindow.from_percents(model, start_percent, end_percent)
+        window = self.window(model, start_percent, end_percent)
         return (tm.with_todo(model, self.NODE_ID, downsample_factor, max_downsample, method, window),)
 
 
