@@ -146,6 +146,7 @@ def test_flicker_is_zero_on_real_clips_and_measures_a_changing_background():
     flickering[:, 1::2] = (flickering[:, 1::2] + 0.05).clamp(max=1)  # every other frame 0.05 brighter
     values = oracle.flicker(flickering)
     assert values.min() > 0.045 and values.max() < 0.055
+    assert oracle.flicker(torch.ones(2, 4, 3, 16, 16)).isnan().all()  # no background to measure
 
 
 @pytest.mark.parametrize("prompt,expected", [("red circle moving left", (0, 0, 0)),

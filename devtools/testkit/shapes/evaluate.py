@@ -101,13 +101,17 @@ def judge(samples: Samples, classifier: oracle.Classifier, reference: Optional[t
           full: Optional[Samples] = None) -> Dict[str, float]:
     """Prompt accuracy, FID against ``reference`` pictures, PSNR against ``full`` (same seeds, full compute).
 
-    Clips: accuracy of colour, shape, direction and all three, the mean ``oracle.flicker``, FID of their
-    frames, PSNR over each clip's frames."""
+    Clips: accuracy of colour, shape, direction and all three, the mean ``oracle.flicker`` over the clips that
+    show background (``flicker_clips`` of them; None where none does), FID of their frames, PSNR over each clip's
+    frames."""
     if samples.pictures.ndim == 5:
         asked = oracle.clip_labels(samples.prompts)
         result = {f"accuracy_{k}": round(v, 4)
                   for k, v in oracle.clip_accuracy(classifier, samples.pictures, *asked).items()}
-        result["flicker"] = round(float(oracle.flicker(samples.pictures).mean()), 5)
+        flicker = oracle.flicker(samples.pictures)
+        measured = ~flicker.isnan()  # clips with background pixels to measure
+        result["flicker"] = round(float(flicker[measured].mean()), 5) if measured.any() else None
+        result["flicker_clips"] = int(measured.sum())
         pictures = samples.pictures.flatten(0, 1)
     else:
         colour, shape = oracle.labels(samples.prompts)

@@ -249,13 +249,13 @@ def clip_accuracy(model: Classifier, frames: torch.Tensor, colour: torch.Tensor,
 
 def flicker(frames: torch.Tensor) -> torch.Tensor:
     """Per clip [B]: the mean absolute change (RGB in 0-1) from each frame to the next of the pixels that are
-    background in both, and not next to the object (its weight dilated by one pixel); 0 for a still background.
-    Clips [B, T, 3, H, W]."""
+    background in both, and not next to the object (its weight dilated by one pixel); 0 for a still background,
+    NaN for a clip without such pixels (nothing reads as background: noise). Clips [B, T, 3, H, W]."""
     near = F.max_pool2d(foreground(frames).flatten(0, 1)[:, None], 3, stride=1, padding=1)
     background = (near.view(frames.shape[0], frames.shape[1], *frames.shape[-2:]) == 0).float()
     both = background[:, 1:] * background[:, :-1]  # [B, T-1, H, W]
     change = (frames[:, 1:] - frames[:, :-1]).abs().mean(2)  # [B, T-1, H, W]
-    return (change * both).sum((1, 2, 3)) / both.sum((1, 2, 3)).clamp_min(1)
+    return (change * both).sum((1, 2, 3)) / both.sum((1, 2, 3))  # 0 / 0 = NaN without background
 
 
 def clip_reference_set(count: int = 2000) -> torch.Tensor:

@@ -169,7 +169,7 @@ def train(name: str, steps: int, batch: int = 32, seed: int = 0, lr: Optional[fl
     ema = copy.deepcopy(network).eval().requires_grad_(False)
     ms = base.model_sampling
     flow = isinstance(ms, comfy.model_sampling.CONST)  # Flux and Wan predict the velocity; the UNet eps
-    flux = s.pooled_dim is not None
+    flux = s.pooled_dim is not None  # the Flux layout: a pooled vector y, residuals added in place
     optimiser = torch.optim.AdamW(network.parameters(), lr=lr or s.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda i: min(1.0, (i + 1) / warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))))
