@@ -65,7 +65,8 @@ class TrainedClip:
 
 
 class TrainedVAE:
-    """VAE of a trained reference model: its exact RGB map, decoded pictures upscaled 8x (nearest)."""
+    """VAE of a trained reference model: its exact RGB map, decoded pictures upscaled 8x (nearest); the video
+    model's latent [B, 16, T, h, w] decodes to B*T pictures (clip-major) and pictures encode as one clip."""
 
     def __init__(self, trained):
         self.trained = trained
@@ -96,7 +97,7 @@ def _checkpoint(layout_name: str, seed: int):
 
 class TinyCheckpoint:
     DESCRIPTION = ("A tiny model of a real layout (test only), with its text encoder and VAE: random weights, "
-                   "or one of the trained reference models (sd15_shapes, flux_shapes).")
+                   "or one of the trained reference models (sd15_shapes, flux_shapes, wan_shapes).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "load"
@@ -108,7 +109,9 @@ class TinyCheckpoint:
                        {"tooltip": "Block layout (random weights): sd15, sdxl, flux, sd3 (MMDiT), lumina2 (NextDiT), "
                                    "qwen_image, wan21, wan22 (video, 48 channels), hunyuan_video, zimage, flux2, "
                                    "chroma; or a trained reference model: sd15_shapes (SD1.5-layout "
-                                   "UNet) or flux_shapes (Flux-layout DiT), prompts like 'red circle'."}),
+                                   "UNet) or flux_shapes (Flux-layout DiT), prompts like 'red circle'; "
+                                   "wan_shapes (Wan 2.1 t2v layout, 128x128 px, length 13), prompts like "
+                                   "'red circle moving left'."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
                              "tooltip": "Seed of the random weights (ignored by the trained models)."}),
         }}

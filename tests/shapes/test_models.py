@@ -10,7 +10,7 @@ import torch
 from devtools.testkit import nodes as testkit
 from devtools.testkit.shapes import data, models, oracle, train
 
-NAMES = models.NAMES
+NAMES = models.IMAGE_NAMES  # the video model: test_video_model.py
 BASES = {"sd15_shapes": comfy.model_base.BaseModel, "flux_shapes": comfy.model_base.Flux}
 
 

@@ -73,7 +73,7 @@ def judged(name, model=None, cfg=None, against_full=True):
     return evaluate.judge(samples, classifier(), reference(), full(name) if against_full else None)
 
 
-@pytest.mark.parametrize("name", models.NAMES)
+@pytest.mark.parametrize("name", models.IMAGE_NAMES)
 def test_uncached_samples_keep_their_measured_prompt_accuracy(name):
     result = judged(name)
     for key, floor in FLOORS[name].items():
@@ -87,13 +87,13 @@ def bar_judged(name, cfg=None):
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if MEETS_SPEC[n] else pytest.mark.xfail(
-    strict=True, reason="not trained far enough yet for issue 21's bar")) for n in models.NAMES])
+    strict=True, reason="not trained far enough yet for issue 21's bar")) for n in models.IMAGE_NAMES])
 def test_uncached_samples_draw_90_percent_of_colours_and_80_percent_of_shapes_right(name):
     result = bar_judged(name)
     assert result["accuracy_colour"] >= SPEC_COLOUR and result["accuracy_shape"] >= SPEC_SHAPE, result
 
 
-@pytest.mark.parametrize("name", models.NAMES)
+@pytest.mark.parametrize("name", models.IMAGE_NAMES)
 def test_guidance_matters_cfg_1_is_worse_than_the_recommended_cfg(name):
     guided, plain = bar_judged(name), bar_judged(name, cfg=1.0)
     assert plain["accuracy_both"] < guided["accuracy_both"] or plain["fid"] > guided["fid"], (plain, guided)
@@ -128,8 +128,8 @@ SKIP_NODES = [
 
 
 @pytest.mark.parametrize("label,node,name", [pytest.param(a, b, n, marks=over_margin(a, n))
-                                             for a, b in SKIP_NODES for n in models.NAMES],
-                         ids=[f"{a}-{n}" for a, _ in SKIP_NODES for n in models.NAMES])
+                                             for a, b in SKIP_NODES for n in models.IMAGE_NAMES],
+                         ids=[f"{a}-{n}" for a, _ in SKIP_NODES for n in models.IMAGE_NAMES])
 def test_guidance_skipping_at_its_defaults_keeps_prompt_accuracy_within_5_points(label, node, name):
     base = judged(name)
     result = judged(name, evaluate.with_defaults(node, trained(name).model))

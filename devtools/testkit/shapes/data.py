@@ -10,6 +10,11 @@ supersampling (anti-aliased edges) at the requested size; the models see them at
 - object: one of ``COLOURS`` (+-0.03 jitter per channel), one of ``SHAPES`` (circle,
   axis-aligned square, upright isosceles triangle with height = base), covering 12-35 %
   of the picture (inside the 10-40 % the spec allows), anywhere it fits whole.
+
+Clips (``draw_clips``, for the video model): ``FRAMES`` pictures of one object on one
+background, the object moving in a straight line at constant speed in one of
+``DIRECTIONS``, its centre travelling 25-50 % of the picture's side from the first frame
+to the last, whole inside every frame; the prompt is ``"<colour> <shape> moving <direction>"``.
 """
 
 from __future__ import annotations
@@ -118,3 +123,96 @@ def stream(batch: int, seed: int, size: int = 16) -> Iterator[Batch]:
 def held_out(count: int, seed: int = 10_000, size: int = 16) -> Batch:
     """``count`` pictures from a seed no training run uses (the oracle's reference set)."""
     return draw(count, torch.Generator().manual_seed(seed), size)
+
+
+# -- clips --------------------------------------------------------------------------------------------
+
+FRAMES = 4  # latent frames of a 13-frame Wan clip (EmptyHunyuanLatentVideo: (13 - 1) // 4 + 1)
+DIRECTIONS = ("left", "right", "up", "down")
+STEPS = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]])  # (x, y) per direction; y points down
+TRAVEL_RANGE = (0.25, 0.50)  # of the picture's side, first frame to last
+
+
+@dataclass
+class Clips:
+    """Clips [B, T, 3, H, W] (RGB in 0-1), their labels [B], prompts and the object's centre [B, T, 2] (x, y)."""
+
+    frames: torch.Tensor
+    colour: torch.Tensor
+    shape: torch.Tensor
+    direction: torch.Tensor
+    area: torch.Tensor
+    prompts: List[str]
+    centre: torch.Tensor
+    coverage: torch.Tensor  # [B, T] share of each frame the object covers (anti-aliased)
+
+
+def clip_prompt(colour: int, shape: int, direction: int) -> str:
+    return f"{COLOUR_NAMES[colour]} {SHAPES[shape]} moving {DIRECTIONS[direction]}"
+
+
+def max_clip_area(shape: torch.Tensor, size: int = 16) -> torch.Tensor:
+    """[B] the largest area (fraction of the picture) of each shape that still leaves room to travel
+    ``TRAVEL_RANGE[0]`` with a pixel of background on both sides (a triangle's box is its widest)."""
+    half = (1 - 2.0 / size - TRAVEL_RANGE[0]) / 2
+    per_shape = torch.tensor([math.pi * half ** 2, 4 * half ** 2, 2 * half ** 2])  # circle, square, triangle
+    return per_shape[shape].clamp(max=AREA_RANGE[1])
+
+
+def draw_clips(batch: int, generator: torch.Generator, size: int = 16, frames: int = FRAMES,
+               colour: Optional[torch.Tensor] = None, shape: Optional[torch.Tensor] = None,
+               direction: Optional[torch.Tensor] = None) -> Clips:
+    """A batch of random clips; ``colour``/``shape``/``direction`` [B] fix the labels (drawn at random otherwise).
+
+    The area is drawn from the pictures' range, capped per shape by :func:`max_clip_area` (triangles cover
+    12-19.5 %, circles 12-30.7 %, squares 12-35 %); the travel uniformly from ``TRAVEL_RANGE`` as far as the
+    object fits, the start so that the whole path lies inside the picture.
+    """
+    def uniform(*dims, low=0.0, high=1.0):
+        return low + (high - low) * torch.rand(*dims, generator=generator)
+
+    colour = torch.randint(len(COLOURS), (batch,), generator=generator) if colour is None else colour
+    shape = torch.randint(len(SHAPES), (batch,), generator=generator) if shape is None else shape
+    direction = torch.randint(len(DIRECTIONS), (batch,), generator=generator) if direction is None else direction
+    area = AREA_RANGE[0] + (max_clip_area(shape, size) - AREA_RANGE[0]) * uniform(batch)
+    half = _extent(shape, area)
+    margin = 1.0 / size
+    low, high = half + margin, 1 - half - margin  # where the centre may be
+    room = high - low
+    longest = room.clamp(max=TRAVEL_RANGE[1])
+    travel = TRAVEL_RANGE[0] + (longest - TRAVEL_RANGE[0]) * uniform(batch)
+    along = low + (room - travel) * uniform(batch)  # the start of a rightward or downward path
+    across = low + room * uniform(batch)
+    step = STEPS[direction]  # [B, 2]
+    backwards = step.sum(-1) < 0  # left and up start at the far end
+    start_along = torch.where(backwards, along + travel, along)
+    horizontal = step[:, 0] != 0
+    start_x = torch.where(horizontal, start_along, across)
+    start_y = torch.where(horizontal, across, start_along)
+    start = torch.stack([start_x, start_y], -1)
+    progress = torch.linspace(0, 1, frames)
+    centre = start[:, None] + progress[None, :, None] * travel[:, None, None] * step[:, None]  # [B, T, 2]
+    background = uniform(batch, 3, low=0.02, high=0.18)
+    gradient = uniform(batch, 2, low=-0.03, high=0.03) * 2
+    jitter = uniform(batch, 3, low=-0.03, high=0.03)
+
+    def per_frame(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(frames, 0)
+
+    images, mask = render(per_frame(colour), per_frame(shape), per_frame(area), centre.flatten(0, 1),
+                          per_frame(background), per_frame(gradient), per_frame(jitter), size)
+    prompts = [clip_prompt(int(c), int(s), int(d)) for c, s, d in zip(colour, shape, direction)]
+    return Clips(images.unflatten(0, (batch, frames)), colour, shape, direction, area, prompts, centre,
+                 mask.flatten(1).mean(1).view(batch, frames))
+
+
+def clip_stream(batch: int, seed: int, size: int = 16) -> Iterator[Clips]:
+    """An endless, seeded sequence of clip batches."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        yield draw_clips(batch, generator, size)
+
+
+def held_out_clips(count: int, seed: int = 10_000, size: int = 16) -> Clips:
+    """``count`` clips from a seed no training run uses."""
+    return draw_clips(count, torch.Generator().manual_seed(seed), size)

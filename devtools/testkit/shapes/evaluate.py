@@ -4,6 +4,10 @@ Samples every ``"<colour> <shape>"`` prompt with several seeds through ComfyUI's
 sampler (``comfy.sample.sample``, as KSampler runs it: euler, normal schedule, 20 steps,
 the negative prompt empty), decodes them with the model's RGB map and reads them with
 the oracle classifier. The command writes the quality figures into the model's manifest.
+
+The video model (``wan_shapes``) samples every ``"<colour> <shape> moving <direction>"`` prompt
+from the latent ``EmptyHunyuanLatentVideo`` gives for 128x128 px and length 13 ([B, 16, 4, 16, 16]);
+its clips are judged for colour, shape and direction (``oracle.read_clips``) and flicker.
 """
 
 from __future__ import annotations
@@ -29,12 +33,16 @@ from . import data, models, oracle  # noqa: E402
 log = logging.getLogger(__name__)
 
 ALL_PROMPTS = tuple(data.prompt(c, s) for c in range(len(data.COLOURS)) for s in range(len(data.SHAPES)))
-RECOMMENDED_CFG = {"sd15_shapes": 5.0, "flux_shapes": 5.0}
+ALL_CLIP_PROMPTS = tuple(data.clip_prompt(c, s, d) for c in range(len(data.COLOURS))
+                         for s in range(len(data.SHAPES)) for d in range(len(data.DIRECTIONS)))
+RECOMMENDED_CFG = {"sd15_shapes": 5.0, "flux_shapes": 5.0, "wan_shapes": 5.0}
+# Seeds per prompt of the command: 288 samples for either kind (18 picture prompts, 72 clip prompts).
+DEFAULT_SEEDS = {"image": 16, "video": 4}
 
 
 @dataclass
 class Samples:
-    """Sampled pictures [N, 3, 16, 16] with the prompts that asked for them."""
+    """Sampled pictures [N, 3, 16, 16] (clips: [N, T, 3, 16, 16]) with the prompts that asked for them."""
 
     pictures: torch.Tensor
     prompts: List[str]
@@ -46,31 +54,36 @@ def prompt_grid(seeds_per_prompt: int, prompts: Sequence[str] = ALL_PROMPTS) -> 
     return [p for p in prompts for _ in range(seeds_per_prompt)]
 
 
-def noise_for(count: int, channels: int, seed: int = 0, size: int = 16) -> torch.Tensor:
-    """Initial noise [count, C, size, size] from a seeded generator (sample i always gets the same noise)."""
-    return torch.randn(count, channels, size, size, generator=torch.Generator().manual_seed(seed))
+def noise_for(count: int, channels: int, seed: int = 0, size: int = 16, frames: int = 0) -> torch.Tensor:
+    """Initial noise [count, C, size, size] ([count, C, frames, size, size] for clips) from a seeded generator
+    (sample i always gets the same noise)."""
+    dims = (count, channels) + ((frames,) if frames else ()) + (size, size)
+    return torch.randn(dims, generator=torch.Generator().manual_seed(seed))
 
 
 def sample(trained: models.Trained, prompts: Sequence[str], model=None, steps: int = 20,
            cfg: Optional[float] = None, sampler: str = "euler", scheduler: str = "normal", seed: int = 0,
            negative: str = "", chunk: int = 64, size: int = 16) -> Samples:
-    """Sample one picture per prompt with ``model`` (default: the trained model itself, unpatched)."""
+    """Sample one picture (the video model: one clip) per prompt with ``model`` (default: the trained model
+    itself, unpatched). Clips start from EmptyHunyuanLatentVideo's latent, zeros [N, 16, 4, size, size]."""
     from ...sampling import server_sample
 
     model = trained.model if model is None else model
     cfg = RECOMMENDED_CFG[trained.name] if cfg is None else cfg
-    channels = models.spec(trained.name).latent_channels
-    noise = noise_for(len(prompts), channels, seed, size)
+    channels, frames = models.spec(trained.name).latent_channels, models.spec(trained.name).frames
+    noise = noise_for(len(prompts), channels, seed, size, frames)
     latents = []
     for start in range(0, len(prompts), chunk):
         part = list(prompts[start:start + chunk])
         positive = _batched(trained, part)
         uncond = _batched(trained, [negative] * len(part))
-        empty = torch.zeros(len(part), channels, size, size)
+        empty = torch.zeros(noise[start:start + len(part)].shape)
         latents.append(server_sample(model, noise[start:start + len(part)], steps, cfg, sampler, scheduler,
                                      positive, uncond, empty, disable_pbar=True, seed=seed))
     latent = torch.cat(latents)
-    pictures = oracle.to_pictures(trained.decode(latent), size)
+    pictures = oracle.to_pictures(trained.decode(latent), size)  # clips: B*T frames, clip-major
+    if frames:
+        pictures = pictures.unflatten(0, (len(prompts), frames))
     return Samples(pictures, list(prompts), latent)
 
 
@@ -86,12 +99,27 @@ def _batched(trained: models.Trained, prompts: Sequence[str]) -> List:
 
 def judge(samples: Samples, classifier: oracle.Classifier, reference: Optional[torch.Tensor] = None,
           full: Optional[Samples] = None) -> Dict[str, float]:
-    """Prompt accuracy, FID against ``reference`` pictures, PSNR against ``full`` (same seeds, full compute)."""
-    colour, shape = oracle.labels(samples.prompts)
-    result = {f"accuracy_{k}": round(v, 4)
-              for k, v in oracle.prompt_accuracy(classifier, samples.pictures, colour, shape).items()}
+    """Prompt accuracy, FID against ``reference`` pictures, PSNR against ``full`` (same seeds, full compute).
+
+    Clips: accuracy of colour, shape, direction and all three, the mean ``oracle.flicker`` over the clips that
+    show background (``flicker_clips`` of them; None where none does), FID of their frames, PSNR over each clip's
+    frames."""
+    if samples.pictures.ndim == 5:
+        asked = oracle.clip_labels(samples.prompts)
+        result = {f"accuracy_{k}": round(v, 4)
+                  for k, v in oracle.clip_accuracy(classifier, samples.pictures, *asked).items()}
+        flicker = oracle.flicker(samples.pictures)
+        measured = ~flicker.isnan()  # clips with background pixels to measure
+        result["flicker"] = round(float(flicker[measured].mean()), 5) if measured.any() else None
+        result["flicker_clips"] = int(measured.sum())
+        pictures = samples.pictures.flatten(0, 1)
+    else:
+        colour, shape = oracle.labels(samples.prompts)
+        result = {f"accuracy_{k}": round(v, 4)
+                  for k, v in oracle.prompt_accuracy(classifier, samples.pictures, colour, shape).items()}
+        pictures = samples.pictures
     if reference is not None:
-        result["fid"] = round(oracle.fid(classifier, samples.pictures, reference), 3)
+        result["fid"] = round(oracle.fid(classifier, pictures, reference), 3)
     if full is not None:
         result["psnr_db"] = round(oracle.summarise_psnr(oracle.psnr(samples.pictures, full.pictures)), 2)
     result["samples"] = len(samples.prompts)
@@ -115,8 +143,9 @@ def with_defaults(node_class: type, model, **overrides):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", help="sd15_shapes or flux_shapes")
-    parser.add_argument("--seeds", type=int, default=16, help="seeds per prompt (18 prompts)")
+    parser.add_argument("name", help="sd15_shapes, flux_shapes or wan_shapes")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds per prompt (default 16 of the 18 picture prompts, 4 of the 72 clip prompts)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-write", action="store_true", help="print only; leave the manifest alone")
     parser.add_argument("--weights", type=Path, default=None,
@@ -128,9 +157,11 @@ def main(argv=None) -> int:
     trained = models.load(args.name) if args.weights is None else models.load(args.name, path=args.weights,
                                                                               check=False)
     classifier = oracle.load()
-    reference = oracle.reference_set()
-    prompts = prompt_grid(args.seeds)
-    figures = {"sampler": "euler", "scheduler": "normal", "steps": 20, "seeds_per_prompt": args.seeds,
+    video = bool(models.spec(args.name).frames)
+    seeds = args.seeds or DEFAULT_SEEDS["video" if video else "image"]
+    reference = oracle.clip_reference_set() if video else oracle.reference_set()
+    prompts = prompt_grid(seeds, ALL_CLIP_PROMPTS if video else ALL_PROMPTS)
+    figures = {"sampler": "euler", "scheduler": "normal", "steps": 20, "seeds_per_prompt": seeds,
                "noise_seed": 0, "reference_pictures": len(reference)}
     for label, cfg in (("recommended_cfg", RECOMMENDED_CFG[args.name]), ("cfg_1", 1.0)):
         start = time.monotonic()
@@ -138,8 +169,13 @@ def main(argv=None) -> int:
         result.update(cfg=cfg, wall_s=round(time.monotonic() - start, 1))
         figures[label] = result
         log.info("%s %s: %s", args.name, label, result)
-    real = data.held_out(len(prompts), seed=20_000)
-    figures["real_pictures_fid"] = round(oracle.fid(classifier, real.images, reference), 3)
+    if video:
+        real = data.held_out_clips(len(prompts), seed=20_000).frames
+        figures["real_clips_fid"] = round(oracle.fid(classifier, real.flatten(0, 1), reference), 3)
+        figures["real_clips_flicker"] = round(float(oracle.flicker(real).mean()), 5)
+    else:
+        real = data.held_out(len(prompts), seed=20_000)
+        figures["real_pictures_fid"] = round(oracle.fid(classifier, real.images, reference), 3)
     print(json.dumps(figures, indent=2))
     if not args.no_write and args.weights is None:
         path = models.manifest_path(args.name)

@@ -10,6 +10,11 @@
   whose weights cannot be downloaded here).
 - ``psnr``: 10 log10(1 / MSE) per picture on RGB in 0-1 (against the same seed's
   full-compute result).
+
+Clips (the video model): ``read_clips`` reads each clip's colour and shape as the majority of the
+classifier's answers over its frames, and its direction from the travel of the object's centroid
+(the non-background pixels) from the first frame to the last; ``clip_accuracy`` is the share read
+as the prompt asked; ``flicker`` the mean absolute frame-to-frame change of the background pixels.
 """
 
 from __future__ import annotations
@@ -174,6 +179,95 @@ def main(argv=None) -> int:
     MANIFEST.write_text(json.dumps(facts, indent=2) + "\n")
     log.info("%s", json.dumps(facts))
     return 0
+
+
+
+
+# -- clips --------------------------------------------------------------------------------------------
+
+# A pixel belongs to the object in proportion to how far its brightest channel rises above the background's
+# ceiling (every background channel is at most data.BACKGROUND_MAX, every object colour has a channel >= 0.72).
+FOREGROUND_RAMP = (0.30, 0.60)
+MIN_TRAVEL = 0.125  # of the picture's side: less travel than this reads as no direction (-1)
+
+
+def foreground(frames: torch.Tensor) -> torch.Tensor:
+    """Object weight [..., H, W] in 0-1 of RGB frames [..., 3, H, W] in 0-1."""
+    low, high = FOREGROUND_RAMP
+    return ((frames.amax(-3) - low) / (high - low)).clamp(0, 1)
+
+
+def centroids(frames: torch.Tensor) -> torch.Tensor:
+    """The object's centre [..., 2] (x, y in picture widths; NaN where a frame shows no object) of frames
+    [..., 3, H, W]: the mean pixel position weighted by :func:`foreground`."""
+    weight = foreground(frames)
+    h, w = weight.shape[-2:]
+    ys = (torch.arange(h, dtype=weight.dtype) + 0.5) / h
+    xs = (torch.arange(w, dtype=weight.dtype) + 0.5) / w
+    mass = weight.sum((-2, -1))
+    x = (weight * xs).sum((-2, -1)) / mass
+    y = (weight * ys[:, None]).sum((-2, -1)) / mass
+    return torch.stack([x, y], -1)
+
+
+def directions(frames: torch.Tensor) -> torch.Tensor:
+    """Direction index [B] into ``data.DIRECTIONS`` of clips [B, T, 3, H, W]: the larger component of the
+    centroid's travel from the first frame to the last, by its sign; -1 where it moved less than
+    ``MIN_TRAVEL`` or a first or last frame shows no object."""
+    centre = centroids(frames[:, [0, -1]])
+    travel = centre[:, 1] - centre[:, 0]  # [B, 2]
+    index = torch.where(travel[:, 0].abs() >= travel[:, 1].abs(),
+                        torch.where(travel[:, 0] < 0, 0, 1), torch.where(travel[:, 1] < 0, 2, 3))
+    moved = travel.norm(dim=-1) >= MIN_TRAVEL  # False where NaN
+    return torch.where(moved, index, torch.full_like(index, -1))
+
+
+def _majority(logits: torch.Tensor) -> torch.Tensor:
+    """The most frequent answer [B] over the frames of logits [B, T, K]; a tie goes to the larger mean probability."""
+    votes = F.one_hot(logits.argmax(-1), logits.shape[-1]).sum(1).float()
+    return (votes + logits.softmax(-1).mean(1)).argmax(-1)  # the mean probability is below 1: only breaks ties
+
+
+@torch.no_grad()
+def read_clips(model: Classifier, frames: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Colour [B], shape [B] and direction [B] (-1: none) the oracle reads in clips [B, T, 3, 16, 16]."""
+    colour, shape = model(frames.flatten(0, 1))
+    b, t = frames.shape[:2]
+    return {"colour": _majority(colour.view(b, t, -1)), "shape": _majority(shape.view(b, t, -1)),
+            "direction": directions(frames)}
+
+
+def clip_accuracy(model: Classifier, frames: torch.Tensor, colour: torch.Tensor, shape: torch.Tensor,
+                  direction: torch.Tensor) -> Dict[str, float]:
+    """Share of clips [B, T, 3, 16, 16] read as the asked colour / shape / direction [B] / all three."""
+    read = read_clips(model, frames)
+    right = {"colour": read["colour"] == colour, "shape": read["shape"] == shape,
+             "direction": read["direction"] == direction}
+    right["all"] = right["colour"] & right["shape"] & right["direction"]
+    return {k: v.float().mean().item() for k, v in right.items()}
+
+
+def flicker(frames: torch.Tensor) -> torch.Tensor:
+    """Per clip [B]: the mean absolute change (RGB in 0-1) from each frame to the next of the pixels that are
+    background in both, and not next to the object (its weight dilated by one pixel); 0 for a still background,
+    NaN for a clip without such pixels (nothing reads as background: noise). Clips [B, T, 3, H, W]."""
+    near = F.max_pool2d(foreground(frames).flatten(0, 1)[:, None], 3, stride=1, padding=1)
+    background = (near.view(frames.shape[0], frames.shape[1], *frames.shape[-2:]) == 0).float()
+    both = background[:, 1:] * background[:, :-1]  # [B, T-1, H, W]
+    change = (frames[:, 1:] - frames[:, :-1]).abs().mean(2)  # [B, T-1, H, W]
+    return (change * both).sum((1, 2, 3)) / both.sum((1, 2, 3))  # 0 / 0 = NaN without background
+
+
+def clip_reference_set(count: int = 2000) -> torch.Tensor:
+    """Real clip frames [count, 3, 16, 16] for FID on the video model's frames, from the held-out seed."""
+    return data.held_out_clips(-(-count // data.FRAMES)).frames.flatten(0, 1)[:count]
+
+
+def clip_labels(prompts: Sequence[str]):
+    """(colour [B], shape [B], direction [B]) indices of ``"<colour> <shape> moving <direction>"`` prompts."""
+    colour, shape = labels(prompts)
+    direction = torch.tensor([data.DIRECTIONS.index(p.split()[3]) for p in prompts])
+    return colour, shape, direction
 
 
 if __name__ == "__main__":
