@@ -1,7 +1,7 @@
-"""Workflow files: build the editor (UI) format, convert it to the API format, adapt it to the test kit.
+"""Workflow files: read the editor (UI) format, convert it to the API format, adapt it to the test kit.
 
-* :class:`Builder` writes UI-format workflows (what the graph editor saves and loads)
-  from a few lines of Python, laying the nodes out left to right.
+* ``devtools/examples/builder.py``'s ``Builder`` writes UI-format workflows (what the graph
+  editor saves and loads) from a few lines of Python, with this module's object-info helpers.
 * :func:`ui_to_api` converts a UI workflow to the API prompt ``POST /prompt`` takes,
   using ``/object_info`` (or the same information built in-process) to map widget
   values onto input names, as the editor does.
@@ -67,7 +67,7 @@ def node_info(node_class: type) -> Dict[str, Any]:
     }
 
 
-def _input_spec(info: Dict, name: str) -> Tuple[Any, Dict]:
+def input_spec(info: Dict, name: str) -> Tuple[Any, Dict]:
     for group in ("required", "optional"):
         spec = info["input"].get(group, {}).get(name)
         if spec is not None:
@@ -75,16 +75,16 @@ def _input_spec(info: Dict, name: str) -> Tuple[Any, Dict]:
     raise KeyError(name)
 
 
-def _ordered_inputs(info: Dict) -> List[str]:
+def ordered_inputs(info: Dict) -> List[str]:
     order = info.get("input_order") or {k: list(v) for k, v in info["input"].items()}
     return list(order.get("required", [])) + list(order.get("optional", []))
 
 
-def _is_widget(kind: Any, options: Dict) -> bool:
+def is_widget(kind: Any, options: Dict) -> bool:
     return (isinstance(kind, list) or kind in WIDGET_TYPES) and not options.get("forceInput", False)
 
 
-def _extra_widget_values(name: str, kind: Any, options: Dict) -> int:
+def extra_widget_values(name: str, kind: Any, options: Dict) -> int:
     """Widgets the editor adds after an input (seed's control_after_generate, image upload)."""
     if kind == "INT" and (options.get("control_after_generate") or name in ("seed", "noise_seed")):
         return 1
@@ -111,12 +111,12 @@ def ui_to_api(workflow: Dict, object_info: Dict) -> Dict[str, Dict]:
         linked = {slot["name"]: slot.get("link") for slot in node.get("inputs", [])}
         values = list(node.get("widgets_values") or [])
         inputs: Dict[str, Any] = {}
-        for name in _ordered_inputs(info):
-            input_kind, options = _input_spec(info, name)
-            if _is_widget(input_kind, options):
+        for name in ordered_inputs(info):
+            input_kind, options = input_spec(info, name)
+            if is_widget(input_kind, options):
                 if values:
                     inputs[name] = values.pop(0)
-                del values[:_extra_widget_values(name, input_kind, options)]
+                del values[:extra_widget_values(name, input_kind, options)]
             link = linked.get(name)
             if link is not None:
                 inputs[name] = list(links[link])
@@ -266,7 +266,7 @@ def missing_choices(prompt: Dict, object_info: Dict) -> List[str]:
             continue
         for name, value in node["inputs"].items():
             try:
-                kind, options = _input_spec(info, name)
+                kind, options = input_spec(info, name)
             except KeyError:
                 continue
             choices = kind if isinstance(kind, list) else options.get("options") if kind == "COMBO" else None
@@ -284,109 +284,6 @@ def bypass(prompt: Dict, node_id: str, through: str = "model") -> Dict:
             if isinstance(value, list) and len(value) == 2 and value[0] == node_id and value[1] == 0:
                 node["inputs"][name] = list(source)
     return prompt
-
-
-# --- building UI workflows -------------------------------------------------------
-
-class Output(tuple):
-    """(node id, output slot): what a Builder node's output is wired with."""
-
-
-class Builder:
-    """Write UI-format workflows in Python.
-
-    >>> wf = Builder(info)
-    >>> ckpt = wf.add("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
-    >>> wf.add("PatchLab_ModelSamplingDiscrete", model=ckpt[0], sampling="eps", zsnr=False)
-
-    ``info`` maps node types to their object_info entries. Inputs given a value are
-    widgets (missing ones take their default); inputs given an :class:`Output` are links.
-    """
-
-    def __init__(self, object_info: Dict[str, Dict]):
-        self.info = object_info
-        self.nodes: List[Dict] = []
-        self.links: List[List] = []
-        self.notes: List[Tuple[str, str]] = []
-
-    def add(self, kind: str, **values: Any) -> NodeRef:
-        info = self.info[kind]
-        node_id = len(self.nodes) + 1
-        node = {"id": node_id, "type": kind, "inputs": [], "outputs": [], "widgets_values": [],
-                "properties": {"Node name for S&R": kind}, "flags": {}, "mode": 0, "_depth": 0}
-        unknown = set(values) - set(_ordered_inputs(info))
-        if unknown:
-            raise KeyError(f"{kind} has no input(s) {sorted(unknown)}")
-        for name in _ordered_inputs(info):
-            input_kind, options = _input_spec(info, name)
-            value = values.get(name)
-            if isinstance(value, Output):
-                self._link(value, node, name, input_kind)
-            elif _is_widget(input_kind, options):
-                node["widgets_values"].append(_widget_value(name, input_kind, options, value))
-                if _extra_widget_values(name, input_kind, options):
-                    node["widgets_values"].append("fixed" if input_kind == "INT" else "image")
-            elif value is not None:
-                raise TypeError(f"{kind}.{name} is a {input_kind} input; wire it to an output")
-        for slot, (out_kind, out_name) in enumerate(zip(info["output"], info.get("output_name", info["output"]))):
-            node["outputs"].append({"name": out_name, "type": out_kind, "links": [], "slot_index": slot})
-        self.nodes.append(node)
-        return NodeRef(node_id)
-
-    def note(self, title: str, text: str) -> None:
-        """A Note node (documentation shown in the editor; ignored when queued)."""
-        self.notes.append((title, text))
-
-    def _link(self, source: Output, node: Dict, name: str, kind: Any) -> None:
-        from_id, from_slot = source
-        link_id = len(self.links) + 1
-        origin = self.nodes[from_id - 1]
-        link_type = origin["outputs"][from_slot]["type"]
-        self.links.append([link_id, from_id, from_slot, node["id"], len(node["inputs"]), link_type])
-        origin["outputs"][from_slot]["links"].append(link_id)
-        node["inputs"].append({"name": name, "type": kind if isinstance(kind, str) else "COMBO", "link": link_id})
-        node["_depth"] = max(node["_depth"], origin["_depth"] + 1)
-
-    def to_ui(self) -> Dict:
-        """The workflow in the editor's format (version 0.4), nodes laid out by depth."""
-        columns: Dict[int, int] = {}
-        nodes = []
-        for order, node in enumerate(self.nodes):
-            node = dict(node)
-            depth = node.pop("_depth")
-            row = columns.get(depth, 0)
-            height = 46 + 26 * (len(node["widgets_values"]) + max(len(node["inputs"]), len(node["outputs"])))
-            node["pos"] = [40 + 360 * depth, 40 + row]
-            node["size"] = [320, height]
-            node["order"] = order
-            columns[depth] = row + height + 60
-            nodes.append(node)
-        for index, (title, text) in enumerate(self.notes):
-            nodes.append({"id": len(self.nodes) + index + 1, "type": "Note", "pos": [40 + 380 * index, -260],
-                          "size": [360, 220], "flags": {}, "order": len(nodes), "mode": 0, "inputs": [],
-                          "outputs": [], "properties": {}, "widgets_values": [text], "title": title,
-                          "color": "#432", "bgcolor": "#653"})
-        return {"last_node_id": len(nodes), "last_link_id": len(self.links), "nodes": nodes,
-                "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
-
-
-class NodeRef(int):
-    """A node id; ``ref[i]`` is its i-th output."""
-
-    def __getitem__(self, slot: int) -> Output:
-        return Output((int(self), slot))
-
-
-def _widget_value(name: str, kind: Any, options: Dict, value: Any) -> Any:
-    if value is not None:
-        return value
-    if "default" in options:
-        return options["default"]
-    if isinstance(kind, list) and kind:
-        return kind[0]
-    if kind == "COMBO" and options.get("options"):
-        return options["options"][0]
-    raise ValueError(f"input {name!r} needs a value (it has no default)")
 
 
 def write(path: Path, workflow: Dict) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..workflows import Builder
 from ._common import (
     FLUX,
     SDXL,
@@ -17,6 +16,7 @@ from ._common import (
     sample_and_save,
     split_files,
 )
+from .builder import Builder
 
 STEP_CACHE = {"indicator": "input", "threshold": 0.25, "max_consecutive": 2, "reuse": "forecast",
               "start_percent": 0.0, "end_percent": 1.0}
