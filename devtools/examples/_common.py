@@ -16,6 +16,7 @@ PLAYGROUND = "playground-v2.5-1024px-aesthetic.fp16.safetensors"
 SD21_V = "v2-1_768-ema-pruned.safetensors"
 CASCADE = "stable_cascade_stage_c.safetensors"
 # Split files (UNETLoader / CLIPLoader / VAELoader), as ComfyUI's own templates for these families load them
+WAN21 = "wan2.1_t2v_1.3B_fp16.safetensors"
 WAN22_HIGH = "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"
 WAN22_LOW = "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"
 WAN_TEXT = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
