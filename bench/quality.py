@@ -41,6 +41,7 @@ class Variant:
     group: str                    # "speed" or "guidance"
     make: Callable                # (model, name) -> patched model
     cfg: Optional[float] = None   # None: the model's recommended CFG
+    negative: str = ""            # the sampler's negative prompt (NAG reads it at CFG 1)
 
 
 def ours(node_id: str, **inputs):
@@ -138,20 +139,79 @@ VARIANTS: List[Variant] = [
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(BOTH), choices=list(BOTH))
+    add_options(parser, "quality", seeds=16, prompts=18)
+    return parser.parse_args()
+
+
+def add_options(parser: argparse.ArgumentParser, name: str, seeds: int, prompts: int) -> None:
+    """The options quality.py and quality_video.py share (``cli`` reads them)."""
     parser.add_argument("--variants", nargs="+", help="variant keys (default: all; 'full' always runs)")
-    parser.add_argument("--seeds", type=int, default=16, help="seeds per prompt (18 prompts)")
-    parser.add_argument("--name", default="quality")
+    parser.add_argument("--seeds", type=int, default=seeds, help=f"seeds per prompt ({prompts} prompts)")
+    parser.add_argument("--name", default=name)
     parser.add_argument("--publish", action="store_true", help="copy NAME.json/.md/.png to bench/figures/")
     parser.add_argument("--replot", action="store_true", help="only redraw NAME.md and NAME.png")
     parser.add_argument("--merge", action="store_true",
                         help="keep the variants of results/NAME.json that this run does not redo")
-    return parser.parse_args()
+
+
+def measure(variant: Variant, trained, prompts, **sampling) -> Tuple[Optional[object], Dict]:
+    """Sample ``prompts`` with the variant's patched model, counting the rows at the network's first layer:
+    (samples, {"rows", "wall_s"}), or (None, {"label", "error"}) where the node refuses the model.
+    ``sampling``: further arguments of ``evaluate.sample`` (steps)."""
+    from devtools.testkit.counting import count_rows
+    from devtools.testkit.shapes import evaluate
+
+    try:
+        patched = variant.make(trained.model, trained.name)
+    except Exception as error:  # noqa: BLE001 - a node refusing a model is a result too
+        return None, {"label": variant.label, "error": f"{type(error).__name__}: {error}"}
+    start = time.perf_counter()
+    with count_rows(trained.model) as count:
+        samples = evaluate.sample(trained, prompts, model=patched, cfg=variant.cfg, negative=variant.negative,
+                                  **sampling)
+    return samples, {"rows": count.rows, "wall_s": round(time.perf_counter() - start, 2)}
+
+
+def judged(variant: Variant, name: str, samples, facts: Dict, rows_full: int, classifier, reference=None,
+           full=None) -> Dict:
+    """The result of one variant on model ``name``: ``evaluate.judge``'s figures (accuracy, FID against
+    ``reference``, PSNR against ``full``; clips: direction and flicker too) with what ``measure`` found, the
+    evaluations as a share of ``rows_full`` (the full run's rows) and the CFG and negative prompt it ran at."""
+    from devtools.testkit.shapes import evaluate, models
+
+    result = evaluate.judge(samples, classifier, reference, full)
+    result.update(label=variant.label, kind=variant.kind, group=variant.group, rows=facts["rows"],
+                  evaluations=round(facts["rows"] / rows_full, 4), wall_s=facts["wall_s"],
+                  cfg=variant.cfg or evaluate.RECOMMENDED_CFG[name])
+    if variant.negative:  # with the words the model knows of it (unknown words encode as nothing)
+        result.update(negative=variant.negative,
+                      negative_words=models.words(variant.negative, models.spec(name).vocabulary))
+    return result
+
+
+def run_model(trained, catalogue: List[Variant], wanted, prompts, classifier, reference, results: Dict,
+              saved: Callable[[], None], **sampling) -> None:
+    """Every wanted variant of ``catalogue`` (``full`` first: the others are measured against it) on one model,
+    into ``results`` (variant key -> result); ``saved()`` after each."""
+    rows_full, full = None, None
+    for variant in catalogue:
+        if variant.key not in wanted or trained.name not in variant.models:
+            continue
+        samples, facts = measure(variant, trained, prompts, **sampling)
+        if samples is None:
+            results[variant.key] = facts
+            print(f"{trained.name} {variant.key}: {facts['error']}")
+            continue
+        if variant.key == "full":
+            rows_full, full = facts["rows"], samples
+        results[variant.key] = judged(variant, trained.name, samples, facts, rows_full, classifier, reference, full)
+        print(f"{trained.name} {variant.key}: {json.dumps(results[variant.key])}", flush=True)
+        saved()
 
 
 def run(args, save: Callable[[Dict], None], previous: Optional[Dict] = None) -> Dict:
     """Sample every wanted variant; ``save`` gets the results so far after each (a long run keeps what it did).
     ``previous``: earlier results per model, kept where this run does not redo a variant."""
-    from devtools.testkit.counting import count_rows
     from devtools.testkit.shapes import evaluate, models, oracle
 
     classifier = oracle.load()
@@ -160,32 +220,16 @@ def run(args, save: Callable[[Dict], None], previous: Optional[Dict] = None) -> 
     wanted = set(args.variants or [v.key for v in VARIANTS]) | {"full"}
     results: Dict[str, Dict] = {}
     for name in args.models:
-        trained = models.load(name)
-        rows_full, full = None, None
         results[name] = dict((previous or {}).get(name, {}))
-        for variant in VARIANTS:
-            if variant.key not in wanted or name not in variant.models:
-                continue
-            try:
-                patched = variant.make(trained.model, name)
-            except Exception as error:  # noqa: BLE001 - a node refusing a model is a result too
-                results[name][variant.key] = {"label": variant.label, "error": f"{type(error).__name__}: {error}"}
-                print(f"{name} {variant.key}: {error}")
-                continue
-            start = time.perf_counter()
-            with count_rows(trained.model) as count:
-                samples = evaluate.sample(trained, prompts, model=patched, cfg=variant.cfg)
-            wall = time.perf_counter() - start
-            if variant.key == "full":
-                rows_full, full = count.rows, samples
-            result = evaluate.judge(samples, classifier, reference, full)
-            result.update(label=variant.label, kind=variant.kind, group=variant.group, rows=count.rows,
-                          evaluations=round(count.rows / rows_full, 4), wall_s=round(wall, 2),
-                          cfg=variant.cfg or evaluate.RECOMMENDED_CFG[name])
-            results[name][variant.key] = result
-            print(f"{name} {variant.key}: {json.dumps(result)}", flush=True)
-            save(results)
+        run_model(models.load(name), VARIANTS, wanted, prompts, classifier, reference, results[name],
+                  lambda: save(results))
     return results
+
+
+def ordered(variants: Dict, catalogue: List[Variant]) -> List[Tuple[str, Dict]]:
+    """(key, result) in the catalogue's order, however the runs were merged (unknown keys last)."""
+    order = {v.key: i for i, v in enumerate(catalogue)}
+    return sorted(variants.items(), key=lambda item: order.get(item[0], len(order)))
 
 
 def redraw(payload: Dict, name: str, out=None) -> None:
@@ -202,8 +246,7 @@ def redraw(payload: Dict, name: str, out=None) -> None:
     for model, variants in results.items():
         lines += [f"## {model}", "", "| variant | CFG | evaluations | wall s | colour | shape | both | FID | PSNR dB |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        order = {v.key: i for i, v in enumerate(VARIANTS)}  # the bench's order, however the runs were merged
-        for _key, r in sorted(variants.items(), key=lambda item: order.get(item[0], len(order))):
+        for _key, r in ordered(variants, VARIANTS):
             if "error" in r:
                 lines.append(f"| {r['label']} | | refused: {r['error'][:80]} | | | | | | |")
                 continue
@@ -214,11 +257,11 @@ def redraw(payload: Dict, name: str, out=None) -> None:
     (out / f"{name}.md").write_text("\n".join(lines))
     chart = out / f"{name}.png"
     chart.unlink(missing_ok=True)
-    if any(_speed_points(variants) for variants in results.values()):
-        _chart(results, chart)  # a guidance-only run has nothing to plot on the speed axis
+    if any(speed_points(variants) for variants in results.values()):
+        draw_chart(results, chart)  # a guidance-only run has nothing to plot on the speed axis
 
 
-def _speed_points(variants: Dict) -> List[Tuple[float, float, Dict]]:
+def speed_points(variants: Dict) -> List[Tuple[float, float, Dict]]:
     """(share of evaluations saved, PSNR capped at 60 dB, result) of the speed variants that save evaluations.
     DeepCache, ToMe and ToDo save work inside each evaluation (every row still reaches the first layer): they have
     no place on this axis; the table gives their wall time."""
@@ -226,7 +269,7 @@ def _speed_points(variants: Dict) -> List[Tuple[float, float, Dict]]:
             if "error" not in r and r["group"] == "speed" and key != "full" and r["evaluations"] < 0.999]
 
 
-def _chart(results: Dict, path) -> None:
+def draw_chart(results: Dict, path) -> None:
     """PSNR against the share of evaluations saved, one panel per model (PIL, as bench/run.py draws its charts)."""
     from PIL import Image, ImageDraw
 
@@ -237,7 +280,7 @@ def _chart(results: Dict, path) -> None:
     for panel, (model, variants) in enumerate(results.items()):
         left, top = panel * panel_w + margin, 30
         width, height = panel_w - margin - 20, panel_h - margin - 10
-        points = _speed_points(variants)
+        points = speed_points(variants)
         top_db = max([p[1] for p in points] + [40.0])
 
         def at(saved, db, left=left, top=top, width=width, height=height, top_db=top_db):
@@ -272,14 +315,21 @@ def _chart(results: Dict, path) -> None:
 
 def main():
     args = parse_args()
+    cli(args, run, redraw, {"seeds": args.seeds, "samples_per_variant": 18 * args.seeds})
+
+
+def cli(args, run: Callable, redraw: Callable, meta: Dict) -> None:
+    """The command's course, shared with quality_video.py: sample (``run(args, save, previous)``; with ``--merge``
+    the variants of results/NAME.json it does not redo are kept) or, with ``--replot``, only read
+    results/NAME.json; then ``redraw`` NAME.md and NAME.png, and with ``--publish`` copy them to figures/.
+    ``meta``: what the JSON records beside the results."""
     path = _common.RESULTS_DIR / f"{args.name}.json"
     if args.replot:
         payload = json.loads(path.read_text())
     else:
         _common.boot(cpu=True)
         def save(results):
-            _common.write_results(args.name, {"seeds": args.seeds, "samples_per_variant": 18 * args.seeds,
-                                              "results": results}, echo=False)
+            _common.write_results(args.name, {**meta, "results": results}, echo=False)
 
         previous = json.loads(path.read_text())["results"] if args.merge and path.exists() else None
         save(run(args, save, previous))

@@ -1,7 +1,7 @@
-"""Workflow files: build the editor (UI) format, convert it to the API format, adapt it to the test kit.
+"""Workflow files: read the editor (UI) format, convert it to the API format, adapt it to the test kit.
 
-* :class:`Builder` writes UI-format workflows (what the graph editor saves and loads)
-  from a few lines of Python, laying the nodes out left to right.
+* ``devtools/examples/builder.py``'s ``Builder`` writes UI-format workflows (what the graph
+  editor saves and loads) from a few lines of Python, with this module's object-info helpers.
 * :func:`ui_to_api` converts a UI workflow to the API prompt ``POST /prompt`` takes,
   using ``/object_info`` (or the same information built in-process) to map widget
   values onto input names, as the editor does.
@@ -67,7 +67,7 @@ def node_info(node_class: type) -> Dict[str, Any]:
     }
 
 
-def _input_spec(info: Dict, name: str) -> Tuple[Any, Dict]:
+def input_spec(info: Dict, name: str) -> Tuple[Any, Dict]:
     for group in ("required", "optional"):
         spec = info["input"].get(group, {}).get(name)
         if spec is not None:
@@ -75,16 +75,16 @@ def _input_spec(info: Dict, name: str) -> Tuple[Any, Dict]:
     raise KeyError(name)
 
 
-def _ordered_inputs(info: Dict) -> List[str]:
+def ordered_inputs(info: Dict) -> List[str]:
     order = info.get("input_order") or {k: list(v) for k, v in info["input"].items()}
     return list(order.get("required", [])) + list(order.get("optional", []))
 
 
-def _is_widget(kind: Any, options: Dict) -> bool:
+def is_widget(kind: Any, options: Dict) -> bool:
     return (isinstance(kind, list) or kind in WIDGET_TYPES) and not options.get("forceInput", False)
 
 
-def _extra_widget_values(name: str, kind: Any, options: Dict) -> int:
+def extra_widget_values(name: str, kind: Any, options: Dict) -> int:
     """Widgets the editor adds after an input (seed's control_after_generate, image upload)."""
     if kind == "INT" and (options.get("control_after_generate") or name in ("seed", "noise_seed")):
         return 1
@@ -111,12 +111,12 @@ def ui_to_api(workflow: Dict, object_info: Dict) -> Dict[str, Dict]:
         linked = {slot["name"]: slot.get("link") for slot in node.get("inputs", [])}
         values = list(node.get("widgets_values") or [])
         inputs: Dict[str, Any] = {}
-        for name in _ordered_inputs(info):
-            input_kind, options = _input_spec(info, name)
-            if _is_widget(input_kind, options):
+        for name in ordered_inputs(info):
+            input_kind, options = input_spec(info, name)
+            if is_widget(input_kind, options):
                 if values:
                     inputs[name] = values.pop(0)
-                del values[:_extra_widget_values(name, input_kind, options)]
+                del values[:extra_widget_values(name, input_kind, options)]
             link = linked.get(name)
             if link is not None:
                 inputs[name] = list(links[link])
@@ -159,9 +159,28 @@ def layout_for_checkpoint(name: str) -> str:
     return "sdxl" if "xl" in lowered else "sd15"
 
 
-# Layout -> the trained reference model that stands in for it where the demo asks for pictures.
+# Layout -> the trained reference model that stands in for its checkpoints where the demo asks for pictures.
 TRAINED_LAYOUTS = {"sd15": "sd15_shapes", "flux": "flux_shapes"}
+# Diffusion-model file name part (UNETLoader) -> the trained video model that stands in for it, once its weights
+# are committed (the Wan 2.2 14B experts have Wan 2.1's layout but come in pairs: they stay on random weights).
+TRAINED_DIFFUSION_MODELS = {"wan2.1_t2v": "wan_shapes"}
+TRAINED_WEIGHTS = Path(__file__).resolve().parent / "testkit" / "shapes" / "weights"
 SHAPES_PROMPT = "red circle"
+CLIP_SHAPES_PROMPT = "red circle moving right"
+SHAPES_PROMPTS = {"sd15_shapes": SHAPES_PROMPT, "flux_shapes": SHAPES_PROMPT, "wan_shapes": CLIP_SHAPES_PROMPT}
+# The clip the video model was trained on: EmptyHunyuanLatentVideo's inputs for 4 latent frames of 16x16.
+SHAPES_VIDEO_LATENTS = {"wan_shapes": {"width": 128, "height": 128, "length": 13}}
+
+
+def trained_stand_in(kind: str, file_name: str) -> Optional[str]:
+    """The trained reference model the demo loads in place of ``file_name`` in a loader of ``kind``
+    (CheckpointLoaderSimple or UNETLoader), or None where random weights stand in."""
+    if kind == "CheckpointLoaderSimple":
+        return TRAINED_LAYOUTS.get(layout_for_checkpoint(file_name))
+    for part, name in TRAINED_DIFFUSION_MODELS.items() if kind == "UNETLoader" else ():
+        if part in file_name.lower() and (TRAINED_WEIGHTS / f"{name}.safetensors").is_file():
+            return name
+    return None
 
 
 def use_testkit(prompt: Dict, max_side: int = 128, max_steps: int = 3, trained: bool = False) -> Dict:
@@ -169,42 +188,42 @@ def use_testkit(prompt: Dict, max_side: int = 128, max_steps: int = 3, trained: 
 
     Checkpoint, text-encoder and VAE nodes become their tiny stand-ins (the
     checkpoint's layout chosen from its file name); image sizes are scaled down to at
-    most ``max_side`` pixels (multiples of 16) and KSampler steps capped at ``max_steps``.
-    With ``trained``, SD1.5 and Flux checkpoints become the trained reference models
-    (``TRAINED_LAYOUTS``), their samplers' positive prompt ``SHAPES_PROMPT`` and negative
-    prompt empty, so the pictures show a shape.
+    most ``max_side`` pixels (multiples of 16), video lengths capped at 9 frames and
+    KSampler steps at ``max_steps``. With ``trained``, SD1.5 and Flux checkpoints become
+    the trained reference models and Wan 2.1 text-to-video diffusion models ``wan_shapes``
+    once it is trained (``trained_stand_in``), with the text encoder and VAE that serve
+    them; their samplers run 20 steps with the positive prompt ``SHAPES_PROMPTS[model]``
+    and an empty negative, so the pictures show a shape (the video model: moving, in the
+    128x128 px, 13-frame clip it was trained on).
     """
     prompt = copy.deepcopy(prompt)
-    shapes_models = set()
-    for node_id, node in prompt.items():
-        if node["class_type"] == "CheckpointLoaderSimple":
-            layout = layout_for_checkpoint(node["inputs"]["ckpt_name"])
-            if trained and layout in TRAINED_LAYOUTS:
-                shapes_models.add(node_id)
-    if shapes_models:
-        _ask_for_shapes(prompt, shapes_models)
+    stand_ins = {}  # loader node id -> the trained model it loads
+    for node_id, node in prompt.items() if trained else ():
+        name = node["inputs"].get("ckpt_name", node["inputs"].get("unet_name"))
+        if isinstance(name, str) and trained_stand_in(node["class_type"], name):
+            stand_ins[node_id] = trained_stand_in(node["class_type"], name)
+    if stand_ins:
+        _ask_for_shapes(prompt, stand_ins)
     for node_id, node in prompt.items():
         kind = node["class_type"]
         inputs = node["inputs"]
+        stand_in = stand_ins.get(node_id) or node.pop("_trained", None)
         if kind == "CheckpointLoaderSimple":
-            layout = layout_for_checkpoint(inputs["ckpt_name"])
-            node["inputs"] = {"layout": TRAINED_LAYOUTS[layout] if node_id in shapes_models else layout, "seed": 0}
+            node["inputs"] = {"layout": stand_in or layout_for_checkpoint(inputs["ckpt_name"]), "seed": 0}
         if kind == "UNETLoader":
             name = inputs["unet_name"]
-            node["inputs"] = {"layout": layout_for_checkpoint(name), "seed": 1 if "low_noise" in name else 0}
+            seed = 1 if "low_noise" in name else 0
+            node["inputs"] = {"layout": stand_in or layout_for_checkpoint(name), "seed": seed}
         if kind == "CLIPLoader":
-            node["inputs"] = {"layout": CLIP_TYPE_LAYOUTS.get(inputs.get("type"), "sd15")}
+            node["inputs"] = {"layout": stand_in or CLIP_TYPE_LAYOUTS.get(inputs.get("type"), "sd15")}
         if kind == "VAELoader":
-            node["inputs"] = {"layout": layout_for_checkpoint(inputs["vae_name"])}
+            node["inputs"] = {"layout": stand_in or layout_for_checkpoint(inputs["vae_name"])}
         if kind in TESTKIT_REPLACES:
             node["class_type"] = TESTKIT_REPLACES[kind]
-        if kind in LENGTH_INPUTS and isinstance(inputs.get(LENGTH_INPUTS[kind]), int):
-            inputs[LENGTH_INPUTS[kind]] = min(inputs[LENGTH_INPUTS[kind]], 9)
-        if kind in SIZE_INPUTS and all(isinstance(inputs.get(k), int) for k in SIZE_INPUTS[kind]):
-            width, height = inputs["width"], inputs["height"]
-            scale = min(1.0, max_side / max(width, height))
-            inputs["width"] = max(16, int(width * scale) // 16 * 16)
-            inputs["height"] = max(16, int(height * scale) // 16 * 16)
+        if "_shapes_latent" in node:
+            inputs.update(node.pop("_shapes_latent"))
+        else:
+            _shrink(kind, inputs, max_side)
         shapes = node.pop("_shapes_steps", False)
         for name in STEP_INPUTS.get(kind, ()):
             if isinstance(inputs.get(name), int):
@@ -212,6 +231,17 @@ def use_testkit(prompt: Dict, max_side: int = 128, max_steps: int = 3, trained: 
                 inputs[name] = 20 if shapes else min(inputs[name], max_steps)
                 _scale_step_range(inputs, before, inputs[name])
     return prompt
+
+
+def _shrink(kind: str, inputs: Dict, max_side: int) -> None:
+    """A latent node's size scaled down to at most ``max_side`` pixels (multiples of 16), its length to 9 frames."""
+    if kind in LENGTH_INPUTS and isinstance(inputs.get(LENGTH_INPUTS[kind]), int):
+        inputs[LENGTH_INPUTS[kind]] = min(inputs[LENGTH_INPUTS[kind]], 9)
+    if kind in SIZE_INPUTS and all(isinstance(inputs.get(k), int) for k in SIZE_INPUTS[kind]):
+        width, height = inputs["width"], inputs["height"]
+        scale = min(1.0, max_side / max(width, height))
+        inputs["width"] = max(16, int(width * scale) // 16 * 16)
+        inputs["height"] = max(16, int(height * scale) // 16 * 16)
 
 
 def _scale_step_range(inputs: Dict, before: int, after: int) -> None:
@@ -234,18 +264,40 @@ def _upstream(prompt: Dict, node_id: str) -> set:
     return seen
 
 
-def _ask_for_shapes(prompt: Dict, checkpoints: set) -> None:
-    """Samplers fed by one of ``checkpoints``: positive text SHAPES_PROMPT, negative text empty, 20 steps."""
-    for node in prompt.values():
+def _ask_for_shapes(prompt: Dict, stand_ins: Dict[str, str]) -> None:
+    """Samplers fed by a loader of ``stand_ins`` (node id -> trained model): the trained model's shapes prompt,
+    an empty negative, 20 steps; the text encoders and VAEs serving them load that model's, the video model's
+    latent is its clip (markers that ``use_testkit`` reads)."""
+    samplers = {}  # sampler node id -> the trained model it samples
+    for node_id, node in prompt.items():
         inputs = node["inputs"]
-        if not ({"positive", "negative"} <= set(inputs) and _upstream(prompt, str(inputs.get("model", [""])[0]))
-                & checkpoints):
+        if not {"positive", "negative"} <= set(inputs):
             continue
-        for role, text in (("positive", SHAPES_PROMPT), ("negative", "")):
-            for source in _upstream(prompt, str(inputs[role][0])):
-                if prompt[source]["class_type"] == "CLIPTextEncode":
-                    prompt[source]["inputs"]["text"] = text
+        feeding = [stand_ins[i] for i in _upstream(prompt, str(inputs.get("model", [""])[0])) if i in stand_ins]
+        if not feeding:
+            continue
+        samplers[node_id] = model = feeding[0]
+        for role, text in (("positive", SHAPES_PROMPTS[model]), ("negative", ""), ("latent_image", None)):
+            for source in _upstream(prompt, str(inputs.get(role, [""])[0])):
+                _serve(prompt[source], model, text)
         node["_shapes_steps"] = True
+    for node in prompt.values():  # the VAEs decoding what those samplers made
+        if node["class_type"] == "VAEDecode":
+            made = _upstream(prompt, str(node["inputs"]["samples"][0])) & set(samplers)
+            for source in _upstream(prompt, str(node["inputs"]["vae"][0])) if made else ():
+                _serve(prompt[source], samplers[min(made)], None)
+
+
+def _serve(node: Dict, model: str, text: Optional[str]) -> None:
+    """A node upstream of a sampler (or a decoder) of the trained ``model``: ``text`` for its text encodes, its
+    model's files for its text-encoder and VAE loaders, the clip it was trained on for a video latent."""
+    kind = node["class_type"]
+    if kind == "CLIPTextEncode" and text is not None:
+        node["inputs"]["text"] = text
+    elif kind in ("CLIPLoader", "VAELoader"):
+        node["_trained"] = model
+    elif kind == "EmptyHunyuanLatentVideo" and model in SHAPES_VIDEO_LATENTS:
+        node["_shapes_latent"] = SHAPES_VIDEO_LATENTS[model]
 
 
 def use_checkpoint(prompt: Dict, ckpt_name: str) -> Dict:
@@ -266,7 +318,7 @@ def missing_choices(prompt: Dict, object_info: Dict) -> List[str]:
             continue
         for name, value in node["inputs"].items():
             try:
-                kind, options = _input_spec(info, name)
+                kind, options = input_spec(info, name)
             except KeyError:
                 continue
             choices = kind if isinstance(kind, list) else options.get("options") if kind == "COMBO" else None
@@ -284,109 +336,6 @@ def bypass(prompt: Dict, node_id: str, through: str = "model") -> Dict:
             if isinstance(value, list) and len(value) == 2 and value[0] == node_id and value[1] == 0:
                 node["inputs"][name] = list(source)
     return prompt
-
-
-# --- building UI workflows -------------------------------------------------------
-
-class Output(tuple):
-    """(node id, output slot): what a Builder node's output is wired with."""
-
-
-class Builder:
-    """Write UI-format workflows in Python.
-
-    >>> wf = Builder(info)
-    >>> ckpt = wf.add("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
-    >>> wf.add("PatchLab_ModelSamplingDiscrete", model=ckpt[0], sampling="eps", zsnr=False)
-
-    ``info`` maps node types to their object_info entries. Inputs given a value are
-    widgets (missing ones take their default); inputs given an :class:`Output` are links.
-    """
-
-    def __init__(self, object_info: Dict[str, Dict]):
-        self.info = object_info
-        self.nodes: List[Dict] = []
-        self.links: List[List] = []
-        self.notes: List[Tuple[str, str]] = []
-
-    def add(self, kind: str, **values: Any) -> NodeRef:
-        info = self.info[kind]
-        node_id = len(self.nodes) + 1
-        node = {"id": node_id, "type": kind, "inputs": [], "outputs": [], "widgets_values": [],
-                "properties": {"Node name for S&R": kind}, "flags": {}, "mode": 0, "_depth": 0}
-        unknown = set(values) - set(_ordered_inputs(info))
-        if unknown:
-            raise KeyError(f"{kind} has no input(s) {sorted(unknown)}")
-        for name in _ordered_inputs(info):
-            input_kind, options = _input_spec(info, name)
-            value = values.get(name)
-            if isinstance(value, Output):
-                self._link(value, node, name, input_kind)
-            elif _is_widget(input_kind, options):
-                node["widgets_values"].append(_widget_value(name, input_kind, options, value))
-                if _extra_widget_values(name, input_kind, options):
-                    node["widgets_values"].append("fixed" if input_kind == "INT" else "image")
-            elif value is not None:
-                raise TypeError(f"{kind}.{name} is a {input_kind} input; wire it to an output")
-        for slot, (out_kind, out_name) in enumerate(zip(info["output"], info.get("output_name", info["output"]))):
-            node["outputs"].append({"name": out_name, "type": out_kind, "links": [], "slot_index": slot})
-        self.nodes.append(node)
-        return NodeRef(node_id)
-
-    def note(self, title: str, text: str) -> None:
-        """A Note node (documentation shown in the editor; ignored when queued)."""
-        self.notes.append((title, text))
-
-    def _link(self, source: Output, node: Dict, name: str, kind: Any) -> None:
-        from_id, from_slot = source
-        link_id = len(self.links) + 1
-        origin = self.nodes[from_id - 1]
-        link_type = origin["outputs"][from_slot]["type"]
-        self.links.append([link_id, from_id, from_slot, node["id"], len(node["inputs"]), link_type])
-        origin["outputs"][from_slot]["links"].append(link_id)
-        node["inputs"].append({"name": name, "type": kind if isinstance(kind, str) else "COMBO", "link": link_id})
-        node["_depth"] = max(node["_depth"], origin["_depth"] + 1)
-
-    def to_ui(self) -> Dict:
-        """The workflow in the editor's format (version 0.4), nodes laid out by depth."""
-        columns: Dict[int, int] = {}
-        nodes = []
-        for order, node in enumerate(self.nodes):
-            node = dict(node)
-            depth = node.pop("_depth")
-            row = columns.get(depth, 0)
-            height = 46 + 26 * (len(node["widgets_values"]) + max(len(node["inputs"]), len(node["outputs"])))
-            node["pos"] = [40 + 360 * depth, 40 + row]
-            node["size"] = [320, height]
-            node["order"] = order
-            columns[depth] = row + height + 60
-            nodes.append(node)
-        for index, (title, text) in enumerate(self.notes):
-            nodes.append({"id": len(self.nodes) + index + 1, "type": "Note", "pos": [40 + 380 * index, -260],
-                          "size": [360, 220], "flags": {}, "order": len(nodes), "mode": 0, "inputs": [],
-                          "outputs": [], "properties": {}, "widgets_values": [text], "title": title,
-                          "color": "#432", "bgcolor": "#653"})
-        return {"last_node_id": len(nodes), "last_link_id": len(self.links), "nodes": nodes,
-                "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
-
-
-class NodeRef(int):
-    """A node id; ``ref[i]`` is its i-th output."""
-
-    def __getitem__(self, slot: int) -> Output:
-        return Output((int(self), slot))
-
-
-def _widget_value(name: str, kind: Any, options: Dict, value: Any) -> Any:
-    if value is not None:
-        return value
-    if "default" in options:
-        return options["default"]
-    if isinstance(kind, list) and kind:
-        return kind[0]
-    if kind == "COMBO" and options.get("options"):
-        return options["options"][0]
-    raise ValueError(f"input {name!r} needs a value (it has no default)")
 
 
 def write(path: Path, workflow: Dict) -> None:

@@ -1,10 +1,11 @@
 """Write example_workflows/<name>.jpg beside every example workflow, for ComfyUI's template browser.
 
-A workflow the demo (scripts/demo.py) runs on a trained reference model (sd15_shapes or
-flux_shapes) gets the demo's own output: the images in ``demo_output/<name>/``, up to 4,
-tiled and upscaled with nearest-neighbour. Every other workflow runs on random-weight
-stand-ins whose pictures are noise, so it gets a drawing of its graph instead, made from
-the workflow file: nodes at their editor positions, PatchLab nodes in the accent colour.
+A workflow the demo (scripts/demo.py) runs on a trained reference model (sd15_shapes,
+flux_shapes, or wan_shapes once trained) gets the demo's own output: the images in
+``demo_output/<name>/`` (an animation's frames), up to 4, tiled and upscaled with
+nearest-neighbour. Every other workflow runs on random-weight stand-ins whose pictures
+are noise, so it gets a drawing of its graph instead, made from the workflow file: nodes
+at their editor positions, PatchLab nodes in the accent colour.
 
 Run with the project's venv, after the demo (scripts/demo.sh) for the pictures:
     .venv/bin/python scripts/build_thumbnails.py [--demo demo_output] [--require-demo]
@@ -23,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageSequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -62,18 +63,17 @@ def trained_model(workflow: Dict) -> Optional[str]:
     """The trained reference model the demo runs ``workflow`` on, or None for random-weight stand-ins.
 
     The rule of ``workflows.use_testkit(prompt, trained=True)``, read from the editor file:
-    a CheckpointLoaderSimple (not a note, not muted: ``ui_to_api`` drops those) whose file
-    name ``workflows.layout_for_checkpoint`` maps to a layout in ``workflows.TRAINED_LAYOUTS``.
-    ``ckpt_name`` is the loader's only widget, so ``widgets_values[0]``.
+    a CheckpointLoaderSimple or UNETLoader (not a note, not muted: ``ui_to_api`` drops those)
+    whose file name ``workflows.trained_stand_in`` maps to a trained model (the video model
+    only once its weights are committed). The file name is the loader's first widget, so
+    ``widgets_values[0]``.
     """
     for node in workflow["nodes"]:
-        if node["type"] != "CheckpointLoaderSimple" or node.get("mode", 0) == 2:
+        if node["type"] not in ("CheckpointLoaderSimple", "UNETLoader") or node.get("mode", 0) == 2:
             continue
         values = node.get("widgets_values") or []
-        if values and isinstance(values[0], str):
-            layout = workflows.layout_for_checkpoint(values[0])
-            if layout in workflows.TRAINED_LAYOUTS:
-                return workflows.TRAINED_LAYOUTS[layout]
+        if values and isinstance(values[0], str) and workflows.trained_stand_in(node["type"], values[0]):
+            return workflows.trained_stand_in(node["type"], values[0])
     return None
 
 
@@ -81,7 +81,7 @@ def demo_images(demo: Path, stem: str) -> List[Path]:
     """The images the demo saved for workflow ``stem``, at most MAX_TILES.
 
     Those its last run lists in summary.json (an older run's files may share the folder),
-    else, for a workflow that run left out (``--workflows``), the folder's PNGs.
+    else, for a workflow that run left out (``--workflows``), the folder's PNGs and WEBPs.
     """
     folder = demo / stem
     summary_path = demo / "summary.json"
@@ -90,7 +90,7 @@ def demo_images(demo: Path, stem: str) -> List[Path]:
         # Absolute paths on the machine that ran the demo: keep the file names.
         listed = [folder / Path(name).name for name in summary[stem].get("images", [])]
         return [path for path in listed if path.is_file()][:MAX_TILES]
-    return sorted(folder.glob("*.png"))[:MAX_TILES]
+    return sorted([*folder.glob("*.png"), *folder.glob("*.webp")])[:MAX_TILES]
 
 
 # --- drawing ---------------------------------------------------------------------------
@@ -150,9 +150,10 @@ def scaled(image: Image.Image, width: float, height: float) -> Image.Image:
 def demo_thumbnail(name: str, images: List[Path], model: str) -> Image.Image:
     canvas = Image.new("RGB", (WIDTH, HEIGHT), BACKGROUND)
     pictures = []
-    for path in images:
+    for path in images:  # an animation (SaveAnimatedWEBP) shows its frames side by side
         with Image.open(path) as opened:
-            pictures.append(opened.convert("RGB"))
+            pictures += [frame.convert("RGB") for frame in ImageSequence.Iterator(opened)]
+    pictures = pictures[:MAX_TILES]
     area_h = HEIGHT - BAND
     columns, rows, _ = tile_grid([p.size for p in pictures], WIDTH, area_h)
     cell_w, cell_h = (WIDTH - GAP * (columns - 1)) / columns, (area_h - GAP * (rows - 1)) / rows

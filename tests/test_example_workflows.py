@@ -92,3 +92,49 @@ def test_the_demo_keeps_random_weight_layouts_where_no_trained_model_fits(object
     loader = next(n for n in prompt.values() if n["class_type"] == "PatchLabTest_TinyCheckpoint")
     assert loader["inputs"]["layout"] == "sdxl"
     assert all(n["inputs"]["steps"] <= 3 for n in prompt.values() if n["class_type"] == "KSampler")
+
+
+@pytest.fixture
+def wan_shapes_weights(tmp_path, monkeypatch):
+    """As if wan_shapes were trained: its weights file (empty here) where the demo's rule looks for it."""
+    (tmp_path / "wan_shapes.safetensors").write_bytes(b"")
+    monkeypatch.setattr(workflows, "TRAINED_WEIGHTS", tmp_path)
+
+
+def demo_prompt(object_info, name):
+    prompt = workflows.ui_to_api(workflows.load(workflows.EXAMPLE_DIR / f"{name}.json"), object_info)
+    return workflows.use_testkit(prompt, trained=True)
+
+
+def by_kind(prompt, kind):
+    return [n for n in prompt.values() if n["class_type"] == kind]
+
+
+def test_the_demo_runs_the_wan21_video_workflow_on_wan_shapes_once_it_is_trained(object_info, wan_shapes_weights):
+    prompt = demo_prompt(object_info, "step_cache_wan21")
+    for loader in ("TinyDiffusionModel", "TinyTextEncoder", "TinyVAELoader"):
+        assert [n["inputs"]["layout"] for n in by_kind(prompt, f"PatchLabTest_{loader}")] == ["wan_shapes"]
+    (latent,) = by_kind(prompt, "EmptyHunyuanLatentVideo")
+    assert latent["inputs"] == {"width": 128, "height": 128, "length": 13, "batch_size": 1}  # the trained clip
+    (sampler,) = by_kind(prompt, "KSampler")
+    assert sampler["inputs"]["steps"] == 20
+    positive, negative = (prompt[sampler["inputs"][role][0]] for role in ("positive", "negative"))
+    assert positive["inputs"]["text"] == "red circle moving right" and negative["inputs"]["text"] == ""
+    assert by_kind(prompt, "SaveAnimatedWEBP") and by_kind(prompt, "PatchLab_StepCache")
+
+
+def test_the_demo_keeps_the_wan21_video_workflow_on_random_weights_until_wan_shapes_is_trained(object_info,
+                                                                                              tmp_path, monkeypatch):
+    monkeypatch.setattr(workflows, "TRAINED_WEIGHTS", tmp_path)  # no weights there
+    prompt = demo_prompt(object_info, "step_cache_wan21")
+    assert [n["inputs"]["layout"] for n in by_kind(prompt, "PatchLabTest_TinyDiffusionModel")] == ["wan21"]
+    (latent,) = by_kind(prompt, "EmptyHunyuanLatentVideo")
+    assert latent["inputs"] == {"width": 128, "height": 64, "length": 9, "batch_size": 1}  # 832x480, 13 shrunk
+    assert by_kind(prompt, "KSampler")[0]["inputs"]["steps"] == 3
+
+
+def test_the_wan22_experts_stay_on_random_weights_beside_a_trained_wan_shapes(object_info, wan_shapes_weights):
+    prompt = demo_prompt(object_info, "step_cache_wan22_experts")
+    assert {n["inputs"]["layout"] for n in by_kind(prompt, "PatchLabTest_TinyDiffusionModel")} == {"wan21"}
+    assert {n["inputs"]["layout"] for n in by_kind(prompt, "PatchLabTest_TinyTextEncoder")} == {"wan21"}
+    assert all(n["inputs"]["steps"] <= 3 for n in by_kind(prompt, "KSamplerAdvanced"))

@@ -12,8 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import Dict, List, Tuple
 
-from ..workflows import Builder
 from ._common import EXAMPLES
+from .builder import Builder
 
 FAMILIES = ["model_sampling", "cfg", "guidance_skip", "attention_guidance", "nag", "token_merging", "step_cache",
             "deep_cache", "instantid"]

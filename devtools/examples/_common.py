@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Tuple
 
-from ..workflows import Builder, NodeRef
+from .builder import Builder, NodeRef
 
 SD15 = "v1-5-pruned-emaonly.safetensors"
 SDXL = "sd_xl_base_1.0.safetensors"
@@ -16,6 +16,7 @@ PLAYGROUND = "playground-v2.5-1024px-aesthetic.fp16.safetensors"
 SD21_V = "v2-1_768-ema-pruned.safetensors"
 CASCADE = "stable_cascade_stage_c.safetensors"
 # Split files (UNETLoader / CLIPLoader / VAELoader), as ComfyUI's own templates for these families load them
+WAN21 = "wan2.1_t2v_1.3B_fp16.safetensors"
 WAN22_HIGH = "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"
 WAN22_LOW = "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"
 WAN_TEXT = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..workflows import Builder
 from ._common import (
     FLUX,
     FLUX_VAE,
@@ -18,6 +17,7 @@ from ._common import (
     split_files,
 )
 from ._common import NEGATIVE as NEGATIVE_TEXT
+from .builder import Builder
 
 
 def guided(wf: Builder, ckpt_name: str, prefix: str, cfg: float, size: int, *patches, flux: bool = False,

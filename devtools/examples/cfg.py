@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
-from ..workflows import Builder, NodeRef
 from ._common import SD3, SD15, SDXL, SDXL_VPRED, checkpoint, example, prompts, sample_and_save
+from .builder import Builder, NodeRef
 
 EXAMPLE_IMAGE = "example.png"  # an image with an alpha channel: transparent = area to inpaint
 

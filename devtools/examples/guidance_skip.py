@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..workflows import Builder
 from ._common import SD15, SDXL, checkpoint, example, prompts, sample_and_save
+from .builder import Builder
 
 
 def _txt2img(wf: Builder, ckpt_name: str, prefix: str, model_fn, cfg: float = 7.0, size: int = 1024) -> None:

@@ -7,8 +7,8 @@ an SDXL checkpoint and a reference picture face.png in ComfyUI's input folder.
 
 from __future__ import annotations
 
-from ..workflows import Builder
 from ._common import SDXL, checkpoint, example, prompts, sample_and_save
+from .builder import Builder
 
 INSTANTID_FILE = "ip-adapter.bin"
 CONTROLNET_FILE = "instantid/diffusion_pytorch_model.safetensors"

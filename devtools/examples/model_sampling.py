@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..workflows import Builder
 from ._common import (
     AURAFLOW,
     CASCADE,
@@ -18,6 +17,7 @@ from ._common import (
     sample_and_save,
     schedule_preview,
 )
+from .builder import Builder
 
 
 @example("model_sampling_discrete")

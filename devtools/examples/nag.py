@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from ..workflows import Builder
-from ._common import FLUX, SDXL, WAN21_VAE, WAN_TEXT, checkpoint, example, split_files
-
-WAN21 = "wan2.1_t2v_1.3B_fp16.safetensors"
+from ._common import FLUX, SDXL, WAN21, WAN21_VAE, WAN_TEXT, checkpoint, example, split_files
+from .builder import Builder
 
 
 @example("nag_wan21")

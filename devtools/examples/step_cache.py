@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ..workflows import Builder
 from ._common import (
     FLUX,
     SDXL,
+    WAN21,
     WAN21_VAE,
     WAN22_HIGH,
     WAN22_LOW,
@@ -17,6 +17,7 @@ from ._common import (
     sample_and_save,
     split_files,
 )
+from .builder import Builder
 
 STEP_CACHE = {"indicator": "input", "threshold": 0.25, "max_consecutive": 2, "reuse": "forecast",
               "start_percent": 0.0, "end_percent": 1.0}
@@ -53,6 +54,26 @@ def step_cache_flux(wf: Builder) -> None:
                                                           "threshold": 0.2})
     latent = wf.add("EmptySD3LatentImage", width=1024, height=1024, batch_size=1)
     sample_and_save(wf, model[0], ckpt, positive[0], negative[0], latent[0], "step_cache_flux", steps=20, cfg=1.0)
+
+
+@example("step_cache_wan21")
+def step_cache_wan21(wf: Builder) -> None:
+    wf.note("Step Cache, Wan 2.1 text to video", "StepCache at its defaults on Wan 2.1 (the 1.3B model, 832x480, "
+            "13 frames): steps whose input changed little since the last full evaluation forecast the model's "
+            "output instead of running it, for the positive and the negative pass alike. SaveAnimatedWEBP writes "
+            "the decoded frames as one animation. The log tells per run how many evaluations were saved.")
+    model, clip, vae = split_files(wf, WAN21, WAN_TEXT, "wan", WAN21_VAE)
+    shifted = wf.add("ModelSamplingSD3", model=model[0], shift=8.0)
+    cached = wf.add("PatchLab_StepCache", model=shifted[0])
+    positive = wf.add("CLIPTextEncode", text="a red kite drifting right across a clear blue sky", clip=clip[0])
+    negative = wf.add("CLIPTextEncode", text="static, blurry, low quality, watermark", clip=clip[0])
+    latent = wf.add("EmptyHunyuanLatentVideo", width=832, height=480, length=13, batch_size=1)
+    samples = wf.add("KSampler", model=cached[0], seed=42, steps=20, cfg=5.0, sampler_name="euler",
+                     scheduler="normal", positive=positive[0], negative=negative[0], latent_image=latent[0],
+                     denoise=1.0)
+    frames = wf.add("VAEDecode", samples=samples[0], vae=vae[0])
+    wf.add("SaveAnimatedWEBP", images=frames[0], filename_prefix="PatchLab/step_cache_wan21", fps=16.0,
+           lossless=False, quality=90, method="default")
 
 
 @example("step_cache_wan22_experts")

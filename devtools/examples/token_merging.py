@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..workflows import Builder
 from ._common import SD15, SDXL, checkpoint, example, prompts, sample_and_save
+from .builder import Builder
 
 
 def faster(wf: Builder, ckpt_name: str, prefix: str, size: int, node: str, **inputs) -> None:

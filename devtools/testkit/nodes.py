@@ -121,7 +121,8 @@ class TinyCheckpoint:
 
 
 class TinyDiffusionModel:
-    DESCRIPTION = "A tiny random-weight diffusion model of a real layout, alone (test only; stands in for UNETLoader)."
+    DESCRIPTION = ("A tiny diffusion model of a real layout, alone: random weights or a trained reference model "
+                   "(test only; stands in for UNETLoader).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
@@ -129,7 +130,8 @@ class TinyDiffusionModel:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "layout": (list(tiny_models.LAYOUTS), {"tooltip": "Block layout (random weights), as TinyCheckpoint's."}),
+            "layout": (list(tiny_models.LAYOUTS) + list(_trained_names()),
+                       {"tooltip": "Block layout (random weights) or trained reference model, as TinyCheckpoint's."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
                              "tooltip": "Seed of the random weights (two experts of one family: two seeds)."}),
         }}
@@ -139,31 +141,34 @@ class TinyDiffusionModel:
 
 
 class TinyTextEncoder:
-    DESCRIPTION = "The text encoder of a tiny layout, alone (test only; stands in for CLIPLoader)."
+    DESCRIPTION = ("The text encoder of a tiny layout or trained reference model, alone (test only; stands in for "
+                   "CLIPLoader).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CLIP",)
     FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"layout": (list(tiny_models.LAYOUTS), {"tooltip": "The layout it encodes for."})}}
+        return {"required": {"layout": (list(tiny_models.LAYOUTS) + list(_trained_names()),
+                                        {"tooltip": "The layout (or trained model) it encodes for."})}}
 
     def load(self, layout):
-        return (TinyClip(layout),)
+        return (_checkpoint(layout, 0)[1] if layout in _trained_names() else TinyClip(layout),)
 
 
 class TinyVAELoader:
-    DESCRIPTION = "The VAE of a tiny layout, alone (test only; stands in for VAELoader)."
+    DESCRIPTION = "The VAE of a tiny layout or trained reference model, alone (test only; stands in for VAELoader)."
     CATEGORY = CATEGORY
     RETURN_TYPES = ("VAE",)
     FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"layout": (list(tiny_models.LAYOUTS), {"tooltip": "The layout whose latent it maps."})}}
+        return {"required": {"layout": (list(tiny_models.LAYOUTS) + list(_trained_names()),
+                                        {"tooltip": "The layout (or trained model) whose latent it maps."})}}
 
     def load(self, layout):
-        return (TinyVAE(layout),)
+        return (_checkpoint(layout, 0)[2] if layout in _trained_names() else TinyVAE(layout),)
 
 
 class TinyTextEncode:

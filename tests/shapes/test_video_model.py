@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from devtools.testkit import nodes as testkit
-from devtools.testkit import tiny_models
 from devtools.testkit.shapes import data, evaluate, models, train
 
 NAME = "wan_shapes"
@@ -28,9 +27,7 @@ needs_weights = pytest.mark.skipif(not TRAINED, reason=f"{NAME} is not trained y
 
 def untrained(seed: int = 0) -> models.Trained:
     """The model with seeded random weights (what a first training step starts from, output layer not zeroed)."""
-    patcher = models.build(NAME)
-    tiny_models.randomize(patcher.model.diffusion_model, seed)
-    return models.Trained(NAME, patcher, models.word_table(NAME, seed))
+    return models.untrained(NAME, seed)
 
 
 def test_the_spec_is_comfyuis_wan21_text_to_video_model():

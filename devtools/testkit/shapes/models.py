@@ -283,3 +283,11 @@ def load(name: str, path: Optional[Path] = None, check: bool = True) -> Trained:
     state = patcher.model.model_config.process_unet_state_dict(state)
     patcher.model.diffusion_model.load_state_dict(state, strict=True)
     return Trained(name, patcher, table)
+
+
+def untrained(name: str, seed: int = 0) -> Trained:
+    """The model with seeded random weights and word table (what a first training step starts from, output layer
+    not zeroed): for checking that code runs before the model is trained; its samples mean nothing."""
+    patcher = build(name)
+    tiny_models.randomize(patcher.model.diffusion_model, seed)
+    return Trained(name, patcher, word_table(name, seed))
