@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 
 from PIL import Image, ImageDraw, ImageFont, ImageSequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # appended: never ahead of ComfyUI (its nodes.py)
 
 # Only json/pathlib at import time: no ComfyUI or torch needed.
 from devtools import workflows  # noqa: E402
