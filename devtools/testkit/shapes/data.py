@@ -64,6 +64,23 @@ def _extent(shape: torch.Tensor, area: torch.Tensor) -> torch.Tensor:
     return torch.stack([circle, square, triangle], -1).gather(-1, shape[:, None])[:, 0]
 
 
+def coverage(half: torch.Tensor, centre: torch.Tensor, size: int = 16) -> torch.Tensor:
+    """Coverage [B, 3, size, size] in 0-1 of a circle, a square and a triangle (apex up, base down) with
+    half-extent ``half`` [B] (radius, half side, half base = half height; picture widths) centred at ``centre``
+    [B, 2] (x, y; the triangle's box centre), each pixel supersampled ``SUPERSAMPLE`` x ``SUPERSAMPLE``."""
+    fine = size * SUPERSAMPLE
+    axis = (torch.arange(fine, dtype=torch.float32) + 0.5) / fine
+    y, x = axis[None, :, None], axis[None, None, :]
+    cx, cy = centre[:, 0, None, None], centre[:, 1, None, None]
+    half = half[:, None, None]
+    circle = (x - cx) ** 2 + (y - cy) ** 2 <= half ** 2
+    square = ((x - cx).abs() <= half) & ((y - cy).abs() <= half)
+    depth = (y - (cy - half)) / (2 * half)  # 0 at the apex, 1 at the base
+    triangle = (depth >= 0) & (depth <= 1) & ((x - cx).abs() <= half * depth)
+    masks = torch.stack([circle, square, triangle], 1).float()  # [B, 3, fine, fine]
+    return torch.nn.functional.avg_pool2d(masks, SUPERSAMPLE)
+
+
 def render(colour: torch.Tensor, shape: torch.Tensor, area: torch.Tensor, centre: torch.Tensor,
            background: torch.Tensor, gradient: torch.Tensor, jitter: torch.Tensor, size: int = 16):
     """Draw pictures [B, 3, size, size] from their parameters; returns them and the coverage [B, 1, size, size].
@@ -72,19 +89,11 @@ def render(colour: torch.Tensor, shape: torch.Tensor, area: torch.Tensor, centre
     centre: [B, 2] (x, y) in picture widths; background: [B, 3]; gradient: [B, 2] per-unit
     slopes of the background's brightness along x and y; jitter: [B, 3] added to the colour.
     """
+    mask = coverage(_extent(shape, area), centre, size).gather(
+        1, shape[:, None, None, None].expand(-1, 1, size, size))  # [B, 1, size, size]
     fine = size * SUPERSAMPLE
     axis = (torch.arange(fine, dtype=torch.float32) + 0.5) / fine
-    y, x = axis[None, :, None], axis[None, None, :]
-    cx, cy = centre[:, 0, None, None], centre[:, 1, None, None]
-    half = _extent(shape, area)[:, None, None]
-    circle = (x - cx) ** 2 + (y - cy) ** 2 <= half ** 2
-    square = ((x - cx).abs() <= half) & ((y - cy).abs() <= half)
-    depth = (y - (cy - half)) / (2 * half)  # 0 at the apex, 1 at the base
-    triangle = (depth >= 0) & (depth <= 1) & ((x - cx).abs() <= half * depth)
-    masks = torch.stack([circle, square, triangle], 1).float()  # [B, 3, fine, fine]
-    mask = masks.gather(1, shape[:, None, None, None].expand(-1, 1, fine, fine))
-    mask = torch.nn.functional.avg_pool2d(mask, SUPERSAMPLE)  # [B, 1, size, size] coverage
-    ramp = (axis[::SUPERSAMPLE] + 0.5 / size - 0.5)  # pixel centres of the coarse grid, centred
+    ramp = (axis[::SUPERSAMPLE] + 0.5 / size - 0.5)  # the shading's coordinate (as the models were trained)
     shade = gradient[:, 0, None, None] * ramp[None, None, :] + gradient[:, 1, None, None] * ramp[None, :, None]
     back = (background[:, :, None, None] + shade[:, None]).clamp(0.0, BACKGROUND_MAX)
     palette = torch.tensor([COLOURS[name] for name in COLOUR_NAMES])

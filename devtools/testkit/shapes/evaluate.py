@@ -101,6 +101,9 @@ def judge(samples: Samples, classifier: oracle.Classifier, reference: Optional[t
           full: Optional[Samples] = None) -> Dict[str, float]:
     """Prompt accuracy, FID against ``reference`` pictures, PSNR against ``full`` (same seeds, full compute).
 
+    ``accuracy_shape_outline``: the share whose outline has the asked shape (``oracle.mask_shapes``, which reads
+    corners; clips: over all frames) beside the classifier's ``accuracy_shape``.
+
     Clips: accuracy of colour, shape, direction and all three, the mean ``oracle.flicker`` over the clips that
     show background (``flicker_clips`` of them; None where none does), FID of their frames, PSNR over each clip's
     frames."""
@@ -108,6 +111,7 @@ def judge(samples: Samples, classifier: oracle.Classifier, reference: Optional[t
         asked = oracle.clip_labels(samples.prompts)
         result = {f"accuracy_{k}": round(v, 4)
                   for k, v in oracle.clip_accuracy(classifier, samples.pictures, *asked).items()}
+        result["accuracy_shape_outline"] = round(oracle.mask_shape_accuracy(samples.pictures, asked[1]), 4)
         flicker = oracle.flicker(samples.pictures)
         measured = ~flicker.isnan()  # clips with background pixels to measure
         result["flicker"] = round(float(flicker[measured].mean()), 5) if measured.any() else None
@@ -117,6 +121,7 @@ def judge(samples: Samples, classifier: oracle.Classifier, reference: Optional[t
         colour, shape = oracle.labels(samples.prompts)
         result = {f"accuracy_{k}": round(v, 4)
                   for k, v in oracle.prompt_accuracy(classifier, samples.pictures, colour, shape).items()}
+        result["accuracy_shape_outline"] = round(oracle.mask_shape_accuracy(samples.pictures, shape), 4)
         pictures = samples.pictures
     if reference is not None:
         result["fid"] = round(oracle.fid(classifier, pictures, reference), 3)

@@ -258,6 +258,39 @@ def flicker(frames: torch.Tensor) -> torch.Tensor:
     return (change * both).sum((1, 2, 3)) / both.sum((1, 2, 3))  # 0 / 0 = NaN without background
 
 
+# -- shapes by their outline -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def mask_shapes(pictures: torch.Tensor) -> torch.Tensor:
+    """Shape index [B] into ``data.SHAPES`` of pictures [B, 3, H, W], read from the object's outline: the
+    ideal circle, square and triangle with the object's area (its :func:`foreground` weight) and centroid are
+    drawn (``data.coverage``), and the one that overlaps the object best (intersection over union of the soft
+    masks) wins. Unlike the classifier, this oracle reads corners: a round blob asked to be a square overlaps
+    the ideal circle better than the ideal square of its area."""
+    weight = foreground(pictures)  # [B, H, W]
+    size = weight.shape[-1]
+    area = weight.sum((-2, -1)) / weight[0].numel()
+    centre = centroids(pictures)
+    scores = []
+    for index in range(len(data.SHAPES)):
+        half = data._extent(torch.full(area.shape, index), area)
+        box = centre - torch.stack([torch.zeros_like(half), half / 3], -1) if data.SHAPES[index] == "triangle" \
+            else centre  # a triangle's centroid lies a third of its half-height below its box's centre
+        ideal = data.coverage(half, box, size)[:, index]
+        scores.append(torch.minimum(weight, ideal).sum((-2, -1)) / torch.maximum(weight, ideal).sum((-2, -1)))
+    return torch.stack(scores, -1).nan_to_num(0.0).argmax(-1)
+
+
+def mask_shape_accuracy(pictures: torch.Tensor, shape: torch.Tensor) -> float:
+    """Share of pictures [B, 3, H, W] (clips [B, T, 3, H, W]: every frame) whose outline reads as the asked
+    shape [B] by :func:`mask_shapes`."""
+    if pictures.ndim == 5:
+        shape = shape[:, None].expand(-1, pictures.shape[1]).flatten()
+        pictures = pictures.flatten(0, 1)
+    return (mask_shapes(pictures) == shape).float().mean().item()
+
+
 def clip_reference_set(count: int = 2000) -> torch.Tensor:
     """Real clip frames [count, 3, 16, 16] for FID on the video model's frames, from the held-out seed."""
     return data.held_out_clips(-(-count // data.FRAMES)).frames.flatten(0, 1)[:count]
