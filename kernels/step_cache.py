@@ -16,14 +16,20 @@ rescaled to the current sigma.
   2503.06923) does for features: ``d(sigma) = d_1 + g * (sigma - sigma_1) * (d_1 - d_0) /
   (sigma_1 - sigma_0)`` with gain ``g`` (1 is the first-order Taylor step; StepCache uses
   1/2, see FORECAST_GAIN); where the two sigmas coincide it falls back to ``d_1``.
+* The evaluation budget (``target_speedup`` T > 0) is a leaky bucket per batch item, in
+  host floats: its credit starts at 1, every model call adds ``1/T``, a full evaluation
+  costs 1 (:func:`credit_after`). An item evaluates (beyond the evaluations forced on it)
+  only while its credit covers one, so after k calls it has had at most ``1 + k/T``
+  (:func:`budget_evaluates`, which also says which change spends the credit).
 
 Nothing here syncs with the host; the only host sync of a cached step is the caller's
-single ``bool`` of :func:`all_below`.
+single ``bool`` of :func:`all_below` (or its one list of the budget's inputs).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -102,3 +108,74 @@ def direction(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> t
 def denoised_from_direction(x: torch.Tensor, sigma: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """``x - sigma * d`` [B, ...] float32: the denoised prediction a cached direction ``d`` implies at ``sigma``."""
     return x.float() - per_item(sigma, x) * d.to(x.device).float()
+
+
+# --- the evaluation budget (target_speedup): a leaky-bucket credit per batch item, host floats ----------------
+
+# Slack of the budget's comparisons: repeated 1/T additions (T = 3) must not round a whole credit below 1.
+BUDGET_SLACK = 1e-6
+
+
+def credit_after(credit: float, evaluated: bool, target: float) -> float:
+    """A batch item's credit after one model call: ``+1/target`` per call, ``-1`` if the call evaluated it in full.
+
+    ``target <= 0`` (no budget) leaves it as it is. The credit may go negative after an evaluation the
+    caller forces (first step, outside the window); the following reuses pay it back.
+    """
+    if target <= 0:
+        return credit
+    return credit + 1.0 / target - (1.0 if evaluated else 0.0)
+
+
+def remaining_calls(schedule: Sequence[float], sigma: float, calls_so_far: int,
+                    window: Tuple[float, float] = (math.inf, 0.0)) -> Tuple[float, float]:
+    """Estimated model calls of a run after the current one, and how many of those fall outside the window.
+
+    ``schedule``: the run's sigmas, falling (N + 1 values for N steps; the model is called at the first N);
+    ``sigma``: the current call's; ``calls_so_far``: the sampler's evaluations of the run so far, this one
+    included; ``window``: ``(sigma_start, sigma_end)``, where the cache may reuse. The current step is the
+    first whose sigma is not above ``sigma`` (a second-order sampler's extra evaluation counts as the next
+    step's); calls per step are ``calls_so_far`` over the steps begun, at least 1. Returns ``(remaining,
+    outside)``, both ``calls per step x steps``, so floats.
+    """
+    steps = list(schedule[:-1])
+    if not steps:
+        return 0.0, 0.0
+    tolerance = 1e-4 * max(abs(sigma), EPS)
+    index = min(sum(1 for s in steps if s > sigma + tolerance), len(steps) - 1)
+    per_step = max(1.0, calls_so_far / (index + 1))
+    later = steps[index + 1:]
+    start, end = window
+    outside = sum(1 for s in later if s <= EPS or not end <= s <= start)
+    return per_step * len(later), per_step * outside
+
+
+def budget_evaluates(change: float, credit: float, reused: int, threshold: float, max_consecutive: int,
+                     target: float, remaining: float = 0.0, outside: float = 0.0) -> bool:
+    """Whether an item the caller does not force to evaluate is evaluated in full at this call (budget ``target``).
+
+    ``change``: its indicator's accumulated relative change since its last evaluation; ``credit``: its
+    credit before this call (:func:`credit_after`); ``reused``: its reused calls in a row; ``remaining`` /
+    ``outside``: :func:`remaining_calls`. With this call's ``1/target`` added, the credit that is free is
+    what the evaluations forced outside the window later will not be paid by the income until then. Then:
+
+    * less than 1 free: reuse (the budget wins over ``max_consecutive``);
+    * ``reused >= max_consecutive``: evaluate;
+    * the credit pays for evaluating this and every remaining call: evaluate (the budget is spent on the
+      last steps rather than left);
+    * else evaluate when ``change >= threshold / free``: the more unspent credit, the smaller the change
+      that spends it, so the largest changes are served first and a small indicator still spends its budget.
+
+    Evaluating only with a free credit of 1 keeps the run's evaluations of the item at most ``1 + calls /
+    target`` plus the forced ones the income cannot pay for.
+    """
+    income = 1.0 / target
+    now = credit + income
+    free = now - max(0.0, outside - remaining * income)
+    if free < 1.0 - BUDGET_SLACK:
+        return False
+    if reused >= max_consecutive:
+        return True
+    if now - 1.0 >= remaining * (1.0 - income) - BUDGET_SLACK:
+        return True
+    return change >= threshold / free

@@ -2,8 +2,31 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any, Optional
+
 from ..patches import step_cache as sc
-from ._common import HIDDEN_NODE_ID, WindowPatchNode, category, check_window, combo_input, float_input, int_input
+from ._common import (
+    HIDDEN_NODE_ID,
+    WindowPatchNode,
+    category,
+    check_window,
+    combo_input,
+    first_error,
+    float_input,
+    int_input,
+)
+
+
+def target_error(node_id: str, target_speedup: Any) -> Optional[str]:
+    """What is wrong with a ``target_speedup`` (None if it is fine or not known yet): it is 0 or at least 1."""
+    if not isinstance(target_speedup, (int, float)) or isinstance(target_speedup, bool):
+        return None
+    if not math.isfinite(target_speedup) or target_speedup < 0 or 0 < target_speedup < 1:
+        return (f"{node_id}: target_speedup is {target_speedup}; it must be 0 (off: the threshold alone decides) "
+                f"or a number from 1 to 10 (how many times fewer rows to evaluate; 1.5-4 is the useful range, "
+                f"2 evaluates at most about half). Set 0 to turn it off, or e.g. 2.")
+    return None
 
 
 class StepCache(WindowPatchNode):
@@ -17,7 +40,9 @@ class StepCache(WindowPatchNode):
         "since then (of the model input, or of the first block's residual) stays below the threshold. Works on every "
         "model ComfyUI samples (first block: UNets and "
         "most DiTs), per batch item and per cond/uncond chunk, starts fresh every run (any size, steps or sampler), "
-        "and never reuses in extra guidance passes. After each run the node shows how many evaluations it saved."
+        "and never reuses in extra guidance passes. With target_speedup set it instead spends a budget of at most "
+        "about 1/target of the evaluations on the steps whose indicator changes most, on any model without "
+        "calibration. After each run the node shows how many evaluations it saved."
     )
     WHAT = "reuse"
     # The first steps set the composition and change the most: like core EasyCache/LazyCache, start at 15 %.
@@ -40,19 +65,35 @@ class StepCache(WindowPatchNode):
             "(half the first-order step; closer to the uncached result at the same speed); plain: reuse the last "
             "prediction as it is.")),
     }
+    # Added after the first release: optional, so prompts saved without it keep running (as with 0, off).
+    OPTIONAL_INPUTS = {
+        "target_speedup": float_input(0.0, 0.0, 10.0, 0.1, (
+            "Evaluate at most about 1/target of the rows (plus one step's): 2 runs the network for at most half "
+            "of them, spent on the steps where the indicator sees the largest change, on any model, no "
+            "calibration. 0 turns it off: the threshold alone decides, exactly as without this input. Useful: "
+            "1.5-4 (between 0 and 1 is refused; 1 evaluates every step). With it set, threshold says how readily "
+            "the budget is spent (the more budget left, the smaller the change that spends it; 0 spends it "
+            "evenly), max_consecutive forces an evaluation only while budget is left (the budget wins), the last "
+            "steps spend what is left, and steps outside start/end are always evaluated and paid from the "
+            "budget.")),
+    }
     HIDDEN_INPUTS = HIDDEN_NODE_ID
 
     @classmethod
-    def VALIDATE_INPUTS(cls, threshold=None, max_consecutive=None, start_percent=None, end_percent=None):
-        return check_window(cls, start_percent, end_percent, threshold=threshold, max_consecutive=max_consecutive)
+    def VALIDATE_INPUTS(cls, threshold=None, max_consecutive=None, start_percent=None, end_percent=None,
+                        target_speedup=None):
+        return first_error(target_error(cls.NODE_ID, target_speedup),
+                           check_window(cls, start_percent, end_percent, threshold=threshold,
+                                        max_consecutive=max_consecutive, target_speedup=target_speedup))
 
-    def patch(self, model, indicator, threshold, max_consecutive, reuse, start_percent, end_percent, unique_id=None):
+    def patch(self, model, indicator, threshold, max_consecutive, reuse, start_percent, end_percent,
+              target_speedup=0.0, unique_id=None):
         return (sc.with_step_cache(model, self.spec(model, indicator, threshold, max_consecutive, reuse,
-                                                    start_percent, end_percent, unique_id)),)
+                                                    start_percent, end_percent, unique_id, target_speedup)),)
 
     @classmethod
     def spec(cls, model, indicator, threshold, max_consecutive, reuse, start_percent, end_percent,
-             unique_id=None) -> sc.CacheSpec:
+             unique_id=None, target_speedup=0.0) -> sc.CacheSpec:
         """The node's inputs checked and turned into the cache's spec (sigma window from the percents)."""
         if indicator not in sc.INDICATORS:
             raise ValueError(f"{cls.NODE_ID}: indicator must be one of {', '.join(sc.INDICATORS)}, got {indicator!r}")
@@ -62,10 +103,13 @@ class StepCache(WindowPatchNode):
             raise ValueError(f"{cls.NODE_ID}: threshold must be >= 0 (0 disables it), got {threshold}")
         if max_consecutive < 1:
             raise ValueError(f"{cls.NODE_ID}: max_consecutive must be at least 1, got {max_consecutive}")
+        error = target_error(cls.NODE_ID, target_speedup)
+        if error:
+            raise ValueError(error)
         window = cls.window(model, start_percent, end_percent)
         return sc.CacheSpec(node_id=cls.NODE_ID, indicator=indicator, threshold=float(threshold),
                             max_consecutive=int(max_consecutive), forecast=reuse == "forecast", window=window,
-                            canvas=unique_id)
+                            canvas=unique_id, target_speedup=float(target_speedup))
 
 
 NODES = [StepCache]

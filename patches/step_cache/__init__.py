@@ -37,6 +37,18 @@ what it gets alone. With ``first block`` the block has already run on every row 
 hook decides, so a call reuses only when every item agrees. Chunked cond/uncond calls
 decide separately.
 
+Budget (``target_speedup`` T > 0, no calibration): each batch item of each chunk has a
+credit that starts at 1, gains ``1/T`` per tagged call and pays 1 per full evaluation, so
+an item is evaluated at most ``1 + calls / T`` times, beyond the evaluations forced on it
+(its first call, sigmas outside the window, which later reuses pay back). An item with a
+cache entry and its sigma in the window reuses while its free credit is below 1 (the
+budget wins over ``max_consecutive``), and is otherwise evaluated when its change since
+its last evaluation reaches ``threshold / credit`` (large changes are served first, small
+ones spend what is left), after ``max_consecutive`` reuses, or when its credit pays for
+every remaining call of the run (estimated from the run's schedule and the calls per step
+so far). ``first block`` applies the rule to the call as a whole. Each sampling run (each
+KSamplerAdvanced of Wan 2.2's two experts) has its own budget.
+
 One step cache per model: StepCache refuses a model that carries ComfyUI's EasyCache or
 LazyCache, when the node runs (the core cache came first) and when sampling starts (it
 came after), with a RuntimeError that says to keep one of them.
@@ -110,7 +122,7 @@ def start_run(spec: CacheSpec):
     """The run's state; refuses a core step cache applied after this node (the node refused one before)."""
     def start(guider, sigmas) -> StepRun:
         refuse_double_cache(spec.node_id, core_caches(guider.model_patcher))
-        return StepRun(spec)
+        return StepRun(spec, sigmas)
 
     return start
 

@@ -2,7 +2,9 @@
 
 :class:`StepRun` is the run's state (the run-state protocol, :mod:`patches.run`); :class:`_Call` one
 tagged model call, which decides per batch item whether to reuse, forecasts or reuses the cached
-direction, and stores what a full evaluation produced.
+direction, and stores what a full evaluation produced. With ``target_speedup`` each chunk entry keeps,
+next to its reuse counters, one budget credit per batch item (:func:`..kernels.step_cache.credit_after`),
+and the decision is :func:`..kernels.step_cache.budget_evaluates` instead of the threshold alone.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -40,6 +42,11 @@ class CacheSpec:
     window: SigmaWindow
     canvas: Optional[str] = None  # the node's id in the graph (UNIQUE_ID): where its summary is shown
     forecast_gain: float = kc.FORECAST_GAIN  # the share of the first-order step a forecast takes (0: plain reuse)
+    target_speedup: float = 0.0  # > 0: evaluate at most about 1/target of the rows (a budget); 0: threshold alone
+
+    @property
+    def budget(self) -> bool:
+        return self.target_speedup > 0
 
 
 class _Reuse(Exception):
@@ -61,6 +68,7 @@ class _Entry:
     x_ref: Optional[torch.Tensor] = None
     block_ref: Optional[torch.Tensor] = None
     reused: List[int] = field(default_factory=list)  # per batch item: reused calls since its last evaluation
+    credit: List[float] = field(default_factory=list)  # per batch item: its budget credit (target_speedup only)
 
 
 ChunkKey = Tuple[Any, int, Tuple[int, ...]]
@@ -69,9 +77,12 @@ ChunkKey = Tuple[Any, int, Tuple[int, ...]]
 class StepRun(run.RunState):
     """Everything StepCache knows during one sampling run (the run-state protocol, :mod:`.run`)."""
 
-    def __init__(self, spec: CacheSpec):
+    def __init__(self, spec: CacheSpec, sigmas: Optional[torch.Tensor] = None):
         super().__init__()
         self.spec = spec
+        # the run's schedule on the host (one copy per run, budget only): the remaining calls are estimated on it
+        self.schedule: List[float] = (sigmas.detach().float().cpu().tolist()
+                                      if spec.budget and torch.is_tensor(sigmas) else [])
         self.entries: Dict[ChunkKey, _Entry] = {}
         self._step = 0
         self.steps: Dict[int, List[int]] = {}  # step id -> [full calls, reused calls]
@@ -84,6 +95,13 @@ class StepRun(run.RunState):
         with self.lock:
             self._step += 1
             return self._step
+
+    def remaining(self, sigma: float) -> Tuple[float, float]:
+        """Estimated calls of the run after the current one at ``sigma``, and those of them outside the window."""
+        window = self.spec.window
+        with self.lock:
+            calls = self._step
+        return kc.remaining_calls(self.schedule, sigma, calls, (window.sigma_start, window.sigma_end))
 
     # -- entries and counts
     def get(self, keys: List[ChunkKey]) -> List[Optional[_Entry]]:
@@ -110,6 +128,11 @@ class StepRun(run.RunState):
         with self.lock:
             self.extra_rows += rows
 
+    def _speedup(self) -> str:
+        """``"2.1x fewer"``, with the budget ``"2.1x fewer (target 2x)"``: the rows of the main passes saved."""
+        fewer = canvas.fewer(self.full_rows + self.reused_rows, self.full_rows)
+        return f"{fewer} (target {self.spec.target_speedup:g}x)" if self.spec.budget else fewer
+
     def summary(self) -> str:
         with self.lock:
             steps = len(self.steps)
@@ -120,17 +143,17 @@ class StepRun(run.RunState):
             spec = self.spec
             return (f"{spec.node_id}: reused {reused} of {steps} steps ({partly} partly); model calls: {full_calls} "
                     f"full, {hit_calls} reused; rows: {self.full_rows} evaluated, {self.reused_rows} reused, "
-                    f"{self.extra_rows} in extra passes (indicator {spec.indicator}, threshold {spec.threshold:g}, "
-                    f"{'forecast' if spec.forecast else 'plain reuse'})")
+                    f"{self.extra_rows} in extra passes; {self._speedup()} (indicator {spec.indicator}, threshold "
+                    f"{spec.threshold:g}, {'forecast' if spec.forecast else 'plain reuse'})")
 
     def brief(self) -> str:
-        """The node's line in the editor, e.g. ``evaluated 18 of 40 rows: 2.2x fewer; 11 of 20 steps reused``."""
+        """The node's line in the editor, e.g. ``evaluated 18 of 40 rows: 2.2x fewer; 11 of 20 steps reused``
+        (with target_speedup ``evaluated 20 of 40 rows: 2.0x fewer (target 2x); ...``)."""
         with self.lock:
             total = self.full_rows + self.reused_rows
             steps = len(self.steps)
             reused = sum(1 for full, hit in self.steps.values() if hit and not full)
-            return (f"evaluated {self.full_rows} of {total} rows: {canvas.fewer(total, self.full_rows)}; "
-                    f"{reused} of {steps} steps reused")
+            return f"evaluated {self.full_rows} of {total} rows: {self._speedup()}; {reused} of {steps} steps reused"
 
     def finish(self, finished: bool) -> None:
         """The run's INFO line and the node's summary in the editor; every cached tensor dropped."""
@@ -174,10 +197,12 @@ class _Call:
     def eligible(self) -> bool:
         """May this call reuse (before looking at any indicator)? No host sync."""
         spec = self.spec
-        if spec.threshold <= 0 or not self.valid or self.sigma is None:
+        if (spec.threshold <= 0 and not spec.budget) or not self.valid or self.sigma is None:
             return False
         for entry in self.entries:
-            if entry is None or (spec.indicator == "first block" and max(entry.reused) >= spec.max_consecutive):
+            if entry is None or (spec.budget and len(entry.credit) != self.rows):
+                return False
+            if spec.indicator == "first block" and not spec.budget and max(entry.reused) >= spec.max_consecutive:
                 return False
             if spec.indicator == "input" and entry.x_ref is None:
                 return False
@@ -200,7 +225,8 @@ class _Call:
                 for sigma, piece in zip(self.sigma, self.pieces)]
 
     def decide(self, currents: List[torch.Tensor], attribute: str) -> bool:
-        """Reuse if every item of every chunk changed less than the threshold (one host sync)."""
+        """Reuse if every item of every chunk changed less than the threshold (one host sync); with the budget,
+        the budget's rule for the call as a whole: its largest change, its smallest credit."""
         changes = []
         for current, entry in zip(currents, self.entries):
             reference = getattr(entry, attribute)
@@ -208,18 +234,45 @@ class _Call:
                 return False
             changes.append(kc.relative_change(current, reference))
         changes = torch.cat([c.to(self.sigmas.device) for c in changes])
-        return bool(kc.all_below(changes, self.spec.threshold) & self._in_window().all())
+        if not self.spec.budget:
+            return bool(kc.all_below(changes, self.spec.threshold) & self._in_window().all())
+        change, inside, sigma = self._host(changes, self._in_window())
+        if not all(inside):
+            return False  # outside the window every row is evaluated
+        return not self._budget_evaluates(max(change), max(sigma), range(self.rows))
+
+    def _host(self, changes: torch.Tensor, inside: torch.Tensor) -> Tuple[List[float], List[bool], List[float]]:
+        """The budget's inputs on the host in one sync: changes, in-window flags and sigmas, per row given."""
+        rows = changes.numel()
+        values = torch.cat([changes.float(), inside.float(), self.sigmas[:rows].float()]).tolist()
+        return values[:rows], [v > 0.5 for v in values[rows:2 * rows]], values[2 * rows:]
+
+    def _budget_evaluates(self, change: float, sigma: float, items: Iterable[int]) -> bool:
+        """The budget's rule (:func:`..kernels.step_cache.budget_evaluates`) for the batch items ``items`` in every
+        chunk together: their largest ``change``, smallest credit, longest run of reuses."""
+        spec = self.spec
+        cells = [(entry, i) for entry in self.entries for i in items]
+        credit = min(entry.credit[i] for entry, i in cells)
+        reused = max(entry.reused[i] for entry, i in cells)
+        remaining, outside = self.state.remaining(sigma)
+        return kc.budget_evaluates(change, credit, reused, spec.threshold, spec.max_consecutive,
+                                   spec.target_speedup, remaining, outside)
 
     def items_reusing(self, currents: List[torch.Tensor]) -> Optional[List[bool]]:
         """Per batch item, whether it reuses (indicator ``input``): in every chunk its change since its last full
-        evaluation is below the threshold and its sigma in the window, and it has not reached ``max_consecutive``.
-        One host sync; None where a reference does not match."""
+        evaluation is below the threshold and its sigma in the window, and it has not reached ``max_consecutive``;
+        with the budget, its sigma is in the window and the budget's rule says reuse. One host sync; None where a
+        reference does not match."""
         changes = []
         for current, entry in zip(currents, self.entries):
             if entry.x_ref.shape != current.shape or len(entry.reused) != self.rows:
                 return None
             changes.append(kc.relative_change(current, entry.x_ref).to(self.sigmas.device))
-        below = (torch.stack(changes) < self.spec.threshold) & self._in_window().view(len(self.pieces), self.rows)
+        inside = self._in_window().view(len(self.pieces), self.rows)
+        if self.spec.budget:
+            change, inside, sigma = self._host(torch.stack(changes).amax(0), inside.all(0))
+            return [inside[i] and not self._budget_evaluates(change[i], sigma[i], (i,)) for i in range(self.rows)]
+        below = (torch.stack(changes) < self.spec.threshold) & inside
         allowed = [all(entry.reused[i] < self.spec.max_consecutive for entry in self.entries)
                    for i in range(self.rows)]
         return [bool(b) and a for b, a in zip(below.all(0).tolist(), allowed)]
@@ -246,6 +299,9 @@ class _Call:
                 d = entry.d_last
             outputs.append(kc.denoised_from_direction(piece, sigma, d))
             entry.reused = [count + 1 if reusing else count for count, reusing in zip(entry.reused, items)]
+            if self.spec.budget:  # the evaluated items pay in store()
+                entry.credit = [kc.credit_after(credit, False, self.spec.target_speedup) if reusing else credit
+                                for credit, reusing in zip(entry.credit, items)]
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     def store(self, x: torch.Tensor, denoised: torch.Tensor, scaled: Optional[List[torch.Tensor]],
@@ -266,7 +322,7 @@ class _Call:
                 self.keys, self.entries, self.pieces, self.sigma, denoised.split(self.rows), blocks)):
             d = kc.direction(piece, sigma, out.detach())
             if evaluated is not None and not all(evaluated):
-                self.state.put(key, _merged(entry, evaluated, d, sigma, scaled[index].detach(), self.spec.forecast))
+                self.state.put(key, _merged(entry, evaluated, d, sigma, scaled[index].detach(), self.spec))
                 continue
             keep_previous = self.spec.forecast and entry is not None and entry.d_last.shape == d.shape
             self.state.put(key, _Entry(
@@ -276,14 +332,25 @@ class _Call:
                 x_ref=scaled[index].detach() if scaled is not None else None,
                 block_ref=block if self.spec.indicator == "first block" else None,
                 reused=[0] * self.rows,
+                credit=self._credit_evaluated(entry),
             ))
+
+    def _credit_evaluated(self, entry: Optional[_Entry]) -> List[float]:
+        """A chunk's credits after a call that evaluated every item (a new chunk starts each at 1); [] without
+        the budget."""
+        if not self.spec.budget:
+            return []
+        before = entry.credit if entry is not None and len(entry.credit) == self.rows else [1.0] * self.rows
+        return [kc.credit_after(credit, True, self.spec.target_speedup) for credit in before]
 
 
 def _merged(entry: _Entry, evaluated: List[bool], d: torch.Tensor, sigma: torch.Tensor, x_ref: torch.Tensor,
-            forecast: bool) -> _Entry:
+            spec: CacheSpec) -> _Entry:
     """A chunk's entry after a call that evaluated only the items ``evaluated``: their rows take the new direction,
-    sigma and input (the previous direction moving to ``d_prev``); the other rows stay. A row without a previous
-    evaluation keeps ``sigma_prev == sigma_last``, which the forecast reads as plain reuse."""
+    sigma and input (the previous direction moving to ``d_prev``) and pay for the evaluation from their credit;
+    the other rows stay. A row without a previous evaluation keeps ``sigma_prev == sigma_last``, which the
+    forecast reads as plain reuse."""
+    forecast = spec.forecast
     rows = torch.tensor(evaluated, device=d.device)
     by_row = rows.view(-1, *([1] * (d.ndim - 1)))
     by_sigma = rows.to(sigma.device)
@@ -295,4 +362,6 @@ def _merged(entry: _Entry, evaluated: List[bool], d: torch.Tensor, sigma: torch.
         sigma_prev=torch.where(by_sigma, entry.sigma_last, sigma_prev) if forecast else None,
         x_ref=torch.where(rows.to(x_ref.device).view_as(by_row), x_ref, entry.x_ref),
         reused=[0 if done else count for done, count in zip(evaluated, entry.reused)],
+        credit=[kc.credit_after(credit, True, spec.target_speedup) if done else credit
+                for done, credit in zip(evaluated, entry.credit)],
     )
