@@ -154,10 +154,11 @@ def add_options(parser: argparse.ArgumentParser, name: str, seeds: int, prompts:
                         help="keep the variants of results/NAME.json that this run does not redo")
 
 
-def measure(variant: Variant, trained, prompts, **sampling) -> Tuple[Optional[object], Dict]:
-    """Sample ``prompts`` with the variant's patched model, counting the rows at the network's first layer:
-    (samples, {"rows", "wall_s"}), or (None, {"label", "error"}) where the node refuses the model.
-    ``sampling``: further arguments of ``evaluate.sample`` (steps)."""
+def measure(variant: Variant, trained, prompts, count_at: Optional[str] = None,
+            **sampling) -> Tuple[Optional[object], Dict]:
+    """Sample ``prompts`` with the variant's patched model, counting the rows at the network's first layer (or at
+    the module named ``count_at``): (samples, {"rows", "wall_s"}), or (None, {"label", "error"}) where the node
+    refuses the model. ``sampling``: further arguments of ``evaluate.sample`` (steps)."""
     from devtools.testkit.counting import count_rows
     from devtools.testkit.shapes import evaluate
 
@@ -166,7 +167,7 @@ def measure(variant: Variant, trained, prompts, **sampling) -> Tuple[Optional[ob
     except Exception as error:  # noqa: BLE001 - a node refusing a model is a result too
         return None, {"label": variant.label, "error": f"{type(error).__name__}: {error}"}
     start = time.perf_counter()
-    with count_rows(trained.model) as count:
+    with count_rows(trained.model, count_at) as count:
         samples = evaluate.sample(trained, prompts, model=patched, cfg=variant.cfg, negative=variant.negative,
                                   **sampling)
     return samples, {"rows": count.rows, "wall_s": round(time.perf_counter() - start, 2)}
@@ -190,14 +191,14 @@ def judged(variant: Variant, name: str, samples, facts: Dict, rows_full: int, cl
 
 
 def run_model(trained, catalogue: List[Variant], wanted, prompts, classifier, reference, results: Dict,
-              saved: Callable[[], None], **sampling) -> None:
+              saved: Callable[[], None], count_at: Optional[str] = None, **sampling) -> None:
     """Every wanted variant of ``catalogue`` (``full`` first: the others are measured against it) on one model,
-    into ``results`` (variant key -> result); ``saved()`` after each."""
+    into ``results`` (variant key -> result); ``saved()`` after each. ``count_at``: see ``measure``."""
     rows_full, full = None, None
     for variant in catalogue:
         if variant.key not in wanted or trained.name not in variant.models:
             continue
-        samples, facts = measure(variant, trained, prompts, **sampling)
+        samples, facts = measure(variant, trained, prompts, count_at, **sampling)
         if samples is None:
             results[variant.key] = facts
             print(f"{trained.name} {variant.key}: {facts['error']}")

@@ -101,14 +101,16 @@ def magcache(ratios: Optional[Dict[int, List[float]]] = None, calibrate_with=Non
     return make
 
 
-def shapes_calibration(prompts: int = 1, steps: int = 20, seed: int = 0):
+def shapes_calibration(prompts: int = 1, steps: int = 20, seed: int = 0, load: Optional[Callable] = None):
     """``calibrate_with`` for the trained reference models (``sd15_shapes``, ``flux_shapes``, ``wan_shapes``):
     one full run of the first ``prompts`` prompts through ``devtools.testkit.shapes.evaluate.sample`` at the
-    bench's steps and the model's recommended CFG (the reference calibrates on one prompt)."""
+    bench's steps and the model's recommended CFG (the reference calibrates on one prompt). ``load(name)``: the
+    ``models.Trained`` whose word table encodes the prompts (default ``models.load``, the committed weights; a
+    bench judging other weights passes what it loaded)."""
     def calibrate_with(model, name):
         from devtools.testkit.shapes import evaluate, models
 
-        trained = dataclasses.replace(models.load(name), model=model)
+        trained = dataclasses.replace((load or models.load)(name), model=model)
         grid = evaluate.ALL_CLIP_PROMPTS if models.spec(name).frames else evaluate.ALL_PROMPTS
         return calibrate(model, lambda patched: evaluate.sample(trained, grid[:prompts], model=patched,
                                                                 steps=steps, seed=seed))
