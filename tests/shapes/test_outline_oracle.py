@@ -3,6 +3,7 @@ reads corners where the classifier forgives a round blob asked to be a square (i
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from devtools.testkit.shapes import data, oracle
@@ -46,3 +47,15 @@ def test_the_accuracy_compares_with_the_asked_shape():
     triangles = pictures_of(TRIANGLE, 8)
     assert oracle.mask_shape_accuracy(triangles.images, torch.full((8,), TRIANGLE)) == 1.0
     assert oracle.mask_shape_accuracy(triangles.images, torch.full((8,), SQUARE)) == 0.0
+
+
+def test_the_evaluation_reports_the_outline_accuracy_per_asked_shape():
+    from devtools.testkit.shapes import evaluate
+
+    pictures = data.held_out(60)
+    samples = evaluate.Samples(pictures.images, pictures.prompts, latents=None)
+    assert evaluate.outline_by_shape(samples) == {"circle": 1.0, "square": 1.0, "triangle": 1.0}
+    asked_circle = pictures.shape != TRIANGLE  # the circles, and the squares now asked to be circles
+    wrong = evaluate.Samples(pictures.images, [p.replace("square", "circle") for p in pictures.prompts], None)
+    expected = (pictures.shape[asked_circle] == CIRCLE).float().mean().item()
+    assert evaluate.outline_by_shape(wrong) == {"circle": pytest.approx(expected, abs=1e-4), "triangle": 1.0}

@@ -131,6 +131,13 @@ def judge(samples: Samples, classifier: oracle.Classifier, reference: Optional[t
     return result
 
 
+def outline_by_shape(samples: Samples) -> Dict[str, float]:
+    """Per asked shape, the share of samples (clips: frames) whose outline reads as it (``oracle.mask_shapes``)."""
+    shape = oracle.labels(samples.prompts)[1]
+    return {name: round(oracle.mask_shape_accuracy(samples.pictures[shape == index], shape[shape == index]), 4)
+            for index, name in enumerate(data.SHAPES) if (shape == index).any()}
+
+
 def with_defaults(node_class: type, model, **overrides):
     """``node_class`` applied to ``model`` at its default inputs (``overrides`` replace some); returns the MODEL."""
     values = {}
@@ -170,8 +177,10 @@ def main(argv=None) -> int:
                "noise_seed": 0, "reference_pictures": len(reference)}
     for label, cfg in (("recommended_cfg", RECOMMENDED_CFG[args.name]), ("cfg_1", 1.0)):
         start = time.monotonic()
-        result = judge(sample(trained, prompts, cfg=cfg), classifier, reference)
-        result.update(cfg=cfg, wall_s=round(time.monotonic() - start, 1))
+        samples = sample(trained, prompts, cfg=cfg)
+        result = judge(samples, classifier, reference)
+        result.update(cfg=cfg, wall_s=round(time.monotonic() - start, 1),
+                      shape_outline_by_shape=outline_by_shape(samples))
         figures[label] = result
         log.info("%s %s: %s", args.name, label, result)
     if video:
