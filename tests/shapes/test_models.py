@@ -91,6 +91,14 @@ def test_the_training_command_runs_a_few_steps(tmp_path, name):
     assert all(torch.isfinite(p).all() for p in trained.model.model.diffusion_model.parameters())
 
 
+def test_a_flow_model_can_be_trained_with_another_draw_of_t(tmp_path, monkeypatch):
+    drawn = []
+    original = train.sample_sigmas
+    monkeypatch.setattr(train, "sample_sigmas", lambda *a: drawn.append(a[-1]) or original(*a))
+    facts = train.train("flux_shapes", 1, batch=2, flow_t="uniform")
+    assert drawn == ["uniform"] and facts["flow_t"] == "uniform"
+
+
 def test_the_classifier_reads_held_out_pictures_at_99_percent():
     accuracy = oracle.held_out_accuracy(oracle.load(), count=1000)
     assert accuracy["colour"] >= 0.99 and accuracy["shape"] >= 0.99

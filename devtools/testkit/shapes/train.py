@@ -138,11 +138,12 @@ def _in_training():
 def train(name: str, steps: int, batch: int = 32, seed: int = 0, lr: Optional[float] = None,
           ema_decay: float = 0.998, warmup: int = 200, save_to: Optional[Path] = None,
           save_every: int = 500, progress: Optional[Callable[[int, float], None]] = None,
-          resume: Optional[Path] = None, weighting: str = "uniform") -> Dict:
+          resume: Optional[Path] = None, weighting: str = "uniform", flow_t: Optional[str] = None) -> Dict:
     """Train ``name`` for ``steps`` steps; returns the run's facts (and saves the EMA weights if ``save_to``).
 
     ``resume``: start from a saved file (its EMA weights and word table) instead of fresh weights;
     the learning-rate schedule (warm-up, cosine decay) starts again over ``steps``.
+    ``flow_t``: how a flow model draws its training t (:func:`sample_sigmas`; default the model's spec).
     ``weighting``: ``uniform`` (plain MSE on the network's output) or ``high-noise``: eps models
     weight each picture by min(1 + sigma^2, 25), the weighting a v-prediction loss gives the same
     error, capped. An eps network's error at sigma 14 is 14 times larger in the picture it implies
@@ -186,7 +187,7 @@ def train(name: str, steps: int, batch: int = 32, seed: int = 0, lr: Optional[fl
             x0 = models.rgb_to_internal(b.images, s.latent_channels)
             asked = prompt_words(b.colour, b.shape, generator)
         context = models.encode_words(table, asked, s.vocabulary)
-        sigma = sample_sigmas(ms, batch, flow, generator, s.flow_t)
+        sigma = sample_sigmas(ms, batch, flow, generator, flow_t or s.flow_t)
         noise = torch.randn(x0.shape, generator=generator)
         per_sample = sigma.view(-1, *[1] * (x0.ndim - 1))
         x = ms.noise_scaling(per_sample, noise, x0)
@@ -218,7 +219,7 @@ def train(name: str, steps: int, batch: int = 32, seed: int = 0, lr: Optional[fl
              "threads": torch.get_num_threads(),
              "parameters": sum(p.numel() for p in network.parameters())}
     if flow:
-        facts["flow_t"] = s.flow_t
+        facts["flow_t"] = flow_t or s.flow_t
     if save_to is not None:
         models.save(name, ema, table, save_to)
     return facts
@@ -233,6 +234,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="OpenMP threads (as many as free cores)")
     parser.add_argument("--weighting", choices=["uniform", "high-noise"], default="uniform",
                         help="loss weighting over sigma (see train())")
+    parser.add_argument("--flow-t", choices=["logit-normal", "uniform"], default=None,
+                        help="flow models: how the training t is drawn (default: the model's; see sample_sigmas)")
     parser.add_argument("--resume", type=Path, default=None,
                         help="continue from this weights file (e.g. the committed one) with a fresh schedule")
     parser.add_argument("--out", type=Path, default=None,
@@ -252,7 +255,7 @@ def main(argv=None) -> int:
             log.info("%s step %d/%d loss %.5f", args.name, step, steps, loss)
 
     facts = train(args.name, steps, batch=batch, seed=args.seed, save_to=out, progress=progress,
-                  resume=args.resume, weighting=args.weighting)
+                  resume=args.resume, weighting=args.weighting, flow_t=args.flow_t)
     facts["command"] = "python -m devtools.testkit.shapes.train " + " ".join(argv if argv is not None else sys.argv[1:])
     facts["sha256"] = models.sha256(out)
     if args.out is None:
