@@ -62,17 +62,17 @@ def sample_columns(name: str, columns: Sequence[Column], prompts: Sequence[str],
     return out
 
 
-def draw(groups: Sequence[Tuple[str, List[Tuple[str, object]]]], prompts: Sequence[str]):
-    """A white canvas: each group's name over its columns, column labels, prompts down the left."""
+def draw(groups: Sequence[Tuple[str, List[Tuple[str, object]]]], prompts: Sequence[str], left: int = LEFT):
+    """A white canvas: each group's name over its columns, column labels, prompts down the left (``left`` px)."""
     import numpy as np
     from PIL import Image, ImageDraw
 
     columns = sum(len(cells) for _, cells in groups)
-    width = LEFT + columns * (TILE + PAD) + (len(groups) - 1) * 2 * PAD
+    width = left + columns * (TILE + PAD) + (len(groups) - 1) * 2 * PAD
     height = TOP + len(prompts) * (TILE + PAD)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     pen = ImageDraw.Draw(canvas)
-    x = LEFT
+    x = left
     for group, cells in groups:
         span = len(cells) * (TILE + PAD) - PAD
         pen.text((x + 2, 4), group, fill=(0, 0, 0))

@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 FIGURES = BENCH / "figures"
-PICTURES = {"shapes_grid.png", "shapes_grid_flux.png"}
+PICTURES = {"shapes_grid.png", "shapes_grid_flux.png", "wan_clips.png"}
 # The bench that draws each chart (its module's ``redraw(data, name, out)``).
 DRAWN_BY = {"run": "run", "caches": "run", "quality_sd15": "quality", "quality_flux": "quality",
             "speed": "speed_summary"}

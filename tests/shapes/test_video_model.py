@@ -164,3 +164,23 @@ def test_trained_clips_meet_the_bar_for_colour_shape_and_direction():
     result = evaluate.judge(samples, oracle.load(), oracle.clip_reference_set(1000))
     assert all(result[key] >= floor for key, floor in BAR.items()), result
     assert result["flicker"] is not None and result["flicker"] < 0.05, result  # real clips: 0
+
+
+def test_the_direction_probe_words_each_clip_four_ways():
+    from devtools.testkit.shapes import probe
+
+    clips = data.draw_clips(2, torch.Generator().manual_seed(1), colour=torch.tensor([0, 1]),
+                            shape=torch.tensor([0, 1]), direction=torch.tensor([0, 2]))
+    assert probe.prompts(clips, "asked") == ["red circle moving left", "green square moving up"]
+    assert probe.prompts(clips, "opposite") == ["red circle moving right", "green square moving down"]
+    assert probe.prompts(clips, "none") == ["red circle", "green square"]
+    assert probe.prompts(clips, "empty") == ["", ""]
+
+
+def test_the_direction_probe_gives_a_loss_per_noise_level_and_wording():
+    from devtools.testkit.shapes import probe
+
+    losses = probe.direction_losses(untrained(), count=2)
+    assert set(losses) == set(probe.SIGMAS)
+    assert all(set(v) == {"asked", "opposite", "none", "empty"} and all(math.isfinite(x) for x in v.values())
+               for v in losses.values())
