@@ -41,6 +41,7 @@ import comfy.patcher_extension
 import torch
 
 from patchlab.patches import block_forward, families, run
+from patchlab.patches.step_cache.hooks import transformer_options_of
 from patchlab.patches.unet import is_unet
 
 log = logging.getLogger(__name__)
@@ -183,16 +184,6 @@ class _Call:
 
 # --- the wrapper of every network call ---------------------------------------------------------------------
 
-def _transformer_options(args, kwargs) -> Optional[Dict]:
-    options = kwargs.get("transformer_options")
-    if isinstance(options, dict):
-        return options
-    for arg in reversed(args):
-        if isinstance(arg, dict):
-            return arg
-    return None
-
-
 def _capture(module: torch.nn.Module, sink: Callable[[torch.Tensor], None], before: bool = False):
     """Wrap ``module.forward`` for one call so that ``sink`` sees its output (its input if ``before``)."""
     def make(inner):
@@ -220,7 +211,7 @@ def _captures(call: _Call, network) -> List[Callable[[], None]]:
 
 
 def diffusion_model_wrapper(executor, *args, **kwargs):
-    options = _transformer_options(args, kwargs)
+    options = transformer_options_of(args, kwargs)
     state = run.of(options, KEY) if options is not None else None
     x = args[0] if args else kwargs.get("x")
     if state is None or not torch.is_tensor(x):

@@ -34,7 +34,8 @@ def _call_rows(args, kwargs, index: torch.Tensor, rows: int):
     return [cut(arg) for arg in args], {key: cut(value) for key, value in kwargs.items()}
 
 
-def _transformer_options(args, kwargs) -> Optional[Dict]:
+def transformer_options_of(args, kwargs) -> Optional[Dict]:
+    """The ``transformer_options`` dict of a network call's arguments (keyword, else the last dict passed), or None."""
     options = kwargs.get("transformer_options")
     if isinstance(options, dict):
         return options
@@ -72,7 +73,7 @@ def calc_cond_batch_wrapper(executor, *args, **kwargs):
 
 def apply_model_wrapper(executor, *args, **kwargs):
     """APPLY_MODEL: ``(x, t, c_concat, c_crossattn, control, transformer_options)`` -> denoised [B, C, ...]."""
-    transformer_options = _transformer_options(args, kwargs)
+    transformer_options = transformer_options_of(args, kwargs)
     state = transformer_options.get(STATE_KEY) if transformer_options is not None else None
     if state is None:
         return executor(*args, **kwargs)
