@@ -21,7 +21,8 @@ FIGURES = BENCH / "figures"
 PICTURES = {"shapes_grid.png", "shapes_grid_flux.png", "wan_clips.png"}
 # The bench that draws each chart (its module's ``redraw(data, name, out)``).
 DRAWN_BY = {"run": "run", "caches": "run", "quality_sd15": "quality", "quality_flux": "quality",
-            "speed": "speed_summary", "front_flux": "front"}
+            "speed": "speed_summary", "front_flux": "front",
+            "front_sd15": "front"}
 DOCUMENTS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "web" / "docs").glob("*.md")])
 IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+\.png)\)")
 # A figure in a chart's caption: a number with its unit (speed-ups, shares, decibels).
