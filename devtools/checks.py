@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 
 def run_node(node_class: type, **inputs: Any) -> Tuple:
@@ -54,3 +54,39 @@ def step_cache_runs(caplog) -> List[Dict[str, int]]:
             found.append(dict(zip(STEP_CACHE_KEYS, map(int, match.groups()))))
     caplog.clear()
     return found
+
+
+def batch_item(conditioning, i: int):
+    """Batch item ``i`` of a one-entry CONDITIONING (its tensor and the per-item tensors of its extras)."""
+    import torch
+
+    tensor, extras = conditioning[0]
+    return [[tensor[i:i + 1], {k: v[i:i + 1] if torch.is_tensor(v) and v.shape[:1] == tensor.shape[:1] else v
+                               for k, v in extras.items()}]]
+
+
+def alone_and_together(patched: Callable[[], Any], base, layout: str, prompts: Dict, img2img: bool = False):
+    """Sample a batch of two with the model ``patched()`` returns, and each of its items alone (12 steps): returns
+    (the items alone, the batch, rows counted per item alone, rows counted together; rows of ``base``'s network).
+    ``img2img``: item 1 starts from a picture (denoise 0.6), so the items' inputs change differently."""
+    import comfy.sample
+    import torch
+
+    from .sampling import sample
+    from .testkit import tiny_models
+    from .testkit.counting import count_rows
+
+    latent = comfy.sample.fix_empty_latent_channels(base, tiny_models.empty_latent(layout, batch=2))
+    if img2img:
+        latent[1] = 2.0 * torch.randn(latent[1].shape, generator=torch.Generator().manual_seed(3))
+    noise = comfy.sample.prepare_noise(latent, 7)
+    common = {"steps": 12, "denoise": 0.6 if img2img else 1.0}
+    alone, rows_alone = [], []
+    for i in range(2):
+        with count_rows(base) as counted:
+            alone.append(sample(patched(), layout, noise=noise[i:i + 1], latent=latent[i:i + 1], **common,
+                                **{name: batch_item(cond, i) for name, cond in prompts.items()}))
+        rows_alone.append(counted.rows)
+    with count_rows(base) as counted:
+        together = sample(patched(), layout, noise=noise, latent=latent, **common, **prompts)
+    return alone, together, rows_alone, counted.rows

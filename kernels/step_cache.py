@@ -92,6 +92,100 @@ def forecast(r_last: torch.Tensor, sigma_last: torch.Tensor, sigma: torch.Tensor
     return (last + gain * slope * step).to(r_last.dtype)
 
 
+# --- forecasts from a longer history: second order (TaylorSeer) and a Chebyshev fit (Spectrum) ------------------
+
+# Full evaluations a chunk keeps per forecast (the memory: this many directions [B, ...] per cond/uncond chunk).
+HISTORY = {"first": 2, "taylor 2": 3, "chebyshev": 4}
+CHEBYSHEV_DEGREE = 2    # Spectrum fits T0..Tp; p = 2 over four evaluations smooths rather than interpolates
+CHEBYSHEV_RIDGE = 1e-3  # ridge on the T1..Tp coefficients per evaluation (u in [-1, 1]); larger pulls the forecast
+# towards the history's mean, which lags behind the newest evaluation
+
+
+def taylor2_weights(sigmas: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Weights [B, 3] over the last three evaluations (``sigmas`` [B, 3], newest first) of the quadratic through them
+    at ``sigma`` [B]: TaylorSeer's second-order forecast (Liu et al. 2025, arXiv 2503.06923) with divided differences
+    in sigma instead of steps, ``f[s0] + f[s0, s1](s - s0) + f[s0, s1, s2](s - s0)(s - s1)`` (Lagrange form).
+
+    Items without three distinct sigmas get plain reuse ``[1, 0, 0]`` here (:func:`forecast_history` gives them the
+    first-order forecast).
+    """
+    s0, s1, s2 = sigmas.float().unbind(-1)
+    s = sigma.float().reshape(-1).expand_as(s0)
+    d01, d02, d12 = s0 - s1, s0 - s2, s1 - s2
+    distinct3 = (d01.abs() > EPS) & (d02.abs() > EPS) & (d12.abs() > EPS)
+
+    def safe(v):
+        return torch.where(v.abs() > EPS, v, torch.ones_like(v))
+
+    quadratic = torch.stack([(s - s1) * (s - s2) / safe(d01 * d02), (s - s0) * (s - s2) / safe(-d01 * d12),
+                             (s - s0) * (s - s1) / safe(d02 * d12)], -1)
+    reuse = torch.zeros_like(quadratic)
+    reuse[..., 0] = 1
+    return torch.where(distinct3[:, None], quadratic, reuse)
+
+
+def chebyshev_weights(sigmas: torch.Tensor, sigma: torch.Tensor, degree: int = CHEBYSHEV_DEGREE,
+                      ridge: float = CHEBYSHEV_RIDGE) -> torch.Tensor:
+    """Weights [B, K] over the last K evaluations (``sigmas`` [B, K], newest first) of a ridge-regressed Chebyshev
+    fit evaluated at ``sigma`` [B]: Spectrum (Han et al. 2026, arXiv 2603.01623) fits each feature as
+    ``sum_j c_j T_j(u)`` over the history, u the sigma mapped to [-1, 1] over the span of the history and the
+    step to predict, with the coefficients ``c = (A^T A + ridge R)^-1 A^T D`` (A [K, p+1] the basis at the history,
+    R penalising T1..Tp, so with too few distinct sigmas the fit leans to their mean). The forecast ``T(u*) c`` is
+    linear in the history, ``w^T D``: only these weights are computed (small, no host sync).
+    """
+    sigmas = sigmas.float()
+    s = sigma.float().reshape(-1, 1).expand(sigmas.shape[0], 1)
+    points = torch.cat([sigmas, s], -1)
+    low, high = points.amin(-1, keepdim=True), points.amax(-1, keepdim=True)
+    span = (high - low).clamp_min(EPS)
+
+    def basis(v):  # [B, n] -> [B, n, p + 1]
+        u = 2 * (v - low) / span - 1
+        columns = [torch.ones_like(u), u]
+        for _ in range(2, degree + 1):
+            columns.append(2 * u * columns[-1] - columns[-2])
+        return torch.stack(columns[:degree + 1], -1)
+
+    a = basis(sigmas)                                        # [B, K, p+1]
+    penalty = torch.ones(degree + 1, device=a.device)
+    penalty[0] = 0
+    gram = a.transpose(1, 2) @ a + ridge * sigmas.shape[-1] * torch.diag_embed(penalty).expand(a.shape[0], -1, -1)
+    gram = gram + EPS * torch.eye(degree + 1, device=a.device)
+    at_sigma = basis(s)                                      # [B, 1, p+1]
+    coefficients, _ = torch.linalg.solve_ex(gram, at_sigma.transpose(1, 2))  # [B, p+1, 1] (no error check: no sync)
+    return (a @ coefficients)[..., 0]                        # [B, K]
+
+
+def forecast_history(ds: Sequence[torch.Tensor], sigmas: Sequence[torch.Tensor], sigma: torch.Tensor,
+                     method: str) -> torch.Tensor:
+    """The direction at ``sigma`` [B] forecast from the last evaluations ``ds`` [B, ...] at ``sigmas`` [B] (both newest
+    first, as many as ``HISTORY[method]`` or fewer): ``taylor 2`` (:func:`taylor2_weights`) or ``chebyshev``
+    (:func:`chebyshev_weights`). An item with fewer than three distinct sigmas (fewer evaluations yet; the history
+    repeats its oldest) gets the first-order forecast at FORECAST_GAIN instead, as ``forecast`` gives. Returns the
+    newest's dtype; the arithmetic is float32."""
+    if method not in ("taylor 2", "chebyshev"):
+        raise ValueError(f"unknown forecast {method!r}; expected 'taylor 2' or 'chebyshev'")
+    ds = [d for d in ds if d.shape == ds[0].shape]
+    if len(ds) < 3:
+        return forecast(ds[0], sigmas[0], sigma, ds[1] if len(ds) > 1 else None,
+                        sigmas[1] if len(ds) > 1 else None, gain=FORECAST_GAIN)
+    newest = ds[0].float()
+    stacked = torch.stack([per_item(s, newest).reshape(-1) for s in sigmas[:len(ds)]], -1)  # [B, K]
+    target = per_item(sigma, newest).reshape(-1)
+    weights = taylor2_weights(stacked[:, :3], target) if method == "taylor 2" else chebyshev_weights(stacked, target)
+    distinct = 1 + ((stacked[:, 1:] - stacked[:, :-1]).abs() > EPS).sum(-1)  # [B]; repeats sit at the old end
+    span = stacked[:, 0] - stacked[:, 1]
+    usable = span.abs() > EPS
+    step = torch.where(usable, FORECAST_GAIN * (target - stacked[:, 0]) / torch.where(usable, span, 1.0), 0.0)
+    first = torch.zeros_like(weights)
+    first[:, 0], first[:, 1] = 1 + step, -step
+    weights = torch.where((distinct < 3)[:, None], first, weights)
+    out = torch.zeros_like(newest)
+    for k, d in enumerate(ds[:weights.shape[-1]]):
+        out = out + weights[:, k].reshape((-1,) + (1,) * (newest.ndim - 1)) * d.to(newest.device).float()
+    return out.to(ds[0].dtype)
+
+
 def direction(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
     """The ODE direction ``d = (x - denoised) / sigma`` (k-diffusion's ``to_d``), float32 [B, ...].
 

@@ -63,7 +63,9 @@ class StepCache(WindowPatchNode):
         "reuse": combo_input(sc.REUSE_MODES, "forecast", (
             "forecast: extrapolate the model's prediction linearly in sigma from the last two full evaluations "
             "(half the first-order step; closer to the uncached result at the same speed); plain: reuse the last "
-            "prediction as it is.")),
+            "prediction as it is; taylor 2: a second-order (TaylorSeer) forecast through the last three; "
+            "chebyshev: a smoothed Chebyshev fit (Spectrum) over the last four. Each keeps that many of the "
+            "model's outputs per cond/uncond chunk in memory.")),
     }
     # Added after the first release: optional, so prompts saved without it keep running (as with 0, off).
     OPTIONAL_INPUTS = {
@@ -108,8 +110,9 @@ class StepCache(WindowPatchNode):
             raise ValueError(error)
         window = cls.window(model, start_percent, end_percent)
         return sc.CacheSpec(node_id=cls.NODE_ID, indicator=indicator, threshold=float(threshold),
-                            max_consecutive=int(max_consecutive), forecast=reuse == "forecast", window=window,
-                            canvas=unique_id, target_speedup=float(target_speedup))
+                            max_consecutive=int(max_consecutive), forecast=reuse != "plain", window=window,
+                            canvas=unique_id, target_speedup=float(target_speedup),
+                            method={"taylor 2": "taylor 2", "chebyshev": "chebyshev"}.get(reuse, "first"))
 
 
 NODES = [StepCache]

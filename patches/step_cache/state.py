@@ -29,7 +29,9 @@ MARKER_KEY = "patchlab_step_cache_marker"    # run.MainPass, on one evaluation's
 MAIN_KEY = "patchlab_step_cache_main"        # step id, on the main pass's transformer_options
 CALL_KEY = "patchlab_step_cache_call"        # _Call, on one network call's transformer_options
 INDICATORS = ("input", "first block")
-REUSE_MODES = ("forecast", "plain")
+# forecast: first order at half the step (two evaluations kept per chunk); taylor 2: second order through the last
+# three; chebyshev: a Chebyshev fit over the last four (kernels.step_cache.HISTORY); plain: the last as it is (one).
+REUSE_MODES = ("forecast", "plain", "taylor 2", "chebyshev")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,12 @@ class CacheSpec:
     canvas: Optional[str] = None  # the node's id in the graph (UNIQUE_ID): where its summary is shown
     forecast_gain: float = kc.FORECAST_GAIN  # the share of the first-order step a forecast takes (0: plain reuse)
     target_speedup: float = 0.0  # > 0: evaluate at most about 1/target of the rows (a budget); 0: threshold alone
+    method: str = "first"  # with forecast: "first" (kc.forecast at forecast_gain), "taylor 2" or "chebyshev"
+
+    @property
+    def keeps(self) -> int:
+        """Full evaluations (directions [B, ...]) a chunk keeps: 1 for plain reuse, kc.HISTORY[method] otherwise."""
+        return kc.HISTORY[self.method] if self.forecast else 1
 
     @property
     def budget(self) -> bool:
@@ -63,8 +71,10 @@ class _Entry:
 
     d_last: torch.Tensor
     sigma_last: torch.Tensor
-    d_prev: Optional[torch.Tensor] = None
+    d_prev: Optional[torch.Tensor] = None      # the evaluation before (forecasts)
     sigma_prev: Optional[torch.Tensor] = None
+    older: List[Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (sigma, d) before d_prev, newest
+    # first: what the higher-order forecasts keep beyond two evaluations (CacheSpec.keeps)
     x_ref: Optional[torch.Tensor] = None
     block_ref: Optional[torch.Tensor] = None
     reused: List[int] = field(default_factory=list)  # per batch item: reused calls since its last evaluation
@@ -144,7 +154,7 @@ class StepRun(run.RunState):
             return (f"{spec.node_id}: reused {reused} of {steps} steps ({partly} partly); model calls: {full_calls} "
                     f"full, {hit_calls} reused; rows: {self.full_rows} evaluated, {self.reused_rows} reused, "
                     f"{self.extra_rows} in extra passes; {self._speedup()} (indicator {spec.indicator}, threshold "
-                    f"{spec.threshold:g}, {'forecast' if spec.forecast else 'plain reuse'})")
+                    f"{spec.threshold:g}, {_reuse_name(spec)})")
 
     def brief(self) -> str:
         """The node's line in the editor, e.g. ``evaluated 18 of 40 rows: 2.2x fewer; 11 of 20 steps reused``
@@ -292,7 +302,11 @@ class _Call:
         items = items if items is not None else [True] * self.rows
         outputs = []
         for piece, sigma, entry in zip(self.pieces, self.sigma, self.entries):
-            if self.spec.forecast:
+            if self.spec.forecast and self.spec.method != "first" and entry.d_prev is not None:
+                d = kc.forecast_history([entry.d_last, entry.d_prev] + [d for _, d in entry.older],
+                                        [entry.sigma_last, entry.sigma_prev] + [s for s, _ in entry.older],
+                                        sigma, self.spec.method)
+            elif self.spec.forecast:
                 d = kc.forecast(entry.d_last, entry.sigma_last, sigma, entry.d_prev, entry.sigma_prev,
                                 gain=self.spec.forecast_gain)
             else:
@@ -329,6 +343,7 @@ class _Call:
                 d_last=d, sigma_last=sigma,
                 d_prev=entry.d_last if keep_previous else None,
                 sigma_prev=entry.sigma_last if keep_previous else None,
+                older=_older(entry, self.spec) if keep_previous else [],
                 x_ref=scaled[index].detach() if scaled is not None else None,
                 block_ref=block if self.spec.indicator == "first block" else None,
                 reused=[0] * self.rows,
@@ -356,12 +371,35 @@ def _merged(entry: _Entry, evaluated: List[bool], d: torch.Tensor, sigma: torch.
     by_sigma = rows.to(sigma.device)
     d_prev = entry.d_prev if entry.d_prev is not None else entry.d_last
     sigma_prev = entry.sigma_prev if entry.sigma_prev is not None else entry.sigma_last
+    older = []
+    if forecast and spec.keeps > 2:  # evaluated rows shift their history by one, the others keep theirs
+        slots = [(sigma_prev, d_prev)] + list(entry.older)
+        while len(slots) < spec.keeps - 1:
+            slots.append(slots[-1])  # a row without that many evaluations repeats its oldest: read as lower order
+        older = [(torch.where(by_sigma, newer[0], kept[0]), torch.where(by_row, newer[1], kept[1]))
+                 for newer, kept in zip(slots[:spec.keeps - 2], slots[1:spec.keeps - 1])]
     return _Entry(
         d_last=torch.where(by_row, d, entry.d_last), sigma_last=torch.where(by_sigma, sigma, entry.sigma_last),
         d_prev=torch.where(by_row, entry.d_last, d_prev) if forecast else None,
         sigma_prev=torch.where(by_sigma, entry.sigma_last, sigma_prev) if forecast else None,
+        older=older,
         x_ref=torch.where(rows.to(x_ref.device).view_as(by_row), x_ref, entry.x_ref),
         reused=[0 if done else count for done, count in zip(evaluated, entry.reused)],
         credit=[kc.credit_after(credit, True, spec.target_speedup) if done else credit
                 for done, credit in zip(evaluated, entry.credit)],
     )
+
+
+def _older(entry: _Entry, spec: CacheSpec) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """The (sigma, d) pairs kept before ``d_prev`` after a call that evaluated every row of the chunk: the entry's
+    ``d_prev`` joins them, newest first, at most ``spec.keeps - 2`` (none for plain reuse and the first order)."""
+    if spec.keeps <= 2 or entry.d_prev is None or entry.d_prev.shape != entry.d_last.shape:
+        return []
+    return ([(entry.sigma_prev, entry.d_prev)] + list(entry.older))[:spec.keeps - 2]
+
+
+def _reuse_name(spec: CacheSpec) -> str:
+    """How a reused step is made, as the summary says it: ``forecast``, ``taylor 2 forecast``, ``plain reuse``..."""
+    if not spec.forecast:
+        return "plain reuse"
+    return "forecast" if spec.method == "first" else f"{spec.method} forecast"

@@ -90,6 +90,68 @@ def test_forecast_gain_scales_the_first_order_step():
     torch.testing.assert_close(kc.forecast(r_last, *sigmas, gain=0.0), r_last)
 
 
+def _quadratic(sigmas):
+    """Per item, a feature quadratic in sigma: ``a + b s + c s^2`` at each item's sigma ([B] -> [B, 3, 4])."""
+    a, b, c = rand(2, 3, 4, seed=1), rand(2, 3, 4, seed=2), rand(2, 3, 4, seed=3)
+    s = sigmas.view(-1, 1, 1)
+    return a + b * s + c * s * s
+
+
+def test_taylor2_forecast_is_exact_on_a_feature_quadratic_in_sigma():
+    history = [torch.tensor([5.0, 3.0]), torch.tensor([6.0, 3.5]), torch.tensor([8.0, 4.5])]  # newest first
+    target = torch.tensor([4.0, 2.0])
+    got = kc.forecast_history([_quadratic(s) for s in history], history, target, "taylor 2")
+    torch.testing.assert_close(got, _quadratic(target), rtol=1e-4, atol=1e-4)
+
+
+def test_taylor2_weights_by_hand():
+    # sigmas 3, 4, 5 -> 2: Lagrange weights (2-4)(2-5)/((3-4)(3-5)) = 3, (2-3)(2-5)/((4-3)(4-5)) = -3, then 1
+    weights = kc.taylor2_weights(torch.tensor([[3.0, 4.0, 5.0]]), torch.tensor([2.0]))
+    torch.testing.assert_close(weights, torch.tensor([[3.0, -3.0, 1.0]]))
+
+
+def test_chebyshev_forecast_without_ridge_is_exact_on_a_quadratic_and_sums_to_one():
+    history = torch.tensor([[3.0, 4.0, 5.0, 6.0]])
+    weights = kc.chebyshev_weights(history, torch.tensor([2.0]), ridge=0.0)
+    values = 2 + 3 * history - 0.5 * history ** 2
+    torch.testing.assert_close((weights * values).sum(-1), torch.tensor([2 + 6 - 2.0]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kc.chebyshev_weights(history, torch.tensor([2.0])).sum(-1), torch.ones(1))
+
+
+def test_chebyshev_forecast_of_four_evaluations_is_within_two_percent_on_a_quadratic():
+    # the ridge biases the fit a little towards the history's mean: within 2 % of the features' scale
+    history = [torch.tensor([5.0, 3.0]), torch.tensor([6.0, 3.5]), torch.tensor([8.0, 4.5]), torch.tensor([9.0, 6.0])]
+    target = torch.tensor([4.0, 2.0])
+    features = [_quadratic(s) for s in history]
+    got = kc.forecast_history(features, history, target, "chebyshev")
+    scale = max(float(f.abs().max()) for f in features)
+    assert float((got - _quadratic(target)).abs().max()) <= 0.02 * scale
+
+
+@pytest.mark.parametrize("method", ["taylor 2", "chebyshev"])
+def test_higher_order_forecast_with_repeated_sigmas_is_the_first_order_forecast(method):
+    # item 0 has had two evaluations (the history repeats its oldest), item 1 one
+    d0, d1 = rand(2, 4, seed=1), rand(2, 4, seed=2)
+    sigmas = [torch.tensor([3.0, 3.0]), torch.tensor([4.0, 3.0]), torch.tensor([4.0, 3.0]), torch.tensor([4.0, 3.0])]
+    got = kc.forecast_history([d0, d1, d1, d1][:kc.HISTORY[method]], sigmas[:kc.HISTORY[method]],
+                              torch.tensor([2.0, 2.0]), method)
+    first = kc.forecast(d0, sigmas[0], torch.tensor([2.0, 2.0]), d1, sigmas[1], gain=kc.FORECAST_GAIN)
+    torch.testing.assert_close(got, first)
+    torch.testing.assert_close(got[1], d0[1])
+
+
+def test_higher_order_forecast_keeps_the_dtype():
+    ds = [rand(1, 4, 2, 2, seed=k).half() for k in range(3)]
+    got = kc.forecast_history(ds, [torch.tensor(2.0), torch.tensor(3.0), torch.tensor(4.0)], torch.tensor(1.0),
+                              "taylor 2")
+    assert got.dtype == torch.float16 and got.shape == ds[0].shape
+
+
+def test_unknown_forecast_method_is_refused():
+    with pytest.raises(ValueError, match="taylor 2"):
+        kc.forecast_history([rand(1, 2)], [torch.tensor(1.0)], torch.tensor(0.5), "cubic")
+
+
 def test_direction_of_an_eps_model_is_its_noise_prediction():
     # ComfyUI's EPS: denoised = x - sigma * eps
     x, eps, sigma = rand(2, 4, 3, 3, seed=1), rand(2, 4, 3, 3, seed=2), torch.tensor([7.0, 0.5])

@@ -176,30 +176,10 @@ def test_batch_of_two_reuses_and_matches_the_rows_logged(sd15, caplog):
     assert run["full_rows"] + run["reused_rows"] == 4 * 6
 
 
-def item(conditioning, i):
-    """Batch item ``i`` of a one-entry conditioning (its tensors and any per-item extras)."""
-    tensor, extras = conditioning[0]
-    return [[tensor[i:i + 1], {k: v[i:i + 1] if torch.is_tensor(v) and v.shape[:1] == tensor.shape[:1] else v
-                               for k, v in extras.items()}]]
-
-
 def alone_and_together(model, layout, prompts, img2img=False, **settings):
-    """(each item sampled alone, both sampled as one batch of two, rows counted alone, rows counted together);
-    12 steps. ``img2img``: item 1 starts from a picture (denoise 0.6), so the items' inputs change differently."""
-    latent = comfy.sample.fix_empty_latent_channels(model, tiny_models.empty_latent(layout, batch=2))
-    if img2img:
-        latent[1] = 2.0 * torch.randn(latent[1].shape, generator=torch.Generator().manual_seed(3))
-    noise = comfy.sample.prepare_noise(latent, 7)
-    common = {"steps": 12, "denoise": 0.6 if img2img else 1.0}
-    alone, rows_alone = [], []
-    for i in range(2):
-        with count_rows(model) as counted:
-            alone.append(sample(cache(model, **settings), layout, noise=noise[i:i + 1], latent=latent[i:i + 1],
-                                **common, **{name: item(cond, i) for name, cond in prompts.items()}))
-        rows_alone.append(counted.rows)
-    with count_rows(model) as counted:
-        together = sample(cache(model, **settings), layout, noise=noise, latent=latent, **common, **prompts)
-    return alone, together, rows_alone, counted.rows
+    """(each item alone, both as one batch, rows alone, rows together): :func:`devtools.checks.alone_and_together`
+    with StepCache at ``settings``."""
+    return checks.alone_and_together(lambda: cache(model, **settings), model, layout, prompts, img2img)
 
 
 # the items of these runs decide differently on some steps (found by trying thresholds on the tiny models)
