@@ -5,7 +5,9 @@ prompt; ``wan_shapes``: every ``"<colour> <shape> moving <direction>"`` clip pro
 method is run at several settings of the knob that trades work for fidelity:
 
 * StepCache (PatchLab) over ``threshold`` (0.1, 0.2, 0.3, 0.5, 0.8) and, as a second line, over
-  ``target_speedup`` (1.5, 2, 3, 4), every other input at its default;
+  ``target_speedup`` (1.5, 2, 3, 4), every other input at its default; three more lines over ``target_speedup``:
+  with ``max_consecutive`` 2, and with the higher-order forecasts (``reuse`` ``taylor 2`` and ``chebyshev``,
+  :data:`HIGHER_ORDER`);
 * core EasyCache and LazyCache (ComfyUI's nodes) over ``reuse_threshold`` (0.1, 0.2, 0.4, 0.6; default 0.2);
 * the bench peers (bench/peers/): TeaCache, FBCache and MagCache over their thresholds at 0.5x, 1x, 2x and 3x the
   family's published default (MagCache calibrated on the model first, once per model and run), TaylorSeer of
@@ -60,6 +62,9 @@ METHODS = {
     "full": ("full compute", "reference"),
     "stepcache": ("StepCache threshold", "ours"),
     "stepcache_target": ("StepCache target_speedup", "ours"),
+    "stepcache_target_mc2": ("StepCache target_speedup, max_consecutive 2", "ours"),
+    "stepcache_taylor2": ("StepCache target_speedup, taylor 2", "ours"),
+    "stepcache_chebyshev": ("StepCache target_speedup, chebyshev", "ours"),
     "easycache": ("EasyCache (core)", "core"),
     "lazycache": ("LazyCache (core)", "core"),
     "teacache": ("TeaCache", "peer"),
@@ -68,7 +73,8 @@ METHODS = {
     "taylorseer_o1": ("TaylorSeer order 1", "peer"),
     "taylorseer_o2": ("TaylorSeer order 2", "peer"),
 }
-OURS = ("stepcache", "stepcache_target")
+OURS = ("stepcache", "stepcache_target", "stepcache_target_mc2", "stepcache_taylor2", "stepcache_chebyshev")
+HIGHER_ORDER = {"stepcache_taylor2": "taylor 2", "stepcache_chebyshev": "chebyshev"}  # method -> StepCache reuse
 STEPCACHE_THRESHOLDS = (0.1, 0.2, 0.3, 0.5, 0.8)
 STEPCACHE_TARGETS = (1.5, 2.0, 3.0, 4.0)
 CORE_THRESHOLDS = (0.1, 0.2, 0.4, 0.6)          # 0.5x to 3x core's default 0.2
@@ -147,6 +153,13 @@ def catalogue(calibrate_with: Optional[Callable] = None) -> List[Point]:
     out += [Point(f"stepcache_x{x:g}", f"StepCache target_speedup {x:g} (PatchLab)", MODELS, "ours", "speed",
                   ours("PatchLab_StepCache", target_speedup=x), method="stepcache_target", knob="target_speedup",
                   value=x) for x in STEPCACHE_TARGETS]
+    out += [Point(f"stepcache_mc2_x{x:g}", f"StepCache target_speedup {x:g}, max_consecutive 2 (PatchLab)", MODELS,
+                  "ours", "speed", ours("PatchLab_StepCache", target_speedup=x, max_consecutive=2),
+                  method="stepcache_target_mc2", knob="target_speedup", value=x) for x in STEPCACHE_TARGETS]
+    for method, reuse in HIGHER_ORDER.items():
+        out += [Point(f"{method}_x{x:g}", f"StepCache target_speedup {x:g}, reuse {reuse} (PatchLab)", MODELS, "ours",
+                      "speed", ours("PatchLab_StepCache", target_speedup=x, reuse=reuse), method=method,
+                      knob="target_speedup", value=x) for x in STEPCACHE_TARGETS]
     for method, node in (("easycache", "EasyCache"), ("lazycache", "LazyCache")):
         out += [Point(f"{method}_{t:g}", f"{node} {t:g} (core)", MODELS, "core", "speed",
                       core(node, **{**_common.CORE_CACHE_DEFAULTS, "reuse_threshold": t}), method=method,

@@ -21,6 +21,8 @@ UNET, DIT, VIDEO = front.MODELS
 # Each model's settings per method, as issue 37 item 2 lists them: the peers' thresholds are 0.5x, 1x, 2x and 3x
 # the family's published default (TeaCache 0.4 / 0.4 / 0.08, FBCache 0.2 / 0.12 / 0.1, MagCache 0.06 / 0.24 / 0.12).
 EVERYWHERE = {"full": [None], "stepcache": [0.1, 0.2, 0.3, 0.5, 0.8], "stepcache_target": [1.5, 2, 3, 4],
+              "stepcache_target_mc2": [1.5, 2, 3, 4], "stepcache_taylor2": [1.5, 2, 3, 4],
+              "stepcache_chebyshev": [1.5, 2, 3, 4],
               "easycache": [0.1, 0.2, 0.4, 0.6], "lazycache": [0.1, 0.2, 0.4, 0.6],
               "taylorseer_o1": [2, 3, 4, 6], "taylorseer_o2": [2, 3, 4, 6]}
 SETTINGS = {
@@ -42,13 +44,14 @@ def of(model):
 def test_the_catalogue_has_every_method_at_the_listed_settings(model):
     variants = of(model)
     keys = [v.key for v in variants]
-    assert keys[0] == "full" and len(keys) == len(set(keys)) == 38
+    assert keys[0] == "full" and len(keys) == len(set(keys)) == 50
     settings = {}
     for v in variants:
         settings.setdefault(v.method, []).append(v.value)
     assert settings == SETTINGS[model]
     kinds = {v.method: v.kind for v in variants}
-    assert kinds["stepcache"] == kinds["stepcache_target"] == "ours" and kinds["easycache"] == "core"
+    assert kinds["stepcache"] == kinds["stepcache_target"] == kinds["stepcache_taylor2"] == "ours"
+    assert kinds["easycache"] == "core"
     assert kinds["teacache"] == kinds["magcache"] == kinds["taylorseer_o2"] == "peer"
 
 

@@ -120,6 +120,20 @@ def test_step_caches_at_their_defaults_keep_prompt_accuracy_within_5_points(labe
     assert result["accuracy_both"] >= base["accuracy_both"] - ACCURACY_MARGIN, (result, base)
 
 
+# Issue 37: StepCache with a budget of half the evaluations keeps prompt accuracy within 3 points of full compute.
+TARGET_MARGIN = 0.03
+
+
+@pytest.mark.parametrize("max_consecutive", [3, 2])
+@pytest.mark.parametrize("name", models.IMAGE_NAMES)
+def test_step_cache_at_target_speedup_2_keeps_prompt_accuracy_within_3_points(name, max_consecutive):
+    base = judged(name)
+    model = evaluate.with_defaults(sc_nodes.StepCache, trained(name).model, target_speedup=2.0,
+                                   max_consecutive=max_consecutive)
+    result = judged(name, model)
+    assert result["accuracy_both"] >= base["accuracy_both"] - TARGET_MARGIN, (result, base)
+
+
 SKIP_NODES = [
     ("GuidanceInterval", skip_nodes.GuidanceInterval),
     ("AdaptiveGuidance", skip_nodes.AdaptiveGuidance),
