@@ -184,3 +184,32 @@ def test_the_direction_probe_gives_a_loss_per_noise_level_and_wording():
     assert set(losses) == set(probe.SIGMAS)
     assert all(set(v) == {"asked", "opposite", "none", "empty"} and all(math.isfinite(x) for x in v.values())
                for v in losses.values())
+
+
+def test_the_next_frames_probe_gives_a_loss_per_wording():
+    from devtools.testkit.shapes import probe
+
+    losses = probe.next_frames_losses(untrained(), count=2)
+    assert set(losses) == {"asked", "opposite", "none"} and all(math.isfinite(x) for x in losses.values())
+
+
+def test_one_timestep_per_frame_equals_one_per_clip_when_the_frames_share_it():
+    """Training with ``--frame-noise`` gives ComfyUI's WanModel a timestep per frame [B, T]; a clip whose frames share
+    one gets what a single timestep [B] gives."""
+    network = untrained().model.model.diffusion_model.float().eval()
+    x = torch.randn(2, 16, data.FRAMES, 16, 16, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(2, models.TOKENS, 64, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([900.0, 300.0])
+    with torch.no_grad():
+        one = network(x, t, context=context)
+        per_frame = network(x, t[:, None].expand(2, data.FRAMES).contiguous(), context=context)
+    torch.testing.assert_close(per_frame, one, rtol=1e-4, atol=1e-4)
+
+
+def test_training_with_frame_noise_runs_and_records_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "WEIGHTS_DIR", tmp_path)
+    assert train.main([NAME, "--steps", "2", "--batch", "2", "--threads", "1", "--frame-noise", "1",
+                       "--lr", "1e-3"]) == 0
+    manifest = json.loads(models.manifest_path(NAME).read_text())
+    assert manifest["frame_noise"] == 1.0 and manifest["lr"] == 1e-3
+    assert math.isfinite(manifest["final_loss_ema100"])

@@ -2,7 +2,9 @@
 the opposite direction, no direction, and the empty prompt, per noise level.
 
 A model that has learned the direction has a clearly lower loss with the asked direction than with the opposite
-one; one that ignores it has the same loss for both. Cheap (forward passes only), so it can follow a training run:
+one; one that ignores it has the same loss for both. A second, more sensitive reading (``next_frames``) gives the
+first frame clearly (sigma 0.2) and the others noisy (0.95), as ``train.py --frame-noise`` trains: where the object
+is in the later frames then depends on the word. Cheap (forward passes only), so it can follow a training run:
 
     python -m devtools.testkit.shapes.probe wan_shapes \\
         --weights devtools/testkit/shapes/weights/in_training/wan_shapes.safetensors
@@ -62,6 +64,32 @@ def direction_losses(trained: models.Trained, count: int = 64, seed: int = 777) 
     return out
 
 
+NEXT_FRAMES_SIGMAS = (0.2, 0.95)  # the first frame's, the others'
+
+
+@torch.no_grad()
+def next_frames_losses(trained: models.Trained, count: int = 64, seed: int = 777) -> Dict[str, float]:
+    """The mean squared error of the velocity on frames 2-4 of ``count`` held-out clips whose first frame is noised to
+    sigma 0.2 and the others to 0.95 (one timestep per frame, :data:`NEXT_FRAMES_SIGMAS`), per prompt variant."""
+    network = trained.model.model.diffusion_model.float().eval()
+    sampling = trained.model.model.model_sampling
+    clips = data.held_out_clips(count, seed=seed)
+    x0 = models.clips_to_internal(clips.frames, models.spec(trained.name).latent_channels)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + 1))
+    frames = x0.shape[2]
+    sigma = torch.full((frames,), NEXT_FRAMES_SIGMAS[1])
+    sigma[0] = NEXT_FRAMES_SIGMAS[0]
+    per_frame = sigma.view(1, 1, frames, 1, 1)
+    x = per_frame * noise + (1 - per_frame) * x0  # the flow model's noise_scaling, per frame
+    timestep = sampling.timestep(sigma).float().expand(count, frames)
+    out = {}
+    for variant in ("asked", "opposite", "none"):
+        context = torch.cat([trained.encode(p)[0][0] for p in prompts(clips, variant)])
+        error = network(x, timestep, context=context) - (noise - x0)
+        out[variant] = round(float(error[:, :, 1:].square().mean()), 5)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=models.VIDEO_NAMES)
@@ -71,7 +99,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     trained = models.load(args.name, path=args.weights, check=args.weights is None)
-    print(json.dumps(direction_losses(trained), indent=2))
+    print(json.dumps({"per_sigma": direction_losses(trained), "next_frames": next_frames_losses(trained)}, indent=2))
     return 0
 
 
