@@ -211,5 +211,12 @@ def test_training_with_frame_noise_runs_and_records_it(tmp_path, monkeypatch):
     assert train.main([NAME, "--steps", "2", "--batch", "2", "--threads", "1", "--frame-noise", "1",
                        "--lr", "1e-3"]) == 0
     manifest = json.loads(models.manifest_path(NAME).read_text())
-    assert manifest["frame_noise"] == 1.0 and manifest["lr"] == 1e-3
+    assert manifest["frame_noise"] == 1.0 and manifest["frame_anchor"] == "first" and manifest["lr"] == 1e-3
     assert math.isfinite(manifest["final_loss_ema100"])
+
+
+def test_training_with_a_clear_frame_anywhere_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "WEIGHTS_DIR", tmp_path)
+    assert train.main([NAME, "--steps", "2", "--batch", "2", "--threads", "1", "--frame-noise", "1",
+                       "--frame-anchor", "random"]) == 0
+    assert json.loads(models.manifest_path(NAME).read_text())["frame_anchor"] == "random"

@@ -140,7 +140,7 @@ def train(name: str, steps: int, batch: int = 32, seed: int = 0, lr: Optional[fl
           ema_decay: float = 0.998, warmup: int = 200, save_to: Optional[Path] = None,
           save_every: int = 500, progress: Optional[Callable[[int, float], None]] = None,
           resume: Optional[Path] = None, weighting: str = "uniform", flow_t: Optional[str] = None,
-          frame_noise: float = 0.0) -> Dict:
+          frame_noise: float = 0.0, frame_anchor: str = "first") -> Dict:
     """Train ``name`` for ``steps`` steps; returns the run's facts (and saves the EMA weights if ``save_to``).
 
     ``resume``: start from a saved file (its EMA weights and word table) instead of fresh weights;
@@ -151,7 +151,9 @@ def train(name: str, steps: int, batch: int = 32, seed: int = 0, lr: Optional[fl
     per token (the per-frame timestep path Wan 2.2's TI2V model uses for its first frame). With one sigma per clip the
     direction word barely lowers the loss, and 8,500 steps did not learn it (``probe``); with the first frame clear,
     where the object is in the others depends on the word, and the word was learned within 250 steps. Frames noised
-    to independent sigmas (diffusion forcing, Chen et al. 2024) did not teach it in 3,000 steps.
+    to independent sigmas (diffusion forcing, Chen et al. 2024) did not teach it in 3,000 steps. ``frame_anchor``
+    ``random`` puts the clear frame anywhere in the clip instead of first (the word then has to say where the object
+    goes before and after it, as when sampling, where no frame comes first in clarity).
     ``weighting``: ``uniform`` (plain MSE on the network's output) or ``high-noise``: eps models
     weight each picture by min(1 + sigma^2, 25), the weighting a v-prediction loss gives the same
     error, capped. An eps network's error at sigma 14 is 14 times larger in the picture it implies
@@ -200,10 +202,13 @@ def train(name: str, steps: int, batch: int = 32, seed: int = 0, lr: Optional[fl
         per_sample = sigma.view(-1, *[1] * (x0.ndim - 1))
         timestep = ms.timestep(sigma).float()
         if s.frames and frame_noise > 0:
-            clear = FIRST_FRAME_SIGMA * torch.rand(batch, generator=generator)  # the first frame's, unshifted
+            clear = FIRST_FRAME_SIGMA * torch.rand(batch, generator=generator)  # the clear frame's, unshifted
             mixed = torch.rand(batch, generator=generator) < frame_noise
+            anchor = (torch.randint(s.frames, (batch,), generator=generator) if frame_anchor == "random"
+                      else torch.zeros(batch, dtype=torch.long))
             sigma_frames = sigma[:, None].repeat(1, s.frames)  # [B, T]
-            sigma_frames[:, 0] = torch.where(mixed, clear, sigma)
+            rows = torch.arange(batch)
+            sigma_frames[rows, anchor] = torch.where(mixed, clear, sigma)
             per_sample = sigma_frames.view(batch, 1, s.frames, 1, 1)
             timestep = ms.timestep(sigma_frames.flatten()).float().view(batch, s.frames)
         if per_sample.numel() == batch:
@@ -241,6 +246,7 @@ def train(name: str, steps: int, batch: int = 32, seed: int = 0, lr: Optional[fl
         facts["flow_t"] = flow_t or s.flow_t
     if s.frames and frame_noise > 0:
         facts["frame_noise"] = frame_noise
+        facts["frame_anchor"] = frame_anchor
     if save_to is not None:
         models.save(name, ema, table, save_to)
     return facts
@@ -260,6 +266,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the model's)")
     parser.add_argument("--frame-noise", type=float, default=0.0,
                         help="video: share of clips whose first frame is noised less than the rest (see train())")
+    parser.add_argument("--frame-anchor", choices=["first", "random"], default="first",
+                        help="video, with --frame-noise: which frame is the clear one")
     parser.add_argument("--resume", type=Path, default=None,
                         help="continue from this weights file (e.g. the committed one) with a fresh schedule")
     parser.add_argument("--out", type=Path, default=None,
@@ -279,7 +287,8 @@ def main(argv=None) -> int:
             log.info("%s step %d/%d loss %.5f", args.name, step, steps, loss)
 
     facts = train(args.name, steps, batch=batch, seed=args.seed, lr=args.lr, save_to=out, progress=progress,
-                  resume=args.resume, weighting=args.weighting, flow_t=args.flow_t, frame_noise=args.frame_noise)
+                  resume=args.resume, weighting=args.weighting, flow_t=args.flow_t, frame_noise=args.frame_noise,
+                  frame_anchor=args.frame_anchor)
     facts["command"] = "python -m devtools.testkit.shapes.train " + " ".join(argv if argv is not None else sys.argv[1:])
     facts["sha256"] = models.sha256(out)
     if args.out is None:
