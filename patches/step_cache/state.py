@@ -73,8 +73,9 @@ class _Entry:
     sigma_last: torch.Tensor
     d_prev: Optional[torch.Tensor] = None      # the evaluation before (forecasts)
     sigma_prev: Optional[torch.Tensor] = None
-    older: List[Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (sigma, d) before d_prev, newest
-    # first: what the higher-order forecasts keep beyond two evaluations (CacheSpec.keeps)
+    # (sigma, d) of the evaluations before d_prev, newest first: what the higher-order forecasts keep beyond two
+    # (at most CacheSpec.keeps - 2)
+    older: List[Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     x_ref: Optional[torch.Tensor] = None
     block_ref: Optional[torch.Tensor] = None
     reused: List[int] = field(default_factory=list)  # per batch item: reused calls since its last evaluation
