@@ -165,7 +165,8 @@ def forecast_history(ds: Sequence[torch.Tensor], sigmas: Sequence[torch.Tensor],
     newest's dtype; the arithmetic is float32."""
     if method not in ("taylor 2", "chebyshev"):
         raise ValueError(f"unknown forecast {method!r}; expected 'taylor 2' or 'chebyshev'")
-    ds = [d for d in ds if d.shape == ds[0].shape]
+    kept = next((k for k, d in enumerate(ds) if d.shape != ds[0].shape), len(ds))
+    ds, sigmas = list(ds[:kept]), list(sigmas[:kept])  # the evaluations since the last change of shape, in step
     if len(ds) < 3:
         return forecast(ds[0], sigmas[0], sigma, ds[1] if len(ds) > 1 else None,
                         sigmas[1] if len(ds) > 1 else None, gain=FORECAST_GAIN)

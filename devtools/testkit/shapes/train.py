@@ -34,7 +34,7 @@ import torch
 log = logging.getLogger(__name__)
 
 DROP_ALL, DROP_COLOUR, DROP_SHAPE, DROP_MOTION = 0.10, 0.10, 0.10, 0.10
-FIRST_FRAME_SIGMA = 0.3  # frame_noise: the first frame's sigma is drawn uniformly below this
+CLEAR_FRAME_SIGMA = 0.3  # frame_noise: the clear frame's sigma is drawn uniformly below this
 
 
 def prompt_words(colour: torch.Tensor, shape: torch.Tensor, generator: torch.Generator,
@@ -146,9 +146,10 @@ def train(name: str, steps: int, batch: int = 32, seed: int = 0, lr: Optional[fl
     ``resume``: start from a saved file (its EMA weights and word table) instead of fresh weights;
     the learning-rate schedule (warm-up, cosine decay) starts again over ``steps``.
     ``flow_t``: how a flow model draws its training t (:func:`sample_sigmas`; default the model's spec).
-    ``frame_noise`` (video): the share of clips whose first frame is noised less (sigma uniform in 0-
-    ``FIRST_FRAME_SIGMA``) than the others (the clip's sigma), each frame's timestep given to ComfyUI's ``WanModel``
-    per token (the per-frame timestep path Wan 2.2's TI2V model uses for its first frame). With one sigma per clip the
+    ``frame_noise`` (video): the share of clips one of whose frames (the first, see ``frame_anchor``) is noised
+    less (sigma uniform in 0-``CLEAR_FRAME_SIGMA``) than the others (the clip's sigma), each frame's timestep given
+    to ComfyUI's ``WanModel`` per token (the per-frame timestep path Wan 2.2's TI2V model uses for its first frame).
+    With one sigma per clip the
     direction word barely lowers the loss, and 8,500 steps did not learn it (``probe``); with the first frame clear,
     where the object is in the others depends on the word, and the word was learned within 250 steps. Frames noised
     to independent sigmas (diffusion forcing, Chen et al. 2024) did not teach it in 3,000 steps. ``frame_anchor``
@@ -202,7 +203,7 @@ def train(name: str, steps: int, batch: int = 32, seed: int = 0, lr: Optional[fl
         per_sample = sigma.view(-1, *[1] * (x0.ndim - 1))
         timestep = ms.timestep(sigma).float()
         if s.frames and frame_noise > 0:
-            clear = FIRST_FRAME_SIGMA * torch.rand(batch, generator=generator)  # the clear frame's, unshifted
+            clear = CLEAR_FRAME_SIGMA * torch.rand(batch, generator=generator)  # the clear frame's, unshifted
             mixed = torch.rand(batch, generator=generator) < frame_noise
             anchor = (torch.randint(s.frames, (batch,), generator=generator) if frame_anchor == "random"
                       else torch.zeros(batch, dtype=torch.long))
@@ -265,7 +266,7 @@ def main(argv=None) -> int:
                         help="flow models: how the training t is drawn (default: the model's; see sample_sigmas)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the model's)")
     parser.add_argument("--frame-noise", type=float, default=0.0,
-                        help="video: share of clips whose first frame is noised less than the rest (see train())")
+                        help="video: share of clips with one frame noised less than the rest (see train())")
     parser.add_argument("--frame-anchor", choices=["first", "random"], default="first",
                         help="video, with --frame-noise: which frame is the clear one")
     parser.add_argument("--resume", type=Path, default=None,
